@@ -1,0 +1,260 @@
+"""``stream-detector``: the worker, the demo producer, an alert reader, a local broker, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Sequence
+
+from .settings import Settings, settings_table
+
+log = logging.getLogger("stream_detector")
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML settings file (also STREAM_DETECTOR_CONFIG)")
+    p.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    p.add_argument("--input-topic", dest="input_topic")
+    p.add_argument("--alerts-topic", dest="alerts_topic")
+    p.add_argument("--model-dir", dest="model_dir")
+    p.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int)
+    p.add_argument("--consumer-group", dest="consumer_group")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = ("bootstrap_servers", "input_topic", "alerts_topic", "model_dir", "device", "metrics_port",
+             "consumer_group")
+    return Settings.load(args.config, overrides={n: getattr(args, n, None) for n in names})
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    from .worker import run_worker
+
+    log.info("settings: %s", settings.redacted())
+    run_worker(settings)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from .producer import produce_events
+    from .synthetic import generate
+
+    events = generate(args.profile, args.keys, args.events_per_key, args.anomaly_rate, seed=args.seed)
+    print(f"producing {len(events)} {args.profile} events ({sum(e.label for e in events)} injected anomalies) "
+          f"to {args.topic} at {args.rate or 'max'} events/s", flush=True)
+    n = produce_events(args.bootstrap_servers, args.topic, events, rate=args.rate,
+                       on_progress=lambda i: print(f"  {i} events sent", flush=True))
+    print(f"{n} events acknowledged by the broker")
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from .producer import iter_messages
+
+    shown = 0
+    for alert in iter_messages(args.bootstrap_servers, args.topic, from_beginning=args.from_beginning,
+                               idle_timeout=args.idle_timeout):
+        print(format_alert(alert), flush=True)
+        shown += 1
+        if args.max and shown >= args.max:
+            break
+    return 0
+
+
+def format_alert(alert: dict, label: int | None = None) -> str:
+    top = ", ".join(f"{f['feature']}={f['error']:.1f}" for f in alert.get("top_features", []))
+    verdict = "" if label is None else ("  [injected anomaly]" if label else "  [false alarm]")
+    return (f"ALERT key={alert['key']} event={alert['event_id']} score={alert['score']:.2f} "
+            f"(threshold {alert['threshold']:.2f}) top: {top}{verdict}")
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from .kafka.local_broker import main as broker_main
+
+    return broker_main(args.rest)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.table:
+        print(settings_table())
+    else:
+        import json
+
+        print(json.dumps(_settings(args).redacted(), indent=2))
+    return 0
+
+
+def _wait_http(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"worker exited with code {process.returncode} during startup")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Local broker, a model (trained on generated data if none), the worker, demo events, alerts."""
+    import tempfile
+
+    from .artifacts import ArtifactError, resolve_version_dir
+    from .kafka.local_broker import LocalBroker, ensure_topics
+    from .producer import iter_messages, produce_events
+    from .synthetic import generate
+
+    model_dir = Path(args.model_dir or f"artifacts/demo-{args.profile}")
+    try:
+        version = resolve_version_dir(model_dir)
+        print(f"[demo] using model {version}", flush=True)
+    except ArtifactError:
+        print(f"[demo] no model in {model_dir}: training one on generated normal {args.profile} data", flush=True)
+        from trainer.cli import main as trainer_main
+
+        code = trainer_main(["train", "--profile", args.profile, "--synthetic", "--out", str(model_dir),
+                             "--epochs", str(args.train_epochs)])
+        if code:
+            return code
+
+    data_dir = Path(tempfile.mkdtemp(prefix="stream-detector-demo-"))
+    broker = LocalBroker(data_dir=data_dir / "kafka")
+    print("[demo] starting a local Kafka broker (first run fetches Apache Kafka 3.9.1 from Maven Central)",
+          flush=True)
+    broker.start(timeout=180)
+    bootstrap = broker.bootstrap_servers
+    topics = {"events": 4, "alerts": 1, "events.dlq": 1}
+    ensure_topics(bootstrap, topics)
+    print(f"[demo] broker at {bootstrap}; topics: {', '.join(topics)}", flush=True)
+
+    env = dict(os.environ,
+               STREAM_DETECTOR_BOOTSTRAP_SERVERS=bootstrap,
+               STREAM_DETECTOR_MODEL_DIR=str(model_dir),
+               STREAM_DETECTOR_METRICS_PORT=str(args.metrics_port),
+               STREAM_DETECTOR_LOG_LEVEL="warning")
+    worker = subprocess.Popen([sys.executable, "-m", "stream_detector", "worker"], env=env)
+    metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics"
+    try:
+        _wait_http(metrics_url, 120, worker)
+        print(f"[demo] worker up; metrics at {metrics_url}", flush=True)
+        events = generate(args.profile, args.keys, args.events_per_key, args.anomaly_rate, seed=args.seed)
+        labels = {e.event_id: e.label for e in events}
+        injected = sum(labels.values())
+        print(f"[demo] producing {len(events)} events from {args.keys} keys at {args.rate} events/s, "
+              f"{injected} injected anomalies; alerts follow as they arrive:", flush=True)
+        producer = threading.Thread(target=produce_events, args=(bootstrap, "events", events, args.rate), daemon=True)
+        producer.start()
+        started = time.monotonic()
+        alerts = {}
+        for alert in iter_messages(bootstrap, "alerts", idle_timeout=None):
+            alerts[alert["alert_id"]] = alert
+            print(format_alert(alert, labels.get(alert["event_id"])), flush=True)
+            if not producer.is_alive() and time.monotonic() - started > 5:
+                break
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with code {worker.returncode}")
+            if args.max_seconds and time.monotonic() - started > args.max_seconds:
+                break
+        # Drain what is still in flight.
+        for alert in iter_messages(bootstrap, "alerts", idle_timeout=5.0):
+            if alert["alert_id"] not in alerts:
+                alerts[alert["alert_id"]] = alert
+                print(format_alert(alert, labels.get(alert["event_id"])), flush=True)
+        caught = {a["event_id"] for a in alerts.values() if labels.get(a["event_id"])}
+        false = sum(1 for a in alerts.values() if not labels.get(a["event_id"]))
+        print(f"[demo] {len(alerts)} alerts: {len(caught)} of {injected} injected anomalies caught, "
+              f"{false} false alarms", flush=True)
+        print(f"[demo] metrics: {metrics_url}", flush=True)
+        if args.keep_running:
+            print("[demo] still running; Ctrl-C to stop", flush=True)
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        broker.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-detector", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("worker", help="run the detector worker (Faust) until SIGINT/SIGTERM")
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("produce", help="publish labelled synthetic events with injected anomalies")
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--topic", default="events")
+    p.add_argument("--profile", choices=["sensors", "transactions"], default="sensors")
+    p.add_argument("--keys", type=int, default=20)
+    p.add_argument("--events-per-key", type=int, default=500)
+    p.add_argument("--anomaly-rate", type=float, default=0.02)
+    p.add_argument("--rate", type=float, default=1000.0, help="events per second; 0 = as fast as possible")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive")
+    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--topic", default="alerts")
+    p.add_argument("--from-beginning", action="store_true")
+    p.add_argument("--max", type=int, default=0, help="stop after this many alerts")
+    p.add_argument("--idle-timeout", type=float, default=None, help="stop after this many quiet seconds")
+    p.set_defaults(func=cmd_alerts)
+
+    p = sub.add_parser("demo", help="broker + model + worker + demo events, alerts printed as they arrive")
+    p.add_argument("--profile", choices=["sensors", "transactions"], default="sensors")
+    p.add_argument("--model-dir", help="model to serve (default: artifacts/demo-<profile>, trained if missing)")
+    p.add_argument("--keys", type=int, default=20)
+    p.add_argument("--events-per-key", type=int, default=300)
+    p.add_argument("--anomaly-rate", type=float, default=0.02)
+    p.add_argument("--rate", type=float, default=500.0)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--metrics-port", type=int, default=9108)
+    p.add_argument("--train-epochs", type=int, default=25)
+    p.add_argument("--max-seconds", type=float, default=0)
+    p.add_argument("--keep-running", action="store_true", help="keep broker and worker up after the demo events")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("broker", help="run a local single-node Kafka broker in the foreground")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of stream_detector.kafka.local_broker")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("settings", help="print the effective settings (secrets masked) or the settings table")
+    _add_settings_flags(p)
+    p.add_argument("--table", action="store_true", help="markdown table of every setting")
+    p.set_defaults(func=cmd_settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["broker"]:  # its options belong to the broker's own parser
+        return cmd_broker(argparse.Namespace(rest=argv[1:]))
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Decoding and validation of incoming events.
+
+An event is one JSON object per Kafka message::
+
+    {"key": "device-7", "event_id": "e-123", "timestamp": "2026-01-01T00:00:00Z",
+     "fields": {"Pressure": 0.98, "Temperature": 71.2}}
+
+Anything else is rejected with a reason code (never an exception), so the worker can count it and
+route the original bytes to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import orjson
+
+from .profiles import FieldSpec
+
+# Reason codes: stable strings, used as metric labels and dead-letter headers.
+OVERSIZED = "oversized"
+EMPTY = "empty"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_KEY = "missing_key"
+BAD_KEY = "bad_key"
+MISSING_EVENT_ID = "missing_event_id"
+BAD_EVENT_ID = "bad_event_id"
+MISSING_TIMESTAMP = "missing_timestamp"
+BAD_TIMESTAMP = "bad_timestamp"
+MISSING_FIELDS = "missing_fields"
+MISSING_FIELD = "missing_field"
+NON_NUMERIC = "non_numeric"
+NON_FINITE = "non_finite"
+BAD_IDENTIFIER = "bad_identifier"
+
+REASONS = (
+    OVERSIZED, EMPTY, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_KEY, BAD_KEY, MISSING_EVENT_ID, BAD_EVENT_ID,
+    MISSING_TIMESTAMP, BAD_TIMESTAMP, MISSING_FIELDS, MISSING_FIELD, NON_NUMERIC, NON_FINITE, BAD_IDENTIFIER,
+)
+
+MAX_ID_LENGTH = 256
+# Timestamps above this are read as milliseconds since the epoch (year 5138 in seconds).
+_MILLIS_CUTOFF = 1e11
+
+
+@dataclass(slots=True)
+class Event:
+    key: str
+    event_id: str
+    timestamp: float  # seconds since the epoch, UTC
+    values: tuple[Any, ...]  # in the order of the profile's fields
+
+
+@dataclass(slots=True)
+class Invalid:
+    reason: str
+    detail: str
+
+
+class EventDecoder:
+    """Decodes raw message bytes into :class:`Event` for one profile's field list."""
+
+    def __init__(self, fields: Sequence[FieldSpec], key_field: str = "", max_bytes: int = 1_000_000):
+        self.fields = tuple(fields)
+        self.key_field = key_field
+        self.max_bytes = max_bytes
+
+    def decode(self, raw: bytes | None) -> Event | Invalid:
+        if raw is None or len(raw) == 0:
+            return Invalid(EMPTY, "message has no value")
+        if len(raw) > self.max_bytes:
+            return Invalid(OVERSIZED, f"{len(raw)} bytes > limit {self.max_bytes}")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return Invalid(MALFORMED_JSON, str(exc)[:200])
+        if not isinstance(doc, dict):
+            return Invalid(NOT_AN_OBJECT, f"top level is {type(doc).__name__}")
+        return self.from_mapping(doc)
+
+    def from_mapping(self, doc: dict[str, Any]) -> Event | Invalid:
+        """Validates an already-parsed event (the trainer's CSV rows come this way too)."""
+        payload = doc.get("fields")
+        if not isinstance(payload, dict):
+            return Invalid(MISSING_FIELDS, "`fields` must be an object of named values")
+
+        if self.key_field:
+            key = _identifier(payload.get(self.key_field))
+            if key is None:
+                return Invalid(BAD_KEY, f"key field {self.key_field!r} missing or not an identifier")
+        else:
+            if "key" not in doc or doc["key"] is None:
+                return Invalid(MISSING_KEY, "`key` is required")
+            key = _identifier(doc["key"])
+            if key is None:
+                return Invalid(BAD_KEY, "`key` must be a non-empty string or integer")
+
+        if "event_id" not in doc or doc["event_id"] is None:
+            return Invalid(MISSING_EVENT_ID, "`event_id` is required")
+        event_id = _identifier(doc["event_id"])
+        if event_id is None:
+            return Invalid(BAD_EVENT_ID, "`event_id` must be a non-empty string or integer")
+
+        if "timestamp" not in doc or doc["timestamp"] is None:
+            return Invalid(MISSING_TIMESTAMP, "`timestamp` is required")
+        timestamp = parse_timestamp(doc["timestamp"])
+        if timestamp is None:
+            return Invalid(BAD_TIMESTAMP, f"unreadable timestamp {str(doc['timestamp'])[:64]!r}")
+
+        values: list[Any] = []
+        for spec in self.fields:
+            if spec.name not in payload or payload[spec.name] is None:
+                return Invalid(MISSING_FIELD, f"field {spec.name!r} is missing")
+            value = payload[spec.name]
+            if spec.kind == "number":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    return Invalid(NON_NUMERIC, f"field {spec.name!r} is not a number")
+                value = float(value)
+                if not math.isfinite(value):
+                    return Invalid(NON_FINITE, f"field {spec.name!r} is not finite")
+            else:
+                value = _identifier(value)
+                if value is None:
+                    return Invalid(BAD_IDENTIFIER, f"field {spec.name!r} must be a string or integer")
+            values.append(value)
+        return Event(key, event_id, timestamp, tuple(values))
+
+
+def _identifier(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LENGTH:
+        return value
+    return None
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """Epoch seconds (or milliseconds, read by magnitude) or an ISO-8601 string, as UTC seconds."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        ts = float(value)
+        if not math.isfinite(ts) or ts < 0:
+            return None
+        return ts / 1000.0 if ts > _MILLIS_CUTOFF else ts
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+    return None
+
+
+def encode_event(key: str, event_id: str, timestamp: float | str, fields: dict[str, Any], **extra: Any) -> bytes:
+    """The producer side of the contract, used by the demo producer and tests."""
+    doc = {"key": key, "event_id": event_id, "timestamp": timestamp, "fields": fields}
+    doc.update(extra)
+    return orjson.dumps(doc)

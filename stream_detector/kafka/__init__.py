@@ -1,0 +1,1 @@
+"""Kafka helpers: a real single-node local broker for demos and integration tests."""

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the worker: base units, no per-key labels (keys are unbounded)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import disable_created_metrics
+
+from .events import REASONS
+
+# `_created` series double the exposition size and no dashboard uses them.
+disable_created_metrics()
+
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+_INFERENCE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "stream_detector_"
+        self.events_consumed = Counter(p + "events_consumed", "Messages consumed from the input topic.", registry=r)
+        self.events_invalid = Counter(p + "events_invalid", "Messages rejected by validation, by reason.",
+                                      ["reason"], registry=r)
+        self.dead_lettered = Counter(p + "events_dead_lettered", "Invalid messages published to the dead-letter topic.",
+                                     registry=r)
+        self.events_warming_up = Counter(p + "events_warming_up",
+                                         "Valid events of keys whose window is not full yet (not scored).", registry=r)
+        self.windows_scored = Counter(p + "windows_scored", "Windows scored by the model.", registry=r)
+        self.alerts_published = Counter(p + "alerts_published", "Alerts acknowledged by the broker.", registry=r)
+        self.batch_size = Histogram(p + "batch_windows", "Windows per model call (micro-batch size).",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(p + "inference_seconds", "Model call duration per micro-batch.",
+                                           buckets=_INFERENCE_BUCKETS, registry=r)
+        self.event_to_alert_seconds = Histogram(
+            p + "event_to_alert_seconds",
+            "From the input message's broker timestamp to the alert's acknowledgement.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.score_ratio = Histogram(p + "score_threshold_ratio", "Scored windows' score divided by their threshold.",
+                                     buckets=_SCORE_BUCKETS, registry=r)
+        self.active_keys = Gauge(p + "active_keys", "Keys with a live window.", registry=r)
+        self.keys_evicted = Counter(p + "keys_evicted", "Keys whose window was dropped, by reason.", ["reason"],
+                                    registry=r)
+        self.model_info = Info(p + "model", "The model being served.", registry=r)
+        self.model_threshold = Gauge(p + "model_threshold", "Alert threshold of the served model.", registry=r)
+        for reason in REASONS:
+            self.events_invalid.labels(reason=reason)
+        for reason in ("capacity", "idle"):
+            self.keys_evicted.labels(reason=reason)
+
+    def serve(self, host: str, port: int) -> None:
+        """Exposes /metrics; binds to loopback unless told otherwise."""
+        if port:
+            start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,81 @@
+"""Demo producer and alert reader: the two ends a user of the detector sees."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Iterator
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, Producer
+
+from .synthetic import LabelledEvent
+
+
+def produce_events(bootstrap_servers: str, topic: str, events: Iterable[LabelledEvent], rate: float = 0.0,
+                   on_progress: Callable[[int], None] | None = None, extra_config: dict | None = None) -> int:
+    """Publishes events keyed by their key, paced to ``rate`` events/s (0 = as fast as possible).
+
+    Returns the number of events the broker acknowledged; raises if any delivery failed.
+    """
+    config = {"bootstrap.servers": bootstrap_servers, "linger.ms": 5, "acks": "all",
+              "enable.idempotence": True, **(extra_config or {})}
+    producer = Producer(config)
+    failures: list[str] = []
+    delivered = 0
+
+    def on_delivery(err, _msg) -> None:
+        nonlocal delivered
+        if err is not None:
+            failures.append(str(err))
+        else:
+            delivered += 1
+
+    started = time.perf_counter()
+    for i, event in enumerate(events):
+        if rate > 0:
+            ahead = started + i / rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)
+        payload = orjson.dumps(event.to_message())
+        while True:
+            try:
+                producer.produce(topic, key=event.key.encode(), value=payload, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let deliveries drain
+                producer.poll(0.05)
+        producer.poll(0)
+        if on_progress is not None and (i + 1) % 1000 == 0:
+            on_progress(i + 1)
+    producer.flush(60)
+    if failures:
+        raise RuntimeError(f"{len(failures)} event(s) not delivered, first: {failures[0]}")
+    return delivered
+
+
+def iter_messages(bootstrap_servers: str, topic: str, group: str | None = None, from_beginning: bool = True,
+                  idle_timeout: float | None = None, extra_config: dict | None = None) -> Iterator[dict]:
+    """Yields JSON messages of a topic; stops after ``idle_timeout`` seconds without one (None = never)."""
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group or f"reader-{time.time_ns()}",
+        "auto.offset.reset": "earliest" if from_beginning else "latest",
+        "enable.auto.commit": group is not None,
+        **(extra_config or {}),
+    })
+    consumer.subscribe([topic])
+    last = time.monotonic()
+    try:
+        while True:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                    return
+                continue
+            if msg.error():
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise RuntimeError(f"consumer error: {msg.error()}")
+            last = time.monotonic()
+            yield orjson.loads(msg.value())
+    finally:
+        consumer.close()

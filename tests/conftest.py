@@ -1,0 +1,45 @@
+"""Shared pytest fixtures: a real local Kafka broker for integration tests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from stream_detector.kafka.local_broker import LocalBroker, ensure_topics
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: needs a real local Kafka broker (Java + Maven-fetched jars)"
+    )
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """One real single-node KRaft broker for the whole test session."""
+    broker = LocalBroker(data_dir=tmp_path_factory.mktemp("kafka"))
+    broker.start(timeout=120)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def make_topic(kafka_broker: LocalBroker) -> Callable[..., str]:
+    """Factory: ``make_topic(prefix="t", partitions=1)`` creates a fresh, unique topic."""
+
+    def _make(prefix: str = "t", partitions: int = 1) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        ensure_topics(kafka_broker.bootstrap_servers, {name: partitions})
+        return name
+
+    return _make
+
+
+@pytest.fixture
+def unique_topic(make_topic: Callable[..., str]) -> str:
+    """A fresh single-partition topic on the session broker."""
+    return make_topic()
