@@ -113,6 +113,25 @@ def _wait_http(url: str, timeout: float, process: subprocess.Popen | None = None
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _any_free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Local broker, a model (trained on generated data if none), the worker, demo events, alerts."""
     import tempfile
@@ -136,7 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return code
 
     data_dir = Path(tempfile.mkdtemp(prefix="stream-detector-demo-"))
-    broker = LocalBroker(data_dir=data_dir / "kafka")
+    port = args.broker_port if _port_free(args.broker_port) else None  # None: any free port
+    broker = LocalBroker(data_dir=data_dir / "kafka", port=port)
     print("[demo] starting a local Kafka broker (first run fetches Apache Kafka 3.9.1 from Maven Central)",
           flush=True)
     broker.start(timeout=180)
@@ -144,14 +164,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     topics = {"events": 4, "alerts": 1, "events.dlq": 1}
     ensure_topics(bootstrap, topics)
     print(f"[demo] broker at {bootstrap}; topics: {', '.join(topics)}", flush=True)
+    print(f"[demo] read alerts with any Kafka client too, e.g.: kcat -b {bootstrap} -t alerts -C", flush=True)
 
+    metrics_port = args.metrics_port if _port_free(args.metrics_port) else _any_free_port()
     env = dict(os.environ,
                STREAM_DETECTOR_BOOTSTRAP_SERVERS=bootstrap,
                STREAM_DETECTOR_MODEL_DIR=str(model_dir),
-               STREAM_DETECTOR_METRICS_PORT=str(args.metrics_port),
+               STREAM_DETECTOR_METRICS_PORT=str(metrics_port),
                STREAM_DETECTOR_LOG_LEVEL="warning")
     worker = subprocess.Popen([sys.executable, "-m", "stream_detector", "worker"], env=env)
-    metrics_url = f"http://127.0.0.1:{args.metrics_port}/metrics"
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         _wait_http(metrics_url, 120, worker)
         print(f"[demo] worker up; metrics at {metrics_url}", flush=True)
@@ -227,11 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["sensors", "transactions"], default="sensors")
     p.add_argument("--model-dir", help="model to serve (default: artifacts/demo-<profile>, trained if missing)")
     p.add_argument("--keys", type=int, default=20)
-    p.add_argument("--events-per-key", type=int, default=300)
+    p.add_argument("--events-per-key", type=int, default=3000, help="20 keys x 3000 at 500/s: two minutes")
     p.add_argument("--anomaly-rate", type=float, default=0.02)
     p.add_argument("--rate", type=float, default=500.0)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--metrics-port", type=int, default=9108)
+    p.add_argument("--broker-port", type=int, default=9092, help="used when free, else any free port")
     p.add_argument("--train-epochs", type=int, default=25)
     p.add_argument("--max-seconds", type=float, default=0)
     p.add_argument("--keep-running", action="store_true", help="keep broker and worker up after the demo events")

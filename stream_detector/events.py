@@ -11,6 +11,7 @@ route the original bytes to the dead-letter topic.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,6 +46,9 @@ REASONS = (
 MAX_ID_LENGTH = 256
 # Timestamps above this are read as milliseconds since the epoch (year 5138 in seconds).
 _MILLIS_CUTOFF = 1e11
+# What a datetime (and so an alert's ``event_timestamp``) can represent: 0001-01-01 to 9999-12-31 UTC.
+_MIN_TIMESTAMP = -62_135_596_800.0
+_MAX_TIMESTAMP = 253_402_300_799.0
 
 
 @dataclass(slots=True)
@@ -77,7 +81,17 @@ class EventDecoder:
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return Invalid(MALFORMED_JSON, str(exc)[:200])
+            doc = _lenient_loads(raw)
+            if isinstance(doc, Invalid):
+                return doc if doc.reason == NON_FINITE else Invalid(MALFORMED_JSON, str(exc)[:200])
+            # The lenient parse only names the reason a document is refused; it never accepts one
+            # orjson refused (lone surrogates, UTF-16, ...), which would fail again when the alert
+            # or the key is encoded.
+            decoded = self.from_mapping(doc) if isinstance(doc, dict) else None
+            if isinstance(decoded, Invalid):
+                return decoded
+            if decoded is not None:
+                return Invalid(MALFORMED_JSON, str(exc)[:200])
         if not isinstance(doc, dict):
             return Invalid(NOT_AN_OBJECT, f"top level is {type(doc).__name__}")
         return self.from_mapping(doc)
@@ -119,7 +133,10 @@ class EventDecoder:
             if spec.kind == "number":
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     return Invalid(NON_NUMERIC, f"field {spec.name!r} is not a number")
-                value = float(value)
+                try:
+                    value = float(value)
+                except OverflowError:  # an int beyond float range (CSV rows, the lenient JSON path)
+                    return Invalid(NON_FINITE, f"field {spec.name!r} is not finite")
                 if not math.isfinite(value):
                     return Invalid(NON_FINITE, f"field {spec.name!r} is not finite")
             else:
@@ -128,6 +145,25 @@ class EventDecoder:
                     return Invalid(BAD_IDENTIFIER, f"field {spec.name!r} must be a string or integer")
             values.append(value)
         return Event(key, event_id, timestamp, tuple(values))
+
+
+class _NonFiniteLiteral(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFiniteLiteral(name)
+
+
+def _lenient_loads(raw: bytes) -> Any:
+    """The error path only: tells NaN/Infinity literals and overflowing numbers (which strict JSON
+    parsers refuse, but Python's ``json.dumps`` writes) apart from plain malformed JSON."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except _NonFiniteLiteral as exc:
+        return Invalid(NON_FINITE, f"non-finite literal {exc}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return Invalid(MALFORMED_JSON, str(exc)[:200])
 
 
 def _identifier(value: Any) -> str | None:
@@ -145,10 +181,14 @@ def parse_timestamp(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        ts = float(value)
+        try:
+            ts = float(value)
+        except OverflowError:
+            return None
         if not math.isfinite(ts) or ts < 0:
             return None
-        return ts / 1000.0 if ts > _MILLIS_CUTOFF else ts
+        ts = ts / 1000.0 if ts > _MILLIS_CUTOFF else ts
+        return ts if ts <= _MAX_TIMESTAMP else None
     if isinstance(value, str) and len(value) <= 64:
         try:
             parsed = datetime.fromisoformat(value)
@@ -156,7 +196,8 @@ def parse_timestamp(value: Any) -> float | None:
             return None
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=timezone.utc)
-        return parsed.timestamp()
+        ts = parsed.timestamp()
+        return ts if _MIN_TIMESTAMP <= ts <= _MAX_TIMESTAMP else None
     return None
 
 

@@ -137,6 +137,6 @@ def settings_table() -> str:
     """Markdown table of every setting, for the README."""
     rows = ["| setting | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for f in fields(Settings):
-        default = "unset" if f.default is None else f"`{f.default}`"
+        default = "unset" if f.default is None else ("empty" if f.default == "" else f"`{f.default}`")
         rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | {default} | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)

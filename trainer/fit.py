@@ -142,18 +142,29 @@ def raw_feature_errors(model: AnomalyModel, scaler: ScalerParams, windows: np.nd
 
 
 def _with_context_noise(x: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Corrupts random steps of each window; the model is trained to give back the clean window.
+    """Corrupts a random segment of some windows; the model is trained to give back the clean window.
 
     A denoising autoencoder learns what normal looks like rather than an identity map: it does not
     reproduce an anomalous newest event (so the anomaly scores high), and a corrupted context does
     not spoil its reconstruction of a normal newest event (so one incident does not keep alerting
-    on the normal events after it).
+    on the normal events after it). Corruptions look like real faults: a run of 1 to W/4 steps in
+    which a few features are offset by 2 to 6 (scaled units), anywhere in the window.
     """
     if rate <= 0:
         return x
-    mask = torch.rand(x.shape[:2], generator=generator, device=x.device) < rate
-    noise = torch.randn(x.shape, generator=generator, device=x.device) * 4.0
-    return torch.where(mask.unsqueeze(-1), x + noise, x)
+    batch, window, features = x.shape
+    dev = x.device
+    hit = torch.rand(batch, generator=generator, device=dev) < min(rate * 5.0, 1.0)
+    max_len = max(window // 4, 1)
+    length = torch.randint(1, max_len + 1, (batch,), generator=generator, device=dev)
+    start = (torch.rand(batch, generator=generator, device=dev) * (window - length + 1)).long()
+    steps = torch.arange(window, device=dev).unsqueeze(0)
+    in_segment = (steps >= start.unsqueeze(1)) & (steps < (start + length).unsqueeze(1)) & hit.unsqueeze(1)
+    channels = torch.rand(batch, features, generator=generator, device=dev) < 0.3
+    magnitude = (torch.rand(batch, features, generator=generator, device=dev) * 4.0 + 2.0) \
+        * torch.where(torch.rand(batch, features, generator=generator, device=dev) < 0.5, -1.0, 1.0)
+    offset = (channels * magnitude).unsqueeze(1) * in_segment.unsqueeze(2)
+    return x + offset
 
 
 def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: bool = True) -> TrainResult:
