@@ -125,8 +125,10 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
     directory = resolve_version_dir(path)
     try:
         metadata = json.loads((directory / METADATA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{directory}: unreadable metadata: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{directory}: metadata is not a JSON object")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{directory}: artifact format {metadata.get('format_version')!r} is not supported "
@@ -146,17 +148,19 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
         model.load_state_dict(state, strict=True)
         scaler = ScalerParams.from_dict(metadata["scaler"])
         threshold = float(metadata["threshold"]["value"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{directory}: incompatible artifact: {exc}") from None
+        version = str(metadata["version"])
+        window = int(metadata["window"])
+    except Exception as exc:  # anything wrong inside an artifact means: do not serve it
+        raise ArtifactError(f"{directory}: incompatible artifact: {type(exc).__name__}: {exc}") from None
     if list(profile.feature_names) != list(metadata.get("features", [])) or model.n_features != profile.n_features:
         raise ArtifactError(f"{directory}: feature list does not match the profile {profile.name!r}")
     model.eval()
     return ModelArtifact(
         path=directory,
-        version=str(metadata["version"]),
+        version=version,
         metadata=metadata,
         profile=profile,
-        window=int(metadata["window"]),
+        window=window,
         model=model,
         scaler=scaler,
         threshold=threshold,

@@ -67,6 +67,25 @@ class Settings:
     metrics_port: int = field(default=9108, metadata=_doc("Port of the Prometheus metrics endpoint; 0 disables it."))
     log_level: str = field(default="info", metadata=_doc("`debug`, `info`, `warning` or `error`."))
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            problems.append(f"auto_offset_reset must be earliest or latest, not {self.auto_offset_reset!r}")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            problems.append(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        for name in ("batch_max", "max_keys", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("torch_threads", "top_features", "metrics_port"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if self.batch_within_s <= 0 or self.key_ttl_s <= 0:
+            problems.append("batch_within_s and key_ttl_s must be positive")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
     @classmethod
     def load(
         cls,
@@ -82,13 +101,13 @@ class Settings:
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
             data = data.get("stream_detector", data)
-            values.update(_check_names(data, source=str(path)))
+            values.update(_check_names(cls, data, source=str(path)))
         for f in fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 values[f.name] = raw
         if overrides:
-            values.update({k: v for k, v in _check_names(overrides, source="overrides").items() if v is not None})
+            values.update({k: v for k, v in _check_names(cls, overrides, source="overrides").items() if v is not None})
         return cls(**{name: _coerce(cls, name, value) for name, value in values.items()})
 
     def with_changes(self, **changes: Any) -> "Settings":
@@ -107,8 +126,8 @@ class Settings:
         return Path(self.model_dir)
 
 
-def _check_names(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    known = {f.name for f in fields(Settings)}
+def _check_names(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
@@ -125,6 +144,8 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
         if isinstance(default, bool):
             return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
         if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("not a whole number")
             return int(value)
         if isinstance(default, float):
             return float(value)

@@ -62,8 +62,8 @@ def sensor_key_stream(key: str, n_events: int, rng: np.random.Generator, anomaly
     offset = personal.uniform(-2.0, 2.0, n_ch)
     amp = personal.uniform(0.5, 1.5, n_ch)
     period = personal.uniform(20.0, 90.0, n_ch)
-    phase = rng.uniform(0.0, 2 * math.pi, n_ch)
-    t = np.arange(n_events, dtype=np.float64)
+    phase = personal.uniform(0.0, 2 * math.pi, n_ch)  # a device's physics is the same in every run
+    t = np.arange(n_events, dtype=np.float64) + float(rng.integers(0, 100_000))  # where in its cycle a run starts
     base = np.sin(2 * math.pi * t[:, None] / period[None, :] + phase[None, :])
     coupled = base.copy()
     coupled[:, 1::2] = 0.6 * base[:, 1::2] + 0.4 * base[:, 0::2]  # odd channels follow their neighbour
@@ -164,3 +164,18 @@ def generate(profile: str, n_keys: int, events_per_key: int, anomaly_rate: float
     else:
         raise ValueError(f"unknown profile {profile!r}; known: sensors, transactions")
     return list(heapq.merge(*streams, key=lambda e: e.timestamp))
+
+
+def generate_runs(profile: str, n_keys: int, events_per_key: int, runs: int, seed: int = 0,
+                  anomaly_rate: float = 0.0) -> list[LabelledEvent]:
+    """Several independent runs of the same fleet, each key of each run a stream of its own.
+
+    Training data for synthetic demos: many short runs starting at random points of each device's
+    cycle cover its normal behaviour far better than one long run.
+    """
+    out: list[LabelledEvent] = []
+    for r in range(runs):
+        for e in generate(profile, n_keys, events_per_key, anomaly_rate, seed=seed + r):
+            out.append(LabelledEvent(f"{e.key}#run{r}", e.event_id, e.timestamp, e.fields, e.label, e.anomaly))
+    out.sort(key=lambda e: e.timestamp)
+    return out

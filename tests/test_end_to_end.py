@@ -14,11 +14,11 @@ from confluent_kafka import Consumer, Producer
 from stream_detector.kafka.local_broker import ensure_topics
 from stream_detector.producer import iter_messages, produce_events
 from stream_detector.profiles import SensorProfile
-from stream_detector.synthetic import SENSOR_CHANNELS, generate
+from stream_detector.synthetic import SENSOR_CHANNELS, generate, generate_runs
 from trainer.data import from_synthetic
 from trainer.fit import TrainConfig, train_and_save
 
-from .worker_harness import WorkerProcess
+from worker_harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def sensor_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model trained by the trainer's own code on generated normal sensor data."""
     model_dir = tmp_path_factory.mktemp("models") / "sensors"
     profile = SensorProfile(SENSOR_CHANNELS)
-    data = from_synthetic(generate("sensors", 20, 1000, anomaly_rate=0.0, seed=1000), profile)
+    data = from_synthetic(generate_runs("sensors", 20, 200, runs=5, seed=1000), profile)
     config = TrainConfig(window=WINDOW, hidden=64, latent=32, epochs=40, seed=0, threads=2)
     train_and_save(data.events, profile, config, model_dir, labels=data.labels, progress=False)
     return model_dir
@@ -52,7 +52,7 @@ def _alert_validator() -> jsonschema.Draft202012Validator:
 
 
 def test_labelled_stream_through_the_broker_catches_injected_anomalies(worker, kafka_broker):
-    events = generate("sensors", 20, 520, anomaly_rate=0.03, seed=7)
+    events = generate("sensors", 20, 520, anomaly_rate=0.02, seed=7)  # the demo's default rate
     assert len(events) >= 10_000
     produce_events(kafka_broker.bootstrap_servers, worker.input_topic, events, rate=0)
 

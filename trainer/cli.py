@@ -8,7 +8,7 @@ import sys
 from typing import Sequence
 
 from stream_detector.profiles import SensorProfile, TransactionProfile
-from stream_detector.synthetic import SENSOR_CHANNELS, generate
+from stream_detector.synthetic import SENSOR_CHANNELS, generate_runs
 
 from .data import CsvSpec, from_synthetic, load_csv
 from .fit import TrainConfig, train_and_save
@@ -47,8 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.synthetic:
         profile = SensorProfile(SENSOR_CHANNELS) if args.profile == "sensors" else TransactionProfile()
         keys = args.synthetic_keys or (20 if args.profile == "sensors" else 400)
-        per_key = args.synthetic_events_per_key or (1000 if args.profile == "sensors" else 60)
-        data = from_synthetic(generate(args.profile, keys, per_key, 0.0, seed=args.seed + 1000), profile)
+        per_key = args.synthetic_events_per_key or (200 if args.profile == "sensors" else 60)
+        runs = 5 if args.profile == "sensors" else 1
+        data = from_synthetic(generate_runs(args.profile, keys, per_key, runs, seed=args.seed + 1000), profile)
     elif args.csv:
         data = load_csv(args.csv, args.profile, _spec(args))
     else:
@@ -100,11 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="artifacts/model", help="model directory; a new version is added inside")
     p.add_argument("--window", type=int, default=0, help="events per window (default: 32 sensors, 16 transactions)")
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--latent", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=2e-3)
-    p.add_argument("--threshold-quantile", type=float, default=0.995)
+    p.add_argument("--threshold-quantile", type=float, default=0.999)
     p.add_argument("--threshold-margin", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -69,15 +69,15 @@ class TrainConfig:
     model: str = "lstm_ae"
     window: int = 32
     hidden: int = 64
-    latent: int = 16
+    latent: int = 32
     layers: int = 1
     score_steps: int = 1
-    epochs: int = 30
-    batch_size: int = 256
+    epochs: int = 40
+    batch_size: int = 128
     learning_rate: float = 2e-3
     patience: int = 4
     val_fraction: float = 0.2
-    threshold_quantile: float = 0.995
+    threshold_quantile: float = 0.999
     threshold_margin: float = 1.0
     max_train_windows: int = 200_000
     context_noise: float = 0.1
@@ -148,7 +148,7 @@ def _with_context_noise(x: torch.Tensor, rate: float, generator: torch.Generator
     reproduce an anomalous newest event (so the anomaly scores high), and a corrupted context does
     not spoil its reconstruction of a normal newest event (so one incident does not keep alerting
     on the normal events after it). Corruptions look like real faults: a run of 1 to W/4 steps in
-    which a few features are offset by 2 to 6 (scaled units), anywhere in the window.
+    which a few features are offset by 2 to 6 (scaled units).
     """
     if rate <= 0:
         return x
@@ -157,7 +157,13 @@ def _with_context_noise(x: torch.Tensor, rate: float, generator: torch.Generator
     hit = torch.rand(batch, generator=generator, device=dev) < min(rate * 5.0, 1.0)
     max_len = max(window // 4, 1)
     length = torch.randint(1, max_len + 1, (batch,), generator=generator, device=dev)
-    start = (torch.rand(batch, generator=generator, device=dev) * (window - length + 1)).long()
+    # Half the segments end in the last few steps: the cases that matter most are an anomaly that
+    # covers the newest event (must score high) and one that has just ended (must not).
+    end_anywhere = length + (torch.rand(batch, generator=generator, device=dev) * (window - length + 1)).long()
+    end_late = window - torch.randint(0, min(4, window), (batch,), generator=generator, device=dev)
+    late = torch.rand(batch, generator=generator, device=dev) < 0.5
+    end = torch.where(late, torch.maximum(end_late, length), end_anywhere)
+    start = end - length
     steps = torch.arange(window, device=dev).unsqueeze(0)
     in_segment = (steps >= start.unsqueeze(1)) & (steps < (start + length).unsqueeze(1)) & hit.unsqueeze(1)
     channels = torch.rand(batch, features, generator=generator, device=dev) < 0.3

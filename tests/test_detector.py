@@ -1,0 +1,240 @@
+"""Unit tests for stream_detector.detector.Detector with a tiny real artifact (no Kafka)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from stream_detector import events as ev
+from stream_detector.alerts import alert_id, encode_alert
+from stream_detector.artifacts import load_artifact, save_artifact
+from stream_detector.detector import Detector, RawRecord
+from stream_detector.events import encode_event
+from stream_detector.models import build_model
+from stream_detector.preprocessing import ScalerParams
+from stream_detector.profiles import SensorProfile
+from stream_detector.scoring import ModelRunner, Scores
+from stream_detector.thresholds import GlobalThreshold, fit_quantile_threshold
+
+WINDOW = 4
+CHANNELS = ("a", "b", "c")
+T0 = 1_767_225_600.0
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "stream_detector" / "schemas" / "alert.schema.json"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = build_model("lstm_ae", {"n_features": len(CHANNELS), "window": WINDOW, "hidden": 8, "latent": 4})
+    scaler = ScalerParams.fit(rng.normal(0.0, 1.0, (100, len(CHANNELS))))
+    threshold = fit_quantile_threshold(rng.gamma(2.0, 1.0, 100), 0.99)
+    root = tmp_path_factory.mktemp("model")
+    save_artifact(root, model, SensorProfile(CHANNELS), scaler, threshold, version="20260101T000000Z-abcdef")
+    return load_artifact(root)
+
+
+@pytest.fixture(scope="module")
+def validator():
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+class RecordingScorer:
+    """The real model runner, remembering what it was asked to score."""
+
+    def __init__(self, artifact):
+        self.runner = ModelRunner(artifact, device="cpu")
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, windows: np.ndarray) -> Scores:
+        self.calls.append(windows.copy())
+        return self.runner.score(windows)
+
+
+def values(key: str, i: int) -> tuple[float, float, float]:
+    base = 100.0 * (ord(key[-1]) - ord("a"))
+    return (base + i, base - i, base + 0.5 * i)
+
+
+def record(key: str, i: int, event_id: str | None = None, offset: int = 0) -> RawRecord:
+    data = encode_event(key, event_id or f"{key}-{i}", T0 + i, dict(zip(CHANNELS, values(key, i))))
+    return RawRecord(data, key.encode(), T0 + i, 0, offset)
+
+
+def make_detector(artifact, **kwargs):
+    scorer = kwargs.pop("scorer", None) or RecordingScorer(artifact)
+    return Detector(artifact, scorer, clock=lambda: T0, **kwargs), scorer
+
+
+def test_same_key_twice_in_a_batch_gets_each_window_as_it_stood_after_its_event(artifact):
+    detector, scorer = make_detector(artifact)
+    # Key x: events 0..5 in ONE batch, interleaved with key y. Events 3, 4 and 5 of x complete windows.
+    records = []
+    for i in range(6):
+        records.append(record("x", i))
+        if i < 4:
+            records.append(record("y", i))
+    decisions, batch = detector.process(records)
+    assert [(d.event.key, d.event.event_id) for d in decisions] == [("x", "x-3"), ("y", "y-3"), ("x", "x-4"),
+                                                                     ("x", "x-5")]
+    windows = scorer.calls[0]
+    assert windows.shape == (4, WINDOW, len(CHANNELS))
+    np.testing.assert_array_equal(windows, batch.windows)
+    expected = {
+        0: [values("x", j) for j in range(0, 4)],
+        1: [values("y", j) for j in range(0, 4)],
+        2: [values("x", j) for j in range(1, 5)],
+        3: [values("x", j) for j in range(2, 6)],
+    }
+    for row, rows in expected.items():
+        np.testing.assert_array_equal(windows[row], np.float32(rows))
+    assert not np.array_equal(windows[2], windows[3])  # distinct windows, not the final state twice
+    # Each decision carries the record that produced it.
+    assert [d.record.offset for d in decisions] == [0] * 4
+    assert decisions[3].event.timestamp == T0 + 5
+
+
+def test_events_before_the_window_fills_count_as_warming_up(artifact):
+    detector, scorer = make_detector(artifact)
+    decisions, batch = detector.process([record("k", i) for i in range(WINDOW - 1)])
+    assert decisions == [] and len(batch) == 0
+    assert batch.warming_up == WINDOW - 1 and detector.stats.warming_up == WINDOW - 1
+    assert batch.windows.shape == (0, WINDOW, len(CHANNELS))
+    decisions, batch = detector.process([record("k", WINDOW - 1), record("other", 0)])
+    assert [d.event.event_id for d in decisions] == [f"k-{WINDOW - 1}"]
+    assert batch.warming_up == 1 and detector.stats.warming_up == WINDOW
+    assert detector.stats.scored == 1 and detector.stats.consumed == WINDOW + 1
+
+
+def test_invalid_records_counted_by_reason_and_not_scored(artifact):
+    detector, scorer = make_detector(artifact)
+    bad = [
+        RawRecord(None),
+        RawRecord(b"{oops"),
+        RawRecord(b"[1]"),
+        RawRecord(encode_event("k", "e", T0, {"a": 1.0, "b": 2.0})),  # missing field c
+        RawRecord(encode_event("k", "e", T0, {"a": 1.0, "b": True, "c": 0.0})),
+        RawRecord(encode_event("k", "e", "not a time", {"a": 1.0, "b": 2.0, "c": 0.0})),
+        RawRecord(b"{oops again"),
+    ]
+    good = [record("k", i) for i in range(WINDOW)]
+    decisions, batch = detector.process(bad[:3] + good + bad[3:])
+    assert detector.stats.invalid == {ev.EMPTY: 1, ev.MALFORMED_JSON: 2, ev.NOT_AN_OBJECT: 1,
+                                      ev.MISSING_FIELD: 1, ev.NON_NUMERIC: 1, ev.BAD_TIMESTAMP: 1}
+    assert [r for r, _ in batch.invalid] == bad  # original records kept for the dead-letter topic
+    assert [d.event.event_id for d in decisions] == [f"k-{WINDOW - 1}"]
+    assert len(scorer.calls[0]) == 1
+    assert detector.stats.consumed == len(bad) + len(good)
+    assert detector.stats.scored == 1 and detector.stats.warming_up == WINDOW - 1
+    assert "k" in detector.windows.store and len(detector.windows) == 1  # invalid events did not touch windows
+
+
+def test_no_alerts_at_an_unreachable_threshold(artifact):
+    detector, _ = make_detector(artifact, threshold=GlobalThreshold(1e30))
+    decisions, _ = detector.process([record("k", i) for i in range(WINDOW + 2)])
+    assert len(decisions) == 3 and all(d.alert is None for d in decisions)
+    assert all(d.threshold == 1e30 for d in decisions)
+    assert detector.stats.alerts == 0
+
+
+def test_default_threshold_comes_from_the_artifact(artifact):
+    detector, _ = make_detector(artifact)
+    assert detector.threshold.value_for("any") == artifact.threshold
+
+
+def check_alert(validator, alert):
+    errors = sorted(validator.iter_errors(alert), key=str)
+    assert not errors, [e.message for e in errors]
+    # date-time needs an optional jsonschema extra to be checked by FormatChecker: check it here.
+    for name in ("event_timestamp", "detected_at"):
+        parsed = datetime.fromisoformat(alert[name])
+        assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0
+    assert orjson.loads(encode_alert(alert)) == alert
+
+
+def test_forced_low_threshold_alerts_on_every_scored_event_with_valid_alerts(artifact, validator):
+    detector, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1), top_features=2)
+    records = [record(k, i) for i in range(WINDOW + 1) for k in ("x", "y")]
+    decisions, _ = detector.process(records)
+    assert len(decisions) == 4 and detector.stats.alerts == 4
+    for d in decisions:
+        alert = d.alert
+        assert alert is not None
+        check_alert(validator, alert)
+        assert alert["key"] == d.event.key and alert["event_id"] == d.event.event_id
+        assert alert["alert_id"] == alert_id(d.event.key, d.event.event_id)
+        assert alert["score"] == pytest.approx(d.score) and alert["threshold"] == -1.0
+        assert alert["severity"] is None  # no meaningful ratio to a non-positive threshold
+        assert alert["model_version"] == artifact.version and alert["model_kind"] == "lstm_ae"
+        assert alert["window_size"] == WINDOW
+        assert len(alert["top_features"]) == 2
+        errors = [f["error"] for f in alert["top_features"]]
+        assert errors == sorted(errors, reverse=True)
+        assert {f["feature"] for f in alert["top_features"]} <= set(CHANNELS)
+        assert datetime.fromisoformat(alert["event_timestamp"]).timestamp() == d.event.timestamp
+
+
+def test_alert_with_positive_threshold_has_severity_above_one(artifact, validator):
+    detector, _ = make_detector(artifact, threshold=GlobalThreshold(value=1e-12))
+    decisions, _ = detector.process([record("k", i) for i in range(WINDOW)])
+    alert = decisions[0].alert
+    check_alert(validator, alert)
+    assert alert["severity"] > 1.0
+
+
+def test_schema_validator_really_checks_formats(validator):
+    alert = {"schema_version": 1, "alert_id": "not-a-uuid", "event_id": "e", "key": "k",
+             "event_timestamp": "2026-01-01T00:00:00+00:00", "detected_at": "2026-01-01T00:00:00+00:00",
+             "score": 1.0, "threshold": 0.5, "severity": 2.0, "model_version": "v", "model_kind": "lstm_ae",
+             "window_size": 4, "top_features": []}
+    assert any(e.validator == "format" for e in validator.iter_errors(alert))
+    alert["alert_id"] = alert_id("k", "e")
+    assert list(validator.iter_errors(alert)) == []
+    alert["extra"] = 1
+    assert list(validator.iter_errors(alert))
+
+
+def test_alert_id_is_deterministic_for_the_same_key_and_event(artifact):
+    first, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1))
+    second, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1))
+    records = [record("k", i) for i in range(WINDOW)]
+    a = first.process(records)[0][0].alert
+    b = second.process(records)[0][0].alert  # the same event scored again, e.g. after a restart
+    assert a["alert_id"] == b["alert_id"] == alert_id("k", f"k-{WINDOW - 1}")
+    assert alert_id("k", "e1") != alert_id("k", "e2")
+    assert alert_id("k", "e1") != alert_id("k2", "e1")
+
+
+def test_key_field_rekeys_windows(artifact):
+    detector, _ = make_detector(artifact, key_field="c", threshold=GlobalThreshold(-1))
+    # Different event keys, the same value of field c: one window, keyed by c.
+    records = [RawRecord(encode_event(f"sender-{i}", f"e{i}", T0 + i, {"a": float(i), "b": 0.0, "c": 7}))
+               for i in range(WINDOW)]
+    records.append(RawRecord(encode_event("sender-x", "ex", T0, {"a": 1.0, "b": 2.0, "c": 1.5})))
+    decisions, _ = detector.process(records)
+    assert [(d.event.key, d.event.event_id) for d in decisions] == [("7", f"e{WINDOW - 1}")]
+    assert decisions[0].alert["key"] == "7"
+    assert detector.stats.invalid == {ev.BAD_KEY: 1}  # 1.5 is not an identifier
+
+
+def test_capacity_evictions_are_counted(artifact):
+    detector, _ = make_detector(artifact, max_keys=2)
+    detector.process([record(k, 0) for k in ("a", "b", "c", "a")])
+    assert detector.stats.evicted == {"capacity": 2}
+    assert len(detector.windows) == 2
+
+
+def test_process_large_batch_grows_buffer(artifact):
+    detector, scorer = make_detector(artifact, max_batch=2)
+    decisions, batch = detector.process([record("k", i) for i in range(WINDOW + 5)])
+    assert len(decisions) == 6 and batch.windows.shape[0] == 6
+    np.testing.assert_array_equal(batch.windows[-1], np.float32([values("k", j) for j in range(5, 9)]))
