@@ -20,14 +20,21 @@ log = logging.getLogger("stream_detector")
 
 
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML settings file (also STREAM_DETECTOR_CONFIG)")
-    p.add_argument("--bootstrap-servers", dest="bootstrap_servers")
-    p.add_argument("--input-topic", dest="input_topic")
-    p.add_argument("--alerts-topic", dest="alerts_topic")
-    p.add_argument("--model-dir", dest="model_dir")
-    p.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--metrics-port", dest="metrics_port", type=int)
-    p.add_argument("--consumer-group", dest="consumer_group")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML settings file, keys as in `stream-detector settings --table` (also STREAM_DETECTOR_CONFIG)")
+    p.add_argument("--bootstrap-servers", dest="bootstrap_servers", metavar="HOST:PORT[,...]",
+                   help="Kafka bootstrap servers (STREAM_DETECTOR_BOOTSTRAP_SERVERS; default 127.0.0.1:9092)")
+    p.add_argument("--input-topic", dest="input_topic", metavar="TOPIC",
+                   help="topic to consume events from (STREAM_DETECTOR_INPUT_TOPIC; default events)")
+    p.add_argument("--alerts-topic", dest="alerts_topic", metavar="TOPIC",
+                   help="topic alerts are published to (STREAM_DETECTOR_ALERTS_TOPIC; default alerts)")
+    p.add_argument("--model-dir", dest="model_dir", metavar="DIR",
+                   help="model artifact, or a directory of versions: the newest is served (STREAM_DETECTOR_MODEL_DIR)")
+    p.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N (STREAM_DETECTOR_DEVICE; default auto)")
+    p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
+                   help="Prometheus /metrics port, 0 = off (STREAM_DETECTOR_METRICS_PORT; default 9108)")
+    p.add_argument("--consumer-group", dest="consumer_group", metavar="GROUP",
+                   help="Kafka consumer group (STREAM_DETECTOR_CONSUMER_GROUP; default stream-detector)")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -36,13 +43,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(args.config, overrides={n: getattr(args, n, None) for n in names})
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(level: str, json_logs: bool = False) -> None:
+    """Text lines, or one JSON object per line (``log_json``); the worker's Faust logs go the same way."""
+    from .logs import setup_logging
+
+    setup_logging(level, json_logs=json_logs)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_json)
     from .worker import run_worker
 
     log.info("settings: %s", settings.redacted())
@@ -76,11 +86,17 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_alert(alert: dict, label: int | None = None) -> str:
+def format_alert(alert: dict, labels: dict[str, int] | None = None) -> str:
+    """One line per alert message; with the demo's labels, how many of its events were injected."""
     top = ", ".join(f"{f['feature']}={f['error']:.1f}" for f in alert.get("top_features", []))
-    verdict = "" if label is None else ("  [injected anomaly]" if label else "  [false alarm]")
-    return (f"ALERT key={alert['key']} event={alert['event_id']} score={alert['score']:.2f} "
-            f"(threshold {alert['threshold']:.2f}) top: {top}{verdict}")
+    ids = alert.get("event_ids") or [alert["event_id"]]
+    verdict = ""
+    if labels is not None and ids:
+        injected = sum(1 for i in ids if labels.get(i))
+        verdict = f"  [{injected} of {len(ids)} events injected anomalies]"
+    state = alert.get("state", "alert").upper()
+    return (f"{state:6s} key={alert['key']} event={alert['event_id']} score={alert['score']:.2f} "
+            f"(threshold {alert['threshold']:.2f}) events={len(ids)} top: {top}{verdict}")
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -188,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         alerts = {}
         for alert in iter_messages(bootstrap, "alerts", idle_timeout=None):
             alerts[alert["alert_id"]] = alert
-            print(format_alert(alert, labels.get(alert["event_id"])), flush=True)
+            print(format_alert(alert, labels), flush=True)
             if not producer.is_alive() and time.monotonic() - started > 5:
                 break
             if worker.poll() is not None:
@@ -199,11 +215,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for alert in iter_messages(bootstrap, "alerts", idle_timeout=5.0):
             if alert["alert_id"] not in alerts:
                 alerts[alert["alert_id"]] = alert
-                print(format_alert(alert, labels.get(alert["event_id"])), flush=True)
-        caught = {a["event_id"] for a in alerts.values() if labels.get(a["event_id"])}
-        false = sum(1 for a in alerts.values() if not labels.get(a["event_id"]))
-        print(f"[demo] {len(alerts)} alerts: {len(caught)} of {injected} injected anomalies caught, "
-              f"{false} false alarms", flush=True)
+                print(format_alert(alert, labels), flush=True)
+        reported = {i for a in alerts.values() for i in (a.get("event_ids") or [a["event_id"]])}
+        caught = sum(1 for i in reported if labels.get(i))
+        false = sum(1 for i in reported if not labels.get(i))
+        incidents = len({a.get("incident_id", a["alert_id"]) for a in alerts.values()})
+        print(f"[demo] {len(alerts)} alert messages in {incidents} incidents: {caught} of {injected} "
+              f"anomalous events reported, {false} normal events reported (false alarms)", flush=True)
         print(f"[demo] metrics: {metrics_url}", flush=True)
         if args.keep_running:
             print("[demo] still running; Ctrl-C to stop", flush=True)
@@ -219,25 +237,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stream-detector", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="stream-detector", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Streaming anomaly detection for Kafka: the worker, a demo producer, an alert reader,\n"
+                    "a local broker and a one-command demo.",
+        epilog="settings: defaults < TOML file (--config or STREAM_DETECTOR_CONFIG) < STREAM_DETECTOR_* environment\n"
+               "variables < flags. `stream-detector settings --table` lists every setting and its variable;\n"
+               "STREAM_DETECTOR_LOG_JSON=true logs one JSON object per line. Models come from `trainer train`.\n\n"
+               "examples:\n"
+               "  stream-detector demo\n"
+               "  STREAM_DETECTOR_BOOTSTRAP_SERVERS=broker:9092 stream-detector worker --model-dir artifacts/model\n"
+               "  stream-detector produce --bootstrap-servers broker:9092 --rate 500\n"
+               "  stream-detector alerts --bootstrap-servers broker:9092")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("worker", help="run the detector worker (Faust) until SIGINT/SIGTERM")
+    p = sub.add_parser(
+        "worker", help="run the detector worker (Faust) until SIGINT/SIGTERM",
+        description="Consume events, score per-key windows with the model, publish alerts and dead letters, and "
+                    "serve Prometheus metrics (consumer lag included). Every setting also comes from a TOML file "
+                    "or a STREAM_DETECTOR_* environment variable; the flags below are the common ones "
+                    "(`stream-detector settings --table` lists all).")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("produce", help="publish labelled synthetic events with injected anomalies")
+    p = sub.add_parser("produce", help="publish labelled synthetic events with injected anomalies",
+                       description="Publish generated events (normal behaviour per key, with injected anomalies "
+                                   "labelled in the `label` field) to a topic, keyed by event key.")
     p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     p.add_argument("--topic", default="events")
     p.add_argument("--profile", choices=["sensors", "transactions"], default="sensors")
-    p.add_argument("--keys", type=int, default=20)
+    p.add_argument("--keys", type=int, default=20, help="distinct keys (devices, customers)")
     p.add_argument("--events-per-key", type=int, default=500)
-    p.add_argument("--anomaly-rate", type=float, default=0.02)
+    p.add_argument("--anomaly-rate", type=float, default=0.02, help="share of events with an injected anomaly")
     p.add_argument("--rate", type=float, default=1000.0, help="events per second; 0 = as fast as possible")
     p.add_argument("--seed", type=int, default=1)
     p.set_defaults(func=cmd_produce)
 
-    p = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive")
+    p = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive",
+                       description="Print alerts (one line each: key, event, score against threshold, top features).")
     p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     p.add_argument("--topic", default="alerts")
     p.add_argument("--from-beginning", action="store_true")
@@ -245,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=None, help="stop after this many quiet seconds")
     p.set_defaults(func=cmd_alerts)
 
-    p = sub.add_parser("demo", help="broker + model + worker + demo events, alerts printed as they arrive")
+    p = sub.add_parser("demo", help="broker + model + worker + demo events, alerts printed as they arrive",
+                       description="Start a local Kafka broker, train a model on generated data if none exists, "
+                                   "run the worker, stream labelled demo events and print each alert as injected "
+                                   "anomaly or false alarm, then a summary.")
     p.add_argument("--profile", choices=["sensors", "transactions"], default="sensors")
     p.add_argument("--model-dir", help="model to serve (default: artifacts/demo-<profile>, trained if missing)")
     p.add_argument("--keys", type=int, default=20)
@@ -255,16 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--metrics-port", type=int, default=9108)
     p.add_argument("--broker-port", type=int, default=9092, help="used when free, else any free port")
-    p.add_argument("--train-epochs", type=int, default=25)
+    p.add_argument("--train-epochs", type=int, default=40)
     p.add_argument("--max-seconds", type=float, default=0)
     p.add_argument("--keep-running", action="store_true", help="keep broker and worker up after the demo events")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("broker", help="run a local single-node Kafka broker in the foreground")
+    p = sub.add_parser("broker", help="run a local single-node Kafka broker in the foreground",
+                       description="Run a local single-node KRaft broker (Apache Kafka jars fetched into .cache/); "
+                                   "`stream-detector broker --help` lists its own options.")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of stream_detector.kafka.local_broker")
     p.set_defaults(func=cmd_broker)
 
-    p = sub.add_parser("settings", help="print the effective settings (secrets masked) or the settings table")
+    p = sub.add_parser("settings", help="print the effective settings (secrets masked) or the settings table",
+                       description="Print the effective settings as JSON (defaults, file, environment and flags "
+                                   "applied; secrets masked), or with --table every setting with its environment "
+                                   "variable, default and meaning.")
     _add_settings_flags(p)
     p.add_argument("--table", action="store_true", help="markdown table of every setting")
     p.set_defaults(func=cmd_settings)

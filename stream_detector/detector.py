@@ -12,6 +12,7 @@ can run the middle one off the event loop:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,13 +20,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .alerts import build_alert
-from .artifacts import ModelArtifact
+from .alerts import top_features as top_feature_list
+from .artifacts import ArtifactError, ModelArtifact
 from .events import Event, EventDecoder, Invalid
+from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
 from .scoring import Scores
-from .thresholds import GlobalThreshold, ThresholdPolicy
-from .windows import WindowStore
+from .thresholds import ThresholdConfig, ThresholdPolicy, build_threshold_policy
+from .windows import DROPPED_REVOKED, SnapshotError, WindowStore
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -47,6 +52,8 @@ class PreparedBatch:
     records: list[RawRecord]  # the record of each scored event
     invalid: list[tuple[RawRecord, Invalid]] = field(default_factory=list)
     warming_up: int = 0  # valid events whose key has fewer than W events so far
+    replayed: int = 0  # redelivered records whose event the restored window already holds
+    unscored: int = 0  # events of hot keys skipped by the scoring stride (still in their windows)
 
     def __len__(self) -> int:
         return len(self.events)
@@ -57,8 +64,10 @@ class Decision:
     event: Event
     record: RawRecord
     score: float
-    threshold: float
-    alert: dict[str, Any] | None
+    threshold: float  # the key's threshold this window was judged against
+    alert: dict[str, Any] | None  # the alert message (open, update or close) this window triggered
+    over: bool = False  # score > threshold (whether or not a message was published for it)
+    severity: float | None = None  # score / threshold: comparable across keys, > 1 when over
 
 
 @dataclass
@@ -67,26 +76,70 @@ class DetectorStats:
     invalid: Counter = field(default_factory=Counter)
     scored: int = 0
     warming_up: int = 0
-    alerts: int = 0
+    replayed: int = 0
+    unscored: int = 0  # skipped by the scoring stride
+    over_threshold: int = 0  # scored windows over their key's threshold
+    alerts: int = 0  # alert messages (open, update, close)
     evicted: Counter = field(default_factory=Counter)
 
 
 class FeatureWindows:
-    """Profile features appended to per-key windows: the one path from an event to model input."""
+    """Profile features appended to per-key windows: the one path from an event to model input.
+
+    With a ``restore`` source (the worker's changelog-backed state), a key seen for the first time
+    since a restart or rebalance gets its window back instead of starting cold. Keys touched by
+    Kafka records are remembered until :meth:`drain_touched`, so the worker can persist them.
+    """
 
     def __init__(self, profile: Profile, window: int, max_keys: int = 100_000, key_ttl_s: float = float("inf"),
-                 on_evict: Callable[[str, int], None] | None = None):
+                 on_evict: Callable[[str, int], None] | None = None,
+                 restore: Callable[[str], bytes | None] | None = None):
         self.profile = profile
         self.window = window
         self.store = WindowStore(window, profile.n_features, profile.state_size, max_keys, key_ttl_s,
                                  on_evict=on_evict)
+        self.restore = restore
+        self.restore_failures = 0
+        self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
+        self.touched: dict[str, int] = {}
 
-    def add(self, event: Event, now: float) -> int | None:
+    def _restore_if_known(self, key: str, now: float) -> None:
+        if self.restore is None or key in self.store:
+            return
+        blob = self.restore(key)
+        if blob is None:
+            return
+        try:
+            self.store.restore(key, blob, now)
+        except SnapshotError as exc:
+            self.restore_failures += 1
+            log.warning("state of key %r not restored (%s); it starts a new window", key, exc)
+
+    def already_applied(self, key: str, partition: int, offset: int, now: float) -> bool:
+        """True for a replayed record whose event the key's (restored) window already holds."""
+        self._restore_if_known(key, now)
+        if key not in self.store:
+            return False
+        last_partition, last_offset = self.store.position(self.store.slot(key, now))
+        return last_partition == partition and offset <= last_offset
+
+    def add(self, event: Event, now: float, partition: int = -1, offset: int = -1) -> int | None:
         """Appends the event's features; returns the key's slot once its window is full."""
         store = self.store
+        self._restore_if_known(event.key, now)
         slot = store.slot(event.key, now)
+        if not store.observe_time(slot, event.timestamp):
+            self.out_of_order += 1
         self.profile.featurize(event.values, event.timestamp, store.state(slot), store.next_row(slot))
-        return slot if store.commit(slot) >= self.window else None
+        full = store.commit(slot) >= self.window
+        if offset >= 0:
+            store.set_position(slot, partition, offset)
+            self.touched[event.key] = slot
+        return slot if full else None
+
+    def drain_touched(self) -> dict[str, int]:
+        touched, self.touched = self.touched, {}
+        return touched
 
     def evict_idle(self, now: float) -> int:
         return self.store.evict_idle(now)
@@ -108,24 +161,83 @@ class Detector:
         top_features: int = 3,
         max_batch: int = 1024,
         clock: Callable[[], float] = time.time,
+        restore: Callable[[str], bytes | None] | None = None,
+        thresholds: ThresholdConfig | None = None,
+        alerting: AlertPolicy | None = None,
+        max_future_s: float | None = None,
+        score_stride: int = 1,
+        hot_key_rate: float = 0.0,
     ):
+        if score_stride < 1 or not hot_key_rate >= 0:
+            raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
         self.artifact = artifact
+        # Hot keys (event-time rate above hot_key_rate) have only every score_stride-th window scored.
+        self.score_stride = score_stride
+        self.hot_key_rate = hot_key_rate
         self.scorer = scorer
-        self.threshold = threshold or GlobalThreshold(artifact.threshold)
+        # Per-key adaptive thresholds by default (global during a key's warm-up), as in the worker.
+        self.threshold = threshold or build_threshold_policy(artifact, thresholds, max_keys)
+        self.incidents = IncidentTracker(alerting)
+        self._closed: list[dict[str, Any]] = []  # close messages not triggered by a scored window
         self.profile = artifact.profile
         self.window = artifact.window
         self.top_features = top_features
         self.clock = clock
         self.stats = DetectorStats()
-        self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes)
-        self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction)
+        self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
+                                    max_future_s=max_future_s, clock=clock)
+        self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
+                                      restore=restore)
+        self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
         self._batch = np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
         self._next_idle_sweep = 0.0
+        self.windows.store.drop_listeners.append(self._drop_key_state)
 
     def _count_eviction(self, reason: str, n: int) -> None:
         self.stats.evicted[reason] += n
 
+    def _alert_context(self) -> dict[str, Any]:
+        return {"model_version": self.artifact.version, "model_kind": self.artifact.kind, "window_size": self.window}
+
+    def _drop_key_state(self, key: str, reason: str) -> None:
+        """A key's window was dropped: its threshold state goes too, and an open incident is closed."""
+        evict = getattr(self.threshold, "evict", None)
+        if evict is not None:
+            evict(key)
+        msg = self.incidents.drop(key, REVOKED if reason == DROPPED_REVOKED else EVICTED, self._alert_context())
+        if msg is not None:
+            self._closed.append(msg)
+            self.stats.alerts += 1
+
+    def drain_closed(self) -> list[dict[str, Any]]:
+        """Close messages not tied to a scored window (key evicted or revoked, incident idle).
+
+        Publish them before the alerts of the batch just finished: a key evicted and seen again in
+        one batch has its old incident closed before a new one opens.
+        """
+        closed, self._closed = self._closed, []
+        return closed
+
+    def swap_model(self, artifact: ModelArtifact, scorer: Callable[[np.ndarray], Scores],
+                   threshold: ThresholdPolicy | None = None) -> None:
+        """Serves another model from the next micro-batch on; its windows must fit the ones held."""
+        if (artifact.window != self.window or artifact.profile.to_config() != self.profile.to_config()
+                or artifact.feature_names != self.profile.feature_names):
+            raise ArtifactError(
+                f"model {artifact.version} does not fit the windows being served (profile, features or window "
+                f"differ from {self.artifact.version}); restart the worker to switch to it")
+        self._pending_model = (artifact, scorer, threshold)
+
+    def _apply_pending_model(self) -> None:
+        artifact, scorer, threshold = self._pending_model  # type: ignore[misc]
+        self._pending_model = None
+        self.artifact, self.scorer = artifact, scorer
+        if threshold is not None:
+            self.threshold = threshold
+
     def prepare(self, records: Sequence[RawRecord]) -> PreparedBatch:
+        if self._pending_model is not None:
+            self._apply_pending_model()
         now = self.clock()
         if now >= self._next_idle_sweep:
             self.windows.evict_idle(now)
@@ -134,11 +246,16 @@ class Detector:
             self._batch = np.zeros((len(records),) + self._batch.shape[1:], dtype=np.float32)
         batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
         n = 0
+        windows = self.windows
         for record in records:
             decoded = self.decoder.decode(record.value)
             if isinstance(decoded, Invalid):
                 batch.invalid.append((record, decoded))
                 self.stats.invalid[decoded.reason] += 1
+                continue
+            if record.offset >= 0 and windows.already_applied(decoded.key, record.partition, record.offset, now):
+                batch.replayed += 1
+                self.stats.replayed += 1
                 continue
             n = self._add_event(decoded, record, batch, n, now)
         self.stats.consumed += len(records)
@@ -160,12 +277,18 @@ class Detector:
         return batch
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, n: int, now: float) -> int:
-        slot = self.windows.add(event, now)
+        slot = self.windows.add(event, now, record.partition, record.offset)
         if slot is None:
             batch.warming_up += 1
             self.stats.warming_up += 1
             return n
-        self.windows.store.copy_window(slot, self._batch[n])
+        store = self.windows.store
+        if (self.score_stride > 1 and (store.count(slot) - self.window) % self.score_stride
+                and store.events_per_s(slot) > self.hot_key_rate):
+            batch.unscored += 1
+            self.stats.unscored += 1
+            return n
+        store.copy_window(slot, self._batch[n])
         batch.events.append(event)
         batch.records.append(record)
         return n + 1
@@ -174,22 +297,38 @@ class Detector:
         return self.scorer(batch.windows)
 
     def finish(self, batch: PreparedBatch, scores: Scores) -> list[Decision]:
+        """Thresholds, then the alert lifecycle; each decision carries the message its window triggered.
+
+        Out-of-band close messages (idle incidents, evicted keys) are collected for :meth:`drain_closed`.
+        """
+        now = self.clock()
+        context = self._alert_context()
+        idle = self.incidents.sweep_idle(now, context)
+        self._closed.extend(idle)
+        self.stats.alerts += len(idle)
         keys = [e.key for e in batch.events]
-        over = self.threshold.exceeds(keys, scores.scores)
+        values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)
+        assess = getattr(self.threshold, "assess", None)
+        if assess is not None:
+            limits = assess(keys, values)
+            over = values > limits
+        else:  # a policy with only the minimal protocol
+            over = np.asarray(self.threshold.exceeds(keys, values), dtype=bool)
+            limits = np.array([self.threshold.value_for(k) for k in keys], dtype=np.float64)
         decisions: list[Decision] = []
-        version, kind = self.artifact.version, self.artifact.kind
         names = self.profile.feature_names
+        observe = self.incidents.observe
         for i, event in enumerate(batch.events):
-            score = float(scores.scores[i])
-            limit = self.threshold.value_for(event.key)
-            alert = None
-            if over[i]:
-                alert = build_alert(
-                    event.key, event.event_id, event.timestamp, score, limit, version, kind,
-                    names, scores.feature_errors[i], self.top_features, self.window,
-                )
+            score, limit, is_over = float(values[i]), float(limits[i]), bool(over[i])
+            info = None
+            if is_over:
+                info = WindowInfo(event.event_id, event.timestamp, score, limit,
+                                  top_feature_list(names, scores.feature_errors[i], self.top_features))
+            alert = observe(event.key, is_over, info, now, context)
+            if alert is not None:
                 self.stats.alerts += 1
-            decisions.append(Decision(event, batch.records[i], score, limit, alert))
+            decisions.append(Decision(event, batch.records[i], score, limit, alert, is_over, severity(score, limit)))
+        self.stats.over_threshold += int(over.sum())
         self.stats.scored += len(batch.events)
         return decisions
 

@@ -29,6 +29,9 @@ class WorkerMetrics:
         self.events_warming_up = Counter(p + "events_warming_up",
                                          "Valid events of keys whose window is not full yet (not scored).", registry=r)
         self.windows_scored = Counter(p + "windows_scored", "Windows scored by the model.", registry=r)
+        self.events_unscored = Counter(p + "events_unscored",
+                                       "Events of hot keys not scored because of score_stride (still windowed).",
+                                       registry=r)
         self.alerts_published = Counter(p + "alerts_published", "Alerts acknowledged by the broker.", registry=r)
         self.batch_size = Histogram(p + "batch_windows", "Windows per model call (micro-batch size).",
                                     buckets=_BATCH_BUCKETS, registry=r)
@@ -43,12 +46,53 @@ class WorkerMetrics:
         self.active_keys = Gauge(p + "active_keys", "Keys with a live window.", registry=r)
         self.keys_evicted = Counter(p + "keys_evicted", "Keys whose window was dropped, by reason.", ["reason"],
                                     registry=r)
+        self.events_replayed = Counter(p + "events_replayed",
+                                       "Redelivered events already held by a restored window (not applied twice).",
+                                       registry=r)
+        self.keys_restored = Counter(p + "keys_restored", "Key windows restored from the state changelog.",
+                                     registry=r)
+        self.model_reloads = Counter(p + "model_reloads", "Newer model versions hot-swapped in.", registry=r)
+        self.model_reload_failures = Counter(p + "model_reload_failures",
+                                             "Model versions refused (checksum, format or shape).", registry=r)
         self.model_info = Info(p + "model", "The model being served.", registry=r)
         self.model_threshold = Gauge(p + "model_threshold", "Alert threshold of the served model.", registry=r)
+        # Consumer lag of the worker's group on the input topic, set by stream_detector.lag (labels are
+        # bounded by the partition count).
+        self.consumer_lag = Gauge(p + "consumer_lag",
+                                  "Messages behind: high watermark minus committed offset, per input partition.",
+                                  ["topic", "partition"], registry=r)
+        self.consumer_committed_offset = Gauge(p + "consumer_committed_offset",
+                                               "Offset committed by the worker's consumer group, per input partition.",
+                                               ["topic", "partition"], registry=r)
+        self.consumer_high_watermark = Gauge(p + "consumer_high_watermark",
+                                             "High watermark (next offset to be written), per input partition.",
+                                             ["topic", "partition"], registry=r)
+        self.consumer_lag_errors = Counter(p + "consumer_lag_errors",
+                                           "Failed consumer lag reads (broker unreachable, timeouts).", registry=r)
+        # Thresholds and the alert lifecycle (stream_detector.thresholds, stream_detector.incidents).
+        # alert_messages_total{state} sums to alerts_published_total.
+        self.alert_messages = Counter(p + "alert_messages",
+                                      "Alert messages acknowledged by the broker, by state (open, update, close).",
+                                      ["state"], registry=r)
+        self.incidents_closed = Counter(p + "incidents_closed", "Incidents closed, by reason.", ["reason"],
+                                        registry=r)
+        self.incidents_open = Gauge(p + "incidents_open", "Incidents opened and not closed yet.", registry=r)
+        self.incidents_suppressed = Counter(
+            p + "incidents_suppressed",
+            "Runs of over-threshold windows too short and too mild to open an incident (never published).",
+            registry=r)
+        self.windows_over_threshold = Counter(p + "windows_over_threshold",
+                                              "Scored windows over their key's threshold.", registry=r)
+        self.keys_calibrated = Gauge(p + "keys_calibrated",
+                                     "Keys served with their own adaptive threshold (warm-up over).", registry=r)
         for reason in REASONS:
             self.events_invalid.labels(reason=reason)
         for reason in ("capacity", "idle"):
             self.keys_evicted.labels(reason=reason)
+        for state in ("open", "update", "close"):
+            self.alert_messages.labels(state=state)
+        for reason in ("recovered", "idle", "evicted", "revoked", "stopped"):
+            self.incidents_closed.labels(reason=reason)
 
     def serve(self, host: str, port: int) -> None:
         """Exposes /metrics; binds to loopback unless told otherwise."""

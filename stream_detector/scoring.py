@@ -33,11 +33,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's share), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def configure_threads(threads: int = 0) -> int:
-    """Intra-op threads for CPU inference: all cores by default, never more (oversubscription)."""
-    n = threads if threads > 0 else (os.cpu_count() or 1)
+    """Intra-op threads for CPU inference (training): all cores by default, never more (oversubscription)."""
+    n = threads if threads > 0 else available_cores()
     torch.set_num_threads(n)
     return n
+
+
+def worker_threads(threads: int = 0) -> int:
+    """The worker's inference threads: by default one core fewer than available, at least one.
+
+    The model runs on a worker thread while the event loop keeps consuming and publishing (and Faust's
+    consumer thread keeps fetching); inference threads on every core would fight them for it. On this
+    project's 2-core benchmark machine one thread beats two end to end (benchmarks/results/throughput.md).
+    """
+    return configure_threads(threads if threads > 0 else max(available_cores() - 1, 1))
 
 
 class ModelRunner:

@@ -32,16 +32,46 @@ class Settings:
     dead_letter_topic: str = field(
         default="events.dlq", metadata=_doc("Topic invalid events go to, with their original bytes and the reason.")
     )
+    scores_topic: str = field(
+        default="",
+        metadata=_doc("When set, every scored event's score is published here too (audits, offline analysis)."),
+    )
     consumer_group: str = field(default="stream-detector", metadata=_doc("Kafka consumer group (Faust app id)."))
     auto_offset_reset: str = field(
         default="earliest", metadata=_doc("Where a new consumer group starts: `earliest` or `latest`.")
+    )
+    security_protocol: str = field(
+        default="PLAINTEXT", metadata=_doc("`PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.")
+    )
+    ssl_cafile: str = field(default="", metadata=_doc("PEM file of the CA that signed the brokers' certificates."))
+    ssl_certfile: str = field(default="", metadata=_doc("PEM client certificate, for brokers that require TLS client auth."))
+    ssl_keyfile: str = field(default="", metadata=_doc("PEM private key of the client certificate."))
+    ssl_key_password: str = field(
+        default="", metadata=_doc("Password of the client key (secret: prefer `..._FILE`, never logged).")
+    )
+    ssl_check_hostname: bool = field(default=True, metadata=_doc("Verify that broker certificates match their host."))
+    sasl_mechanism: str = field(default="", metadata=_doc("`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` with SASL_*."))
+    sasl_username: str = field(default="", metadata=_doc("SASL user name."))
+    sasl_password: str = field(
+        default="", metadata=_doc("SASL password (secret: prefer `STREAM_DETECTOR_SASL_PASSWORD_FILE`, never logged).")
+    )
+    session_timeout_s: float = field(
+        default=10.0,
+        metadata=_doc("Consumer group session timeout: how soon a dead worker's partitions move to another."),
     )
     model_dir: str = field(
         default="artifacts/model",
         metadata=_doc("Model artifact directory, or a directory of versions (the newest is served)."),
     )
+    model_poll_s: float = field(
+        default=10.0,
+        metadata=_doc("How often the model directory is checked for a newer version to hot-swap; 0 disables."),
+    )
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."))
-    torch_threads: int = field(default=0, metadata=_doc("Intra-op threads for CPU inference; 0 = number of cores."))
+    torch_threads: int = field(
+        default=0, metadata=_doc("Intra-op threads for CPU inference; 0 = one fewer than the cores (the event loop "
+                                 "keeps one), at least 1.")
+    )
     batch_max: int = field(default=1024, metadata=_doc("Most events gathered into one micro-batch."))
     batch_within_s: float = field(
         default=0.02, metadata=_doc("Longest wait for a micro-batch to fill before it is scored anyway.")
@@ -56,8 +86,16 @@ class Settings:
     key_ttl_s: float = field(
         default=86_400.0, metadata=_doc("A key idle this long (wall clock) loses its window.")
     )
+    state_min_events: int = field(
+        default=2,
+        metadata=_doc("A key's window is written to the state changelog once it holds this many events."),
+    )
     max_message_bytes: int = field(
         default=1_000_000, metadata=_doc("Larger messages are dead-lettered with reason `oversized`.")
+    )
+    max_future_s: float = field(
+        default=86_400.0,
+        metadata=_doc("Events timestamped further than this ahead of the wall clock are dead-lettered."),
     )
     threshold: float | None = field(
         default=None, metadata=_doc("Overrides the artifact's alert threshold when set.")
@@ -66,6 +104,72 @@ class Settings:
     metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address the Prometheus metrics endpoint binds to."))
     metrics_port: int = field(default=9108, metadata=_doc("Port of the Prometheus metrics endpoint; 0 disables it."))
     log_level: str = field(default="info", metadata=_doc("`debug`, `info`, `warning` or `error`."))
+    log_json: bool = field(
+        default=False, metadata=_doc("Log one JSON object per line (`ts`, `level`, `logger`, `message`) instead of text.")
+    )
+    lag_interval_s: float = field(
+        default=5.0, metadata=_doc("Seconds between reads of the consumer group's lag (`stream_detector_consumer_lag`).")
+    )
+    # Thresholds and the alert lifecycle (README: "Thresholds and alert lifecycle").
+    adaptive_thresholds: bool = field(
+        default=True,
+        metadata=_doc("Per-key thresholds that follow each key's recent normal scores, within bounds around the "
+                      "global threshold (which a key uses until its warm-up is over); false = the global threshold "
+                      "for every key."),
+    )
+    threshold_warmup_windows: int = field(
+        default=64, metadata=_doc("Windows of a key at or below threshold before its own threshold replaces the "
+                                  "global one.")
+    )
+    threshold_history: int = field(
+        default=128, metadata=_doc("Recent normal scores kept per key for its threshold (4 bytes each); scores over "
+                                   "the threshold are never added.")
+    )
+    threshold_min_ratio: float = field(
+        default=0.5, metadata=_doc("Lowest per-key threshold, as a fraction of the global threshold.")
+    )
+    threshold_max_ratio: float = field(
+        default=2.0, metadata=_doc("Highest per-key threshold, as a multiple of the global threshold.")
+    )
+    alert_min_windows: int = field(
+        default=2, metadata=_doc("Consecutive windows over threshold that open an incident; a shorter run is a "
+                                 "suppressed blip (unless `alert_open_severity` is reached).")
+    )
+    alert_open_severity: float = field(
+        default=2.0, metadata=_doc("A window this far over its threshold (severity = score / threshold) opens an "
+                                   "incident at once, whatever `alert_min_windows`.")
+    )
+    alert_close_after: int = field(
+        default=8, metadata=_doc("Consecutive windows at or below threshold that close an incident.")
+    )
+    alert_update_every: int = field(
+        default=16, metadata=_doc("An open incident publishes an update at least every this many new windows over "
+                                  "threshold.")
+    )
+    alert_update_growth: float = field(
+        default=1.5, metadata=_doc("An open incident publishes an update as soon as its peak severity grows by this "
+                                   "factor over the last one published.")
+    )
+    incident_idle_close_s: float = field(
+        default=600.0, metadata=_doc("An incident whose key has had no scored window this long (wall clock) is "
+                                     "closed.")
+    )
+    # Throughput (README: "Performance").
+    batch_adaptive: bool = field(
+        default=True, metadata=_doc("Micro-batches as large as the backlog: a batch is scored as soon as no more "
+                                    "events are waiting (1 ms linger), up to `batch_max`, its gathering capped "
+                                    "by `batch_within_s`; false = wait `batch_within_s` unless `batch_max` "
+                                    "events come first (Faust's `take_events`).")
+    )
+    score_stride: int = field(
+        default=1, metadata=_doc("Score only every this many windows of a hot key (see `hot_key_rate`); the "
+                                 "others still enter its window and are counted in "
+                                 "`stream_detector_events_unscored_total`. 1 = score every event.")
+    )
+    hot_key_rate: float = field(
+        default=0.0, metadata=_doc("Event-time rate (events/s, moving average over about 8 events) above which "
+                                   "a key is hot and `score_stride` applies to it; 0 = every key.")
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,14 +179,49 @@ class Settings:
             problems.append(f"log_level must be debug, info, warning or error, not {self.log_level!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
-        for name in ("batch_max", "max_keys", "max_message_bytes"):
+        for name in ("batch_max", "max_keys", "max_message_bytes", "state_min_events"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         for name in ("torch_threads", "top_features", "metrics_port"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        if not 6.0 <= self.session_timeout_s <= 300.0:
+            problems.append("session_timeout_s must be within 6..300 (the broker's group limits)")
+        if self.max_future_s <= 0:
+            problems.append("max_future_s must be positive")
+        if self.model_poll_s < 0:
+            problems.append("model_poll_s must not be negative")
         if self.batch_within_s <= 0 or self.key_ttl_s <= 0:
             problems.append("batch_within_s and key_ttl_s must be positive")
+        if not self.lag_interval_s > 0:
+            problems.append("lag_interval_s must be positive")
+        if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            problems.append(f"security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, "
+                            f"not {self.security_protocol!r}")
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+                problems.append("sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL")
+            if not self.sasl_username or not self.sasl_password:
+                problems.append("sasl_username and sasl_password are required with SASL")
+        for name in ("threshold_history", "threshold_warmup_windows", "alert_min_windows", "alert_close_after",
+                     "alert_update_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.threshold_warmup_windows > self.threshold_history:
+            problems.append("threshold_warmup_windows must not exceed threshold_history")
+        if not 0 < self.threshold_min_ratio <= 1:
+            problems.append("threshold_min_ratio must be in (0, 1]")
+        if not 1 <= self.threshold_max_ratio < float("inf"):
+            problems.append("threshold_max_ratio must be at least 1 and finite")
+        for name in ("alert_open_severity", "alert_update_growth"):
+            if not getattr(self, name) >= 1:
+                problems.append(f"{name} must be at least 1")
+        if not self.incident_idle_close_s > 0:
+            problems.append("incident_idle_close_s must be positive")
+        if self.score_stride < 1:
+            problems.append("score_stride must be at least 1")
+        if not 0 <= self.hot_key_rate < float("inf"):
+            problems.append("hot_key_rate must be zero or positive and finite")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -102,6 +241,10 @@ class Settings:
                 data = tomllib.load(fh)
             data = data.get("stream_detector", data)
             values.update(_check_names(cls, data, source=str(path)))
+        for name in SECRET_FIELDS:  # a secret may come from a file: `<name>_file` / `..._FILE`
+            secret_file = values.pop(name + "_file", None) or env.get(ENV_PREFIX + name.upper() + "_FILE")
+            if secret_file:
+                values[name] = Path(secret_file).read_text(encoding="utf-8").strip()
         for f in fields(cls):
             raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
@@ -117,7 +260,7 @@ class Settings:
         """A dict safe to log: anything that looks like a secret is masked."""
         out = dataclasses.asdict(self)
         for name in out:
-            if any(word in name for word in ("password", "secret", "token")):
+            if name in SECRET_FIELDS or any(word in name for word in ("password", "secret", "token")):
                 out[name] = "***" if out[name] else out[name]
         return out
 
@@ -126,8 +269,11 @@ class Settings:
         return Path(self.model_dir)
 
 
+SECRET_FIELDS = ("ssl_key_password", "sasl_password")
+
+
 def _check_names(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} | {name + "_file" for name in SECRET_FIELDS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")

@@ -8,6 +8,7 @@ least recently seen is evicted to make room) and an idle TTL.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from typing import Callable
 
@@ -15,6 +16,16 @@ import numpy as np
 
 EVICTED_CAPACITY = "capacity"
 EVICTED_IDLE = "idle"
+DROPPED_REVOKED = "revoked"  # reason given to drop listeners for keys of revoked partitions
+GAP_SMOOTHING = 1.0 / 8  # weight of the newest gap in a key's rate: about its last 8 events
+
+# Snapshot of one key: header, then the window oldest-first (float32), then the profile state.
+_SNAPSHOT_HEADER = struct.Struct("<BHHHqiq")  # version, W, F, S, count, partition, offset
+_SNAPSHOT_VERSION = 1
+
+
+class SnapshotError(ValueError):
+    """A key snapshot that does not fit this store (other window, features or format)."""
 
 
 class WindowStore:
@@ -29,6 +40,7 @@ class WindowStore:
         ttl_s: float = float("inf"),
         initial_capacity: int = 1024,
         on_evict: Callable[[str, int], None] | None = None,
+        on_evict_key: Callable[[str, int], None] | None = None,
     ):
         if window < 1 or n_features < 1 or max_keys < 1:
             raise ValueError("window, n_features and max_keys must be positive")
@@ -38,6 +50,10 @@ class WindowStore:
         self.max_keys = max_keys
         self.ttl_s = ttl_s
         self.on_evict = on_evict
+        self.on_evict_key = on_evict_key  # (key, slot) of each evicted key, before the slot is reused
+        # (key, reason) of every key whose window is dropped (evicted, or its partition revoked), so
+        # per-key state held elsewhere (thresholds, incidents) goes with it.
+        self.drop_listeners: list[Callable[[str, str], None]] = []
         self._slots: OrderedDict[str, int] = OrderedDict()  # least recently seen first
         self._free: list[int] = []
         self._capacity = 0
@@ -45,6 +61,13 @@ class WindowStore:
         self._count = np.zeros(0, dtype=np.int64)
         self._state = np.zeros((0, state_size), dtype=np.float64)
         self._last_seen = np.zeros(0, dtype=np.float64)
+        # Source position of the last event applied to each key: replayed events are recognised.
+        self._partition = np.zeros(0, dtype=np.int32)
+        self._offset = np.zeros(0, dtype=np.int64)
+        self._event_time = np.zeros(0, dtype=np.float64)  # newest event timestamp seen per key
+        # Moving average of the key's event-time gaps (seconds; -1 until its second event): its rate.
+        self._gap = np.zeros(0, dtype=np.float64)
+        self._persisted = np.zeros(0, dtype=bool)  # a snapshot of the key was handed to a changelog
         self._grow(min(initial_capacity, max_keys))
 
     def __len__(self) -> int:
@@ -59,8 +82,8 @@ class WindowStore:
 
     @property
     def bytes_per_key(self) -> int:
-        """Array bytes one key costs (window data + count + state + last seen)."""
-        return self.window * self.n_features * 4 + 8 + self.state_size * 8 + 8
+        """Array bytes one key costs (window data + count + state + last seen + source position)."""
+        return self.window * self.n_features * 4 + 8 + self.state_size * 8 + 8 + 4 + 8 + 8 + 8 + 1
 
     def slot(self, key: str, now: float) -> int:
         """The key's slot, allocating (and evicting if full) for a new key."""
@@ -71,6 +94,10 @@ class WindowStore:
             slot = self._allocate(key)
         self._last_seen[slot] = now
         return slot
+
+    def slot_of(self, key: str) -> int | None:
+        """The key's slot without touching its recency; None when the key has no window."""
+        return self._slots.get(key)
 
     def state(self, slot: int) -> np.ndarray:
         return self._state[slot]
@@ -105,6 +132,76 @@ class WindowStore:
         out[: w - pos] = data[pos:]
         out[w - pos :] = data[:pos]
 
+    def position(self, slot: int) -> tuple[int, int]:
+        """(partition, offset) of the last event applied to the key; (-1, -1) when unknown."""
+        return int(self._partition[slot]), int(self._offset[slot])
+
+    def observe_time(self, slot: int, timestamp: float) -> bool:
+        """Records an event time; False when it is older than the key's newest (out of order)."""
+        newest = self._event_time[slot]
+        if timestamp < newest:
+            return False
+        if newest > -np.inf:
+            gap, average = timestamp - newest, self._gap[slot]
+            self._gap[slot] = gap if average < 0 else average + GAP_SMOOTHING * (gap - average)
+        self._event_time[slot] = timestamp
+        return True
+
+    def events_per_s(self, slot: int) -> float:
+        """The key's recent rate in event time (moving average of its gaps); 0 until its second event."""
+        gap = float(self._gap[slot])
+        return 0.0 if gap < 0 else (1.0 / gap if gap > 0 else float("inf"))
+
+    def mark_persisted(self, slot: int) -> None:
+        self._persisted[slot] = True
+
+    def is_persisted(self, slot: int) -> bool:
+        return bool(self._persisted[slot])
+
+    def set_position(self, slot: int, partition: int, offset: int) -> None:
+        self._partition[slot] = partition
+        self._offset[slot] = offset
+
+    def snapshot(self, slot: int) -> bytes:
+        """The key's window, state and source position as bytes (for a changelog)."""
+        count = int(self._count[slot])
+        window = np.empty((self.window, self.n_features), dtype=np.float32)
+        if count >= self.window:
+            self.copy_window(slot, window)
+        else:
+            window[:] = self._data[slot]  # not wrapped yet: rows 0..count-1 are oldest-first
+        header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
+                                       int(self._partition[slot]), int(self._offset[slot]))
+        return header + window.tobytes() + self._state[slot].tobytes()
+
+    def restore(self, key: str, blob: bytes, now: float) -> int:
+        """Recreates a key from :meth:`snapshot` bytes; returns its slot."""
+        expected = _SNAPSHOT_HEADER.size + self.window * self.n_features * 4 + self.state_size * 8
+        if len(blob) != expected:
+            raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
+        version, w, f, st, count, partition, offset = _SNAPSHOT_HEADER.unpack_from(blob)
+        if (version, w, f, st) != (_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size):
+            raise SnapshotError(f"snapshot shape {(version, w, f, st)} does not fit this store")
+        slot = self.slot(key, now)
+        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=_SNAPSHOT_HEADER.size).reshape(w, f)
+        self._data[slot] = body  # stored oldest-first: ring position 0 is the oldest row
+        self._count[slot] = count if count < w else w
+        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=_SNAPSHOT_HEADER.size + w * f * 4)
+        self._partition[slot] = partition
+        self._offset[slot] = offset
+        self._persisted[slot] = True
+        return slot
+
+    def drop_partitions(self, partitions: set[int]) -> int:
+        """Forgets keys whose events come from these partitions (revoked in a rebalance)."""
+        doomed = [key for key, slot in self._slots.items() if int(self._partition[slot]) in partitions]
+        for key in doomed:
+            slot = self._slots.pop(key)
+            self._free.append(slot)
+            for listener in self.drop_listeners:
+                listener(key, DROPPED_REVOKED)
+        return len(doomed)
+
     def evict_idle(self, now: float) -> int:
         """Drops keys idle longer than the TTL; cheap because keys are kept in recency order."""
         evicted = 0
@@ -126,6 +223,11 @@ class WindowStore:
         slot = self._free.pop()
         self._count[slot] = 0
         self._state[slot] = 0.0
+        self._partition[slot] = -1
+        self._offset[slot] = -1
+        self._event_time[slot] = -np.inf
+        self._gap[slot] = -1.0
+        self._persisted[slot] = False
         self._slots[key] = slot
         return slot
 
@@ -134,6 +236,10 @@ class WindowStore:
         self._free.append(slot)
         if self.on_evict is not None:
             self.on_evict(reason, 1)
+        if self.on_evict_key is not None:
+            self.on_evict_key(key, slot)
+        for listener in self.drop_listeners:
+            listener(key, reason)
 
     def _grow(self, capacity: int) -> None:
         if capacity <= self._capacity:
@@ -143,6 +249,11 @@ class WindowStore:
         self._count = _resized(self._count, capacity)
         self._state = _resized(self._state, capacity)
         self._last_seen = _resized(self._last_seen, capacity)
+        self._partition = _resized(self._partition, capacity)
+        self._offset = _resized(self._offset, capacity)
+        self._event_time = _resized(self._event_time, capacity)
+        self._gap = _resized(self._gap, capacity)
+        self._persisted = _resized(self._persisted, capacity)
         # Lowest slots are handed out first, which keeps hot data together.
         self._free.extend(range(capacity - 1, old - 1, -1))
         self._capacity = capacity

@@ -10,6 +10,14 @@ This is the one place where the pieces are wired together. Per micro-batch
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606).
+
+Window state survives restarts and rebalances: after a batch's alerts are acknowledged, each key
+it touched is written to a compacted changelog (a Faust table's changelog topic, partitioned like
+the input). Faust restores the changelog of newly assigned partitions before the agent resumes,
+and a key's window is taken from it the first time the key is seen. Each snapshot records the
+offset of the key's last event, so records redelivered after a crash are recognised and not
+appended twice; since snapshots are written only after the alerts they follow, a recognised record
+has already been scored and alerted.
 """
 
 from __future__ import annotations
@@ -21,14 +29,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable
 
 import faust
+import orjson
 
-from .artifacts import load_artifact
+from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_version_dir
+from .batching import adaptive_batches
 from .detector import Detector, RawRecord
-from .kafka.local_broker import ensure_topics
+from .kafka.admin import ensure_topics, partition_count
+from .kafka.security import confluent_config, faust_credentials
 from .metrics import WorkerMetrics
-from .scoring import ModelRunner, configure_threads
+from .scoring import ModelRunner, worker_threads
 from .settings import Settings
-from .thresholds import GlobalThreshold
+from .incidents import AlertPolicy
+from .thresholds import ThresholdConfig, build_threshold_policy
 from .alerts import encode_alert
 
 log = logging.getLogger("stream_detector.worker")
@@ -44,13 +56,15 @@ class DetectorService:
     def __init__(self, settings: Settings, metrics: WorkerMetrics | None = None):
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
-        configure_threads(settings.torch_threads)
+        worker_threads(settings.torch_threads)
         artifact = load_artifact(settings.model_path)
         self.runner = ModelRunner(artifact, device=settings.device, max_batch=settings.batch_max)
-        threshold = GlobalThreshold(settings.threshold if settings.threshold is not None else artifact.threshold)
+        self._refused: set[str] = set()
+        self.threshold_config = ThresholdConfig.from_settings(settings)
+        threshold = build_threshold_policy(artifact, self.threshold_config, settings.max_keys)
         self.detector = Detector(
             artifact,
-            scorer=self._timed_score,
+            scorer=self._scorer_for(self.runner),
             threshold=threshold,
             key_field=settings.key_field,
             max_keys=settings.max_keys,
@@ -58,9 +72,17 @@ class DetectorService:
             max_message_bytes=settings.max_message_bytes,
             top_features=settings.top_features,
             max_batch=settings.batch_max,
+            max_future_s=settings.max_future_s,
+            alerting=AlertPolicy.from_settings(settings),
+            score_stride=settings.score_stride,
+            hot_key_rate=settings.hot_key_rate,
         )
         self.detector.windows.store.on_evict = self._on_evict
+        self.suppressed_seen = 0  # incidents_suppressed already counted in metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._announce(artifact, threshold.value)
+
+    def _announce(self, artifact: ModelArtifact, threshold: float) -> None:
         self.metrics.model_info.info({
             "version": artifact.version,
             "kind": artifact.kind,
@@ -69,27 +91,62 @@ class DetectorService:
             "features": ",".join(artifact.feature_names),
             "device": str(self.runner.device),
         })
-        self.metrics.model_threshold.set(threshold.value)
+        self.metrics.model_threshold.set(threshold)
         log.info("serving model %s (%s, profile %s, window %d) on %s, threshold %.4g",
                  artifact.version, artifact.kind, artifact.profile.name, artifact.window, self.runner.device,
-                 threshold.value)
+                 threshold)
+
+    def _load_runner(self, path) -> ModelRunner:
+        return ModelRunner(load_artifact(path), device=self.settings.device, max_batch=self.settings.batch_max)
+
+    async def maybe_reload(self) -> bool:
+        """Hot reload: serve a newer version found in ``model_dir`` from the next micro-batch on.
+
+        Loading and checking happen on the inference thread; a version that fails (checksum,
+        format, shape) is refused once, logged and counted, and the running model keeps serving.
+        """
+        try:
+            newest = resolve_version_dir(self.settings.model_path)
+        except ArtifactError:
+            return False
+        if newest == self.runner.artifact.path or str(newest) in self._refused:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            runner = await loop.run_in_executor(self.executor, self._load_runner, newest)
+            artifact = runner.artifact
+            threshold = build_threshold_policy(artifact, self.threshold_config, self.settings.max_keys)
+            self.detector.swap_model(artifact, self._scorer_for(runner), threshold)
+        except Exception as exc:  # a bad artifact must never take the worker down
+            self._refused.add(str(newest))
+            self.metrics.model_reload_failures.inc()
+            log.error("model %s refused, still serving %s: %s", newest, self.runner.version, exc)
+            return False
+        self.runner = runner
+        self.metrics.model_reloads.inc()
+        self._announce(artifact, threshold.value)
+        return True
 
     def _on_evict(self, reason: str, n: int) -> None:
         self.detector.stats.evicted[reason] += n
         self.metrics.keys_evicted.labels(reason=reason).inc(n)
 
-    def _timed_score(self, windows):
-        started = time.perf_counter()
-        scores = self.runner.score(windows)
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(windows))
-        return scores
+    def _scorer_for(self, runner: ModelRunner):
+        def timed_score(windows):
+            started = time.perf_counter()
+            scores = runner.score(windows)
+            self.metrics.inference_seconds.observe(time.perf_counter() - started)
+            self.metrics.batch_size.observe(len(windows))
+            return scores
+
+        return timed_score
 
 
-def create_app(settings: Settings, service: DetectorService) -> faust.App:
+def create_app(settings: Settings, service: DetectorService, input_partitions: int = 1) -> faust.App:
     app = faust.App(
         settings.consumer_group,
         broker=_broker_url(settings.bootstrap_servers),
+        broker_credentials=faust_credentials(settings),
         autodiscover=False,
         store="memory://",
         web_enabled=False,
@@ -98,18 +155,62 @@ def create_app(settings: Settings, service: DetectorService) -> faust.App:
         consumer_auto_offset_reset=settings.auto_offset_reset,
         producer_acks=-1,
         broker_commit_interval=1.0,
-        topic_allow_declare=False,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+        topic_allow_declare=True,  # the window-state changelog topic is created by Faust
         loghandlers=[],
     )
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
     alerts = app.topic(settings.alerts_topic, key_serializer="raw", value_serializer="raw")
     dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")
+    scores_out = (app.topic(settings.scores_topic, key_serializer="raw", value_serializer="raw")
+                  if settings.scores_topic else None)
     detector, metrics = service.detector, service.metrics
+    # Window state, changelog-backed. Written with explicit partitions (the input record's), read
+    # back lazily per key; never modified through the table API, which would pick partitions itself.
+    state = app.Table("windows", partitions=input_partitions, key_type=bytes, value_type=bytes,
+                      help="per-key window snapshots")
+    store = detector.windows.store
+
+    def restore(key: str) -> bytes | None:
+        blob = state.data.pop(key.encode(), None)  # the live copy is the window store from now on
+        if blob is not None:
+            metrics.keys_restored.inc()
+        return blob
+
+    def tombstone(key: str, slot: int) -> None:
+        if store.is_persisted(slot):  # nothing to delete for a key never written
+            state.send_changelog(store.position(slot)[0], key.encode(), None)
+
+    detector.windows.restore = restore
+    store.on_evict_key = tombstone
+
+    def persist_touched() -> None:
+        for key, slot in detector.windows.drain_touched().items():
+            # Not evicted since; and a key's very first event is not worth a changelog write (a flood
+            # of one-off keys would double the traffic): at worst one event is missing from its window.
+            if store.slot_of(key) == slot and store.count(slot) >= settings.state_min_events:
+                state.send_changelog(store.position(slot)[0], key.encode(), store.snapshot(slot))
+                store.mark_persisted(slot)
+
+    @app.on_partitions_revoked.connect
+    async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
+        partitions = {tp.partition for tp in revoked if tp.topic == settings.input_topic}
+        if partitions:
+            dropped = store.drop_partitions(partitions)
+            log.info("partitions %s revoked: %d key windows handed over", sorted(partitions), dropped)
+
+    if settings.model_poll_s > 0:
+        @app.timer(interval=settings.model_poll_s)
+        async def reload_model() -> None:
+            await service.maybe_reload()
 
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+        batches = (adaptive_batches(stream, settings.batch_max, settings.batch_within_s) if settings.batch_adaptive
+                   else stream.take_events(settings.batch_max, within=settings.batch_within_s))
+        async for events in batches:
             records = [
                 RawRecord(e.message.value, e.message.key, e.message.timestamp, e.message.partition,
                           e.message.offset, tuple(e.message.headers or ()))
@@ -131,26 +232,53 @@ def create_app(settings: Settings, service: DetectorService) -> faust.App:
                                                        force=True))
             if batch.warming_up:
                 metrics.events_warming_up.inc(batch.warming_up)
-            alert_records: list[RawRecord] = []
+            if batch.replayed:
+                metrics.events_replayed.inc(batch.replayed)
+            if batch.unscored:
+                metrics.events_unscored.inc(batch.unscored)
+            decisions = []
             if len(batch):
                 scores = await loop.run_in_executor(service.executor, detector.score, batch)
                 decisions = detector.finish(batch, scores)
                 metrics.windows_scored.inc(len(decisions))
+            # Incident closes of evicted keys and idle incidents go first: a key's old incident is
+            # closed before a new one of the same key opens.
+            messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
+            over = 0
+            for d in decisions:
+                metrics.score_ratio.observe(d.score / d.threshold if d.threshold > 0 else d.score)
+                over += d.over
+                if d.alert is not None:
+                    messages.append((d.alert, d.record))
+            for message, _ in messages:
+                pending.append(await alerts.send(key=message["key"].encode(), value=encode_alert(message),
+                                                 force=True))
+            if scores_out is not None:
+                version = detector.artifact.version
                 for d in decisions:
-                    metrics.score_ratio.observe(d.score / d.threshold if d.threshold > 0 else d.score)
-                    if d.alert is not None:
-                        pending.append(await alerts.send(key=d.event.key.encode(), value=encode_alert(d.alert),
-                                                         force=True))
-                        alert_records.append(d.record)
+                    pending.append(await scores_out.send(key=d.event.key.encode(), value=orjson.dumps({
+                        "key": d.event.key, "event_id": d.event.event_id, "event_timestamp": d.event.timestamp,
+                        "score": d.score, "threshold": d.threshold, "model_version": version}), force=True))
             if pending:
                 await asyncio.gather(*pending)  # broker acks before the input offsets are acked
                 if batch.invalid:
                     metrics.dead_lettered.inc(len(batch.invalid))
                 done = time.time()
-                for record in alert_records:
+                for message, record in messages:
                     metrics.alerts_published.inc()
-                    if record.timestamp:
+                    metrics.alert_messages.labels(state=message["state"]).inc()
+                    if message["state"] == "close":
+                        metrics.incidents_closed.labels(reason=message["incident"]["close_reason"]).inc()
+                    if record is not None and record.timestamp:
                         metrics.event_to_alert_seconds.observe(max(done - record.timestamp, 0.0))
+            if over:
+                metrics.windows_over_threshold.inc(over)
+            lifecycle = detector.incidents
+            metrics.incidents_suppressed.inc(lifecycle.stats.suppressed - service.suppressed_seen)
+            service.suppressed_seen = lifecycle.stats.suppressed
+            metrics.incidents_open.set(lifecycle.open_count)
+            metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
+            persist_touched()  # after the alerts: a snapshot never runs ahead of them
             metrics.active_keys.set(len(detector.windows))
 
     return app
@@ -158,13 +286,33 @@ def create_app(settings: Settings, service: DetectorService) -> faust.App:
 
 def run_worker(settings: Settings) -> None:
     """Blocks until SIGINT/SIGTERM."""
-    ensure_topics(settings.bootstrap_servers, {
-        settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1,
-    })
+    from .kafka.security import confluent_config
+    from .lag import ConsumerLagMonitor
+    from .logs import setup_logging
+
+    # Idempotent; makes the log format right also when run_worker is called without the CLI.
+    setup_logging(settings.log_level, json_logs=settings.log_json)
+    client_config = confluent_config(settings)
+    topics = {settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1}
+    if settings.scores_topic:
+        topics[settings.scores_topic] = 1
+    ensure_topics(settings.bootstrap_servers, topics, client_config=client_config)
+    partitions = partition_count(settings.bootstrap_servers, settings.input_topic, client_config)
     service = DetectorService(settings)
     service.metrics.serve(settings.metrics_host, settings.metrics_port)
     if settings.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    app = create_app(settings, service)
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    app = create_app(settings, service, input_partitions=partitions)
+    lag = ConsumerLagMonitor(settings.bootstrap_servers, app.conf.id, settings.input_topic, service.metrics,
+                             interval_s=settings.lag_interval_s, auto_offset_reset=settings.auto_offset_reset,
+                             client_config=client_config)
+    # override_logging=False: Faust keeps the root handler set up above instead of installing its own
+    # (colored, stdout) one, so its records share the worker's format (text or JSON lines).
+    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
+                          override_logging=False)
+    worker.spinner = None  # its terminal escapes (cursor hide/show) would land in non-tty logs too
+    lag.start()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        lag.stop()

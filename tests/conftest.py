@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from stream_detector.kafka.local_broker import LocalBroker, ensure_topics
+from stream_detector.profiles import SensorProfile
+from stream_detector.synthetic import SENSOR_CHANNELS, generate_runs
+from trainer.data import from_synthetic
+from trainer.fit import TrainConfig, train_and_save
+
+WINDOW = 32  # window of the sensor_model_dir model
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -43,3 +50,14 @@ def make_topic(kafka_broker: LocalBroker) -> Callable[..., str]:
 def unique_topic(make_topic: Callable[..., str]) -> str:
     """A fresh single-partition topic on the session broker."""
     return make_topic()
+
+
+@pytest.fixture(scope="session")
+def sensor_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained by the trainer's own code on generated normal sensor data."""
+    model_dir = tmp_path_factory.mktemp("models") / "sensors"
+    profile = SensorProfile(SENSOR_CHANNELS)
+    data = from_synthetic(generate_runs("sensors", 20, 200, runs=5, seed=1000), profile)
+    config = TrainConfig(window=WINDOW, hidden=64, latent=32, epochs=40, seed=0, threads=2)
+    train_and_save(data.events, profile, config, model_dir, labels=data.labels, progress=False)
+    return model_dir

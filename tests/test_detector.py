@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stream_detector import events as ev
-from stream_detector.alerts import alert_id, encode_alert
+from stream_detector.alerts import alert_id, encode_alert, incident_id
 from stream_detector.artifacts import load_artifact, save_artifact
 from stream_detector.detector import Detector, RawRecord
 from stream_detector.events import encode_event
@@ -21,7 +21,10 @@ from stream_detector.models import build_model
 from stream_detector.preprocessing import ScalerParams
 from stream_detector.profiles import SensorProfile
 from stream_detector.scoring import ModelRunner, Scores
-from stream_detector.thresholds import GlobalThreshold, fit_quantile_threshold
+from stream_detector.incidents import AlertPolicy
+from stream_detector.thresholds import AdaptiveThreshold, GlobalThreshold, fit_quantile_threshold
+
+EVERY_WINDOW = AlertPolicy(min_windows=1, update_every=1)  # a message for every window over threshold
 
 WINDOW = 4
 CHANNELS = ("a", "b", "c")
@@ -65,9 +68,13 @@ def values(key: str, i: int) -> tuple[float, float, float]:
     return (base + i, base - i, base + 0.5 * i)
 
 
-def record(key: str, i: int, event_id: str | None = None, offset: int = 0) -> RawRecord:
+_offsets = iter(range(10**9))
+
+
+def record(key: str, i: int, event_id: str | None = None, offset: int | None = None) -> RawRecord:
+    """A record as Kafka delivers it: every message has its own, increasing offset."""
     data = encode_event(key, event_id or f"{key}-{i}", T0 + i, dict(zip(CHANNELS, values(key, i))))
-    return RawRecord(data, key.encode(), T0 + i, 0, offset)
+    return RawRecord(data, key.encode(), T0 + i, 0, next(_offsets) if offset is None else offset)
 
 
 def make_detector(artifact, **kwargs):
@@ -99,7 +106,7 @@ def test_same_key_twice_in_a_batch_gets_each_window_as_it_stood_after_its_event(
         np.testing.assert_array_equal(windows[row], np.float32(rows))
     assert not np.array_equal(windows[2], windows[3])  # distinct windows, not the final state twice
     # Each decision carries the record that produced it.
-    assert [d.record.offset for d in decisions] == [0] * 4
+    assert [d.record for d in decisions] == [records[i] for i in (6, 7, 8, 9)]
     assert decisions[3].event.timestamp == T0 + 5
 
 
@@ -149,6 +156,9 @@ def test_no_alerts_at_an_unreachable_threshold(artifact):
 def test_default_threshold_comes_from_the_artifact(artifact):
     detector, _ = make_detector(artifact)
     assert detector.threshold.value_for("any") == artifact.threshold
+    # Per-key adaptive thresholds around it, as the worker serves by default.
+    assert isinstance(detector.threshold, AdaptiveThreshold)
+    assert detector.threshold.reference_median == artifact.metadata["threshold"]["reference_median"]
 
 
 def check_alert(validator, alert):
@@ -162,16 +172,20 @@ def check_alert(validator, alert):
 
 
 def test_forced_low_threshold_alerts_on_every_scored_event_with_valid_alerts(artifact, validator):
-    detector, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1), top_features=2)
+    detector, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1), top_features=2,
+                                alerting=EVERY_WINDOW)
     records = [record(k, i) for i in range(WINDOW + 1) for k in ("x", "y")]
     decisions, _ = detector.process(records)
-    assert len(decisions) == 4 and detector.stats.alerts == 4
+    assert len(decisions) == 4 and detector.stats.alerts == 4 and detector.stats.over_threshold == 4
+    assert [d.alert["state"] for d in decisions] == ["open", "open", "update", "update"]
     for d in decisions:
         alert = d.alert
-        assert alert is not None
+        assert alert is not None and d.over and d.severity is None
         check_alert(validator, alert)
         assert alert["key"] == d.event.key and alert["event_id"] == d.event.event_id
-        assert alert["alert_id"] == alert_id(d.event.key, d.event.event_id)
+        assert alert["event_ids"] == [d.event.event_id]
+        assert alert["alert_id"] == alert_id(d.event.key, d.event.event_id, alert["state"])
+        assert alert["incident"]["first_event_id"] == f"{d.event.key}-{WINDOW - 1}"
         assert alert["score"] == pytest.approx(d.score) and alert["threshold"] == -1.0
         assert alert["severity"] is None  # no meaningful ratio to a non-positive threshold
         assert alert["model_version"] == artifact.version and alert["model_kind"] == "lstm_ae"
@@ -188,34 +202,48 @@ def test_alert_with_positive_threshold_has_severity_above_one(artifact, validato
     decisions, _ = detector.process([record("k", i) for i in range(WINDOW)])
     alert = decisions[0].alert
     check_alert(validator, alert)
-    assert alert["severity"] > 1.0
+    assert alert["severity"] > 1.0 and decisions[0].severity == pytest.approx(alert["severity"])
+    assert alert["state"] == "open"  # far over threshold: opens at once, whatever alert_min_windows
 
 
 def test_schema_validator_really_checks_formats(validator):
-    alert = {"schema_version": 1, "alert_id": "not-a-uuid", "event_id": "e", "key": "k",
-             "event_timestamp": "2026-01-01T00:00:00+00:00", "detected_at": "2026-01-01T00:00:00+00:00",
-             "score": 1.0, "threshold": 0.5, "severity": 2.0, "model_version": "v", "model_kind": "lstm_ae",
-             "window_size": 4, "top_features": []}
+    ts = "2026-01-01T00:00:00+00:00"
+    alert = {"schema_version": 2, "alert_id": "not-a-uuid", "incident_id": incident_id("k", "e"), "state": "open",
+             "sequence": 0, "event_id": "e", "event_ids": ["e"], "key": "k", "event_timestamp": ts,
+             "detected_at": ts, "score": 1.0, "threshold": 0.5, "severity": 2.0, "model_version": "v",
+             "model_kind": "lstm_ae", "window_size": 4, "top_features": [],
+             "incident": {"first_event_id": "e", "first_event_timestamp": ts, "last_event_id": "e",
+                          "last_event_timestamp": ts, "windows_over": 1, "windows_total": 1, "peak_event_id": "e",
+                          "peak_score": 1.0, "peak_severity": 2.0, "duration_s": 0.0, "close_reason": None}}
     assert any(e.validator == "format" for e in validator.iter_errors(alert))
     alert["alert_id"] = alert_id("k", "e")
     assert list(validator.iter_errors(alert)) == []
     alert["extra"] = 1
     assert list(validator.iter_errors(alert))
+    del alert["extra"]
+    alert["event_ids"] = []  # only a close may report no new window
+    assert list(validator.iter_errors(alert))
+    alert["state"] = "close"
+    assert list(validator.iter_errors(alert))  # a close says why
+    alert["incident"]["close_reason"] = "recovered"
+    assert list(validator.iter_errors(alert)) == []
 
 
 def test_alert_id_is_deterministic_for_the_same_key_and_event(artifact):
-    first, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1))
-    second, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1))
+    first, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1), alerting=EVERY_WINDOW)
+    second, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1), alerting=EVERY_WINDOW)
     records = [record("k", i) for i in range(WINDOW)]
     a = first.process(records)[0][0].alert
     b = second.process(records)[0][0].alert  # the same event scored again, e.g. after a restart
-    assert a["alert_id"] == b["alert_id"] == alert_id("k", f"k-{WINDOW - 1}")
+    assert a["alert_id"] == b["alert_id"] == alert_id("k", f"k-{WINDOW - 1}", "open")
+    assert a["incident_id"] == b["incident_id"] == incident_id("k", f"k-{WINDOW - 1}")
     assert alert_id("k", "e1") != alert_id("k", "e2")
     assert alert_id("k", "e1") != alert_id("k2", "e1")
+    assert alert_id("k", "e1", "open") != alert_id("k", "e1", "close")
 
 
 def test_key_field_rekeys_windows(artifact):
-    detector, _ = make_detector(artifact, key_field="c", threshold=GlobalThreshold(-1))
+    detector, _ = make_detector(artifact, key_field="c", threshold=GlobalThreshold(-1), alerting=EVERY_WINDOW)
     # Different event keys, the same value of field c: one window, keyed by c.
     records = [RawRecord(encode_event(f"sender-{i}", f"e{i}", T0 + i, {"a": float(i), "b": 0.0, "c": 7}))
                for i in range(WINDOW)]
@@ -238,3 +266,18 @@ def test_process_large_batch_grows_buffer(artifact):
     decisions, batch = detector.process([record("k", i) for i in range(WINDOW + 5)])
     assert len(decisions) == 6 and batch.windows.shape[0] == 6
     np.testing.assert_array_equal(batch.windows[-1], np.float32([values("k", j) for j in range(5, 9)]))
+
+
+def test_redelivered_records_already_in_a_restored_window_are_not_applied_twice(artifact):
+    first, _ = make_detector(artifact)
+    records = [record("k", i, offset=100 + i) for i in range(6)]
+    first.process(records)
+    snapshots = {key: first.windows.store.snapshot(slot) for key, slot in first.windows.drain_touched().items()}
+
+    # A restarted worker restores the key's state and is handed the last three records again.
+    second, scorer = make_detector(artifact, restore=snapshots.get)
+    decisions, batch = second.process(records[3:] + [record("k", 6, offset=106)])
+    assert batch.replayed == 3
+    assert [d.event.event_id for d in decisions] == ["k-6"]
+    expected = [values("k", j) for j in range(3, 7)]
+    np.testing.assert_array_equal(scorer.calls[0][0], np.float32(expected))

@@ -223,7 +223,16 @@ def test_first_failing_check_wins(decoder):
 
 
 def test_every_reason_code_is_a_distinct_string():
-    assert len(set(ev.REASONS)) == len(ev.REASONS) == 15
+    assert len(set(ev.REASONS)) == len(ev.REASONS) == 16
+
+
+def test_timestamps_far_ahead_of_the_clock_are_refused_when_a_limit_is_set():
+    now = 1_800_000_000.0
+    decoder = EventDecoder(FIELDS, max_future_s=3600, clock=lambda: now)
+    ahead = decoder.decode(raw(timestamp=now + 7200))
+    assert isinstance(ahead, Invalid) and ahead.reason == ev.FUTURE_TIMESTAMP
+    assert not isinstance(decoder.decode(raw(timestamp=now + 60)), Invalid)
+    assert not isinstance(EventDecoder(FIELDS).decode(raw(timestamp=now + 10**6)), Invalid)  # no limit offline
 
 
 # --- key_field re-keying --------------------------------------------------------------------------

@@ -139,3 +139,60 @@ def test_unknown_profile_config_rejected():
         profile_from_config({"name": "weather"})
     with pytest.raises(ValueError):
         profile_from_config({})
+
+
+def test_default_transaction_config_has_no_new_options():
+    # Artifacts trained before the options existed must keep loading with the same features.
+    assert TransactionProfile().to_config() == {"name": "transactions", "amount_field": "amount",
+                                                "terminal_field": "terminal_id", "terminal_memory": 16,
+                                                "mean_halflife": 16.0}
+
+
+def test_robust_transaction_features_by_hand():
+    p = TransactionProfile(robust_features=True, amount_memory=3)
+    assert p.feature_names[-2:] == ("amount_to_key_median", "log_tx_last_day")
+    assert p.n_features == 8 and p.state_size == 3 + 16 + 1 + 3
+    key = Key(p)
+    f1 = key([10.0, "T"], MIDNIGHT)
+    assert f1["amount_to_key_median"] == 1.0 and f1["log_tx_last_day"] == 0.0
+    f2 = key([20.0, "T"], MIDNIGHT + DAY)  # one previous transaction, one day ago: e^-1 of it is left
+    assert f2["amount_to_key_median"] == pytest.approx(20.0 / (10.0 + 1.0))
+    assert f2["log_tx_last_day"] == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-6)
+    key([30.0, "T"], MIDNIGHT + DAY)
+    f4 = key([400.0, "T"], MIDNIGHT + DAY)  # median of 10, 20, 30 = 20
+    assert f4["amount_to_key_median"] == pytest.approx(400.0 / 21.0)
+    f5 = key([5.0, "T"], MIDNIGHT + DAY)  # memory 3: 20, 30, 400 -> median 30; a large amount barely moves it
+    assert f5["amount_to_key_median"] == pytest.approx(5.0 / 31.0)
+    # The base features are unchanged by the option.
+    plain = Key(TransactionProfile())
+    for values, t in [([10.0, "T"], MIDNIGHT), ([20.0, "T"], MIDNIGHT + DAY)]:
+        base = plain(values, t)
+    assert {k: f2[k] for k in base} == base
+
+
+def test_context_fields_are_read_from_the_event_and_copied():
+    p = TransactionProfile(context_fields=("terminal_risk", "terminal_load"))
+    assert p.fields[2:] == (FieldSpec("terminal_risk", "number"), FieldSpec("terminal_load", "number"))
+    assert p.feature_names[-2:] == ("terminal_risk", "terminal_load")
+    f = Key(p)([10.0, "T", 0.25, 3.0], MIDNIGHT)
+    assert f["terminal_risk"] == 0.25 and f["terminal_load"] == 3.0
+    with pytest.raises(ValueError):
+        TransactionProfile(context_fields=("amount",))
+    with pytest.raises(ValueError):
+        TransactionProfile(context_fields=("x", "x"))
+
+
+@pytest.mark.parametrize("profile", [
+    TransactionProfile(robust_features=True),
+    TransactionProfile(robust_features=True, amount_memory=5, context_fields=("risk",)),
+    TransactionProfile(context_fields=("a", "b")),
+], ids=["robust", "robust-context", "context"])
+def test_transaction_options_round_trip_through_the_artifact_config(profile):
+    rebuilt = profile_from_config(json.loads(json.dumps(profile.to_config())))
+    assert rebuilt.to_config() == profile.to_config()
+    assert rebuilt.feature_names == profile.feature_names and rebuilt.state_size == profile.state_size
+    extra = (0.5,) * len(profile.context_fields)
+    original, copy = Key(profile), Key(rebuilt)
+    for i, amount in enumerate([12.0, 30.0, 8.0, 300.0]):
+        assert original((amount, f"T{i % 2}") + extra, MIDNIGHT + 100 * i) == \
+            copy((amount, f"T{i % 2}") + extra, MIDNIGHT + 100 * i)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_detector.windows import EVICTED_CAPACITY, EVICTED_IDLE, WindowStore
+from stream_detector.windows import SnapshotError, EVICTED_CAPACITY, EVICTED_IDLE, WindowStore
 
 
 def row(i: int, n_features: int = 2) -> np.ndarray:
@@ -170,4 +170,61 @@ def test_rejects_non_positive_sizes(args):
 
 def test_bytes_per_key():
     store = WindowStore(window=4, n_features=3, state_size=2)
-    assert store.bytes_per_key == 4 * 3 * 4 + 8 + 2 * 8 + 8
+    # window + count + state + last seen + source partition and offset + newest event time + event-time gap
+    # average + persisted flag
+    assert store.bytes_per_key == 4 * 3 * 4 + 8 + 2 * 8 + 8 + 4 + 8 + 8 + 8 + 1
+
+
+def test_snapshot_restores_window_state_and_position_in_another_store():
+    source = WindowStore(window=4, n_features=2, state_size=3)
+    slot = source.slot("k", 0.0)
+    for i in range(6):  # wraps the ring
+        source.push(slot, np.array([i, 10 * i], dtype=np.float32))
+    source.state(slot)[:] = [1.5, 2.5, 3.5]
+    source.set_position(slot, 2, 41)
+    blob = source.snapshot(slot)
+
+    target = WindowStore(window=4, n_features=2, state_size=3)
+    restored = target.restore("k", blob, 5.0)
+    got = np.empty((4, 2), dtype=np.float32)
+    target.copy_window(restored, got)
+    assert got[:, 0].tolist() == [2, 3, 4, 5]
+    assert target.state(restored).tolist() == [1.5, 2.5, 3.5]
+    assert target.position(restored) == (2, 41)
+    target.push(restored, np.array([6, 60], dtype=np.float32))  # continues where it left off
+    target.copy_window(restored, got)
+    assert got[:, 0].tolist() == [3, 4, 5, 6]
+
+
+def test_snapshot_of_a_partial_window_restores_its_rows():
+    source = WindowStore(window=4, n_features=1)
+    slot = source.slot("k", 0.0)
+    source.push(slot, np.array([7.0], dtype=np.float32))
+    target = WindowStore(window=4, n_features=1)
+    restored = target.restore("k", source.snapshot(slot), 0.0)
+    assert target.count(restored) == 1
+    for v in (8.0, 9.0, 10.0):
+        target.push(restored, np.array([v], dtype=np.float32))
+    got = np.empty((4, 1), dtype=np.float32)
+    target.copy_window(restored, got)
+    assert got[:, 0].tolist() == [7, 8, 9, 10]
+
+
+def test_snapshot_of_another_shape_is_refused():
+    blob = WindowStore(window=4, n_features=2).snapshot(WindowStore(window=4, n_features=2).slot("k", 0.0))
+    with pytest.raises(SnapshotError):
+        WindowStore(window=8, n_features=2).restore("k", blob, 0.0)
+
+
+def test_dropping_revoked_partitions_forgets_only_their_keys_and_reports_evicted_keys():
+    evicted: list[tuple[str, int]] = []
+    store = WindowStore(window=2, n_features=1, max_keys=2,
+                        on_evict_key=lambda k, slot: evicted.append((k, store.position(slot)[0])))
+    a, b = store.slot("a", 0.0), store.slot("b", 0.0)
+    store.set_position(a, 0, 1)
+    store.set_position(b, 3, 1)
+    assert store.drop_partitions({3}) == 1
+    assert "a" in store and "b" not in store
+    store.slot("c", 1.0)
+    store.slot("d", 2.0)  # over capacity: the least recently seen key "a" goes
+    assert evicted == [("a", 0)]

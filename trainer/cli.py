@@ -1,16 +1,22 @@
-"""``trainer``: fit a model on a CSV (or generated data) and write a versioned artifact."""
+"""``trainer``: fit a model on a CSV (or generated data) and write a versioned artifact
+(``trainer train``), or replay a labelled CSV through a trained model and the worker's detector
+and report detection quality (``trainer evaluate``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Sequence
+import time
+from datetime import datetime, timezone
+from typing import Any, Sequence
 
+from stream_detector.events import parse_timestamp
+from stream_detector.models import MODEL_KINDS
 from stream_detector.profiles import SensorProfile, TransactionProfile
 from stream_detector.synthetic import SENSOR_CHANNELS, generate_runs
 
-from .data import CsvSpec, from_synthetic, load_csv
+from .data import CsvSpec, LoadedData, from_synthetic, load_csv
 from .fit import TrainConfig, train_and_save
 
 
@@ -26,6 +32,7 @@ def _csv_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amount-column", default="amount", help="transactions: the amount column")
     p.add_argument("--terminal-column", default="terminal_id", help="transactions: the terminal column")
     p.add_argument("--head-rows-per-key", type=int, help="use only each key's first N rows (SKAB: 400)")
+    p.add_argument("--skip-rows-per-key", type=int, help="drop each key's first N rows")
 
 
 def _spec(args: argparse.Namespace) -> CsvSpec:
@@ -40,26 +47,74 @@ def _spec(args: argparse.Namespace) -> CsvSpec:
         amount_column=args.amount_column,
         terminal_column=args.terminal_column,
         head_rows_per_key=args.head_rows_per_key,
+        skip_rows_per_key=args.skip_rows_per_key,
     )
 
 
+def _model_options(items: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"trainer: --model-option takes NAME=VALUE, got {item!r}")
+        try:
+            options[name.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[name.strip()] = raw
+    return options
+
+
+def _merge(base: LoadedData, extra: LoadedData) -> LoadedData:
+    if extra.profile.to_config() != base.profile.to_config():
+        raise SystemExit("trainer: --extra-normal-csv has other features than --csv")
+    order = sorted(range(len(base.events) + len(extra.events)),
+                   key=lambda i: (base.events + extra.events)[i].timestamp)
+    events = base.events + extra.events
+    labels = base.labels + [0] * len(extra.events)
+    return LoadedData([events[i] for i in order], [labels[i] for i in order], base.profile,
+                      base.rejected + extra.rejected, base.files + extra.files)
+
+
+def _profile(args: argparse.Namespace) -> str | TransactionProfile:
+    """The profile to train: a name (sensors; built from the CSV's columns) or, for transactions, the
+    profile with its options."""
+    if args.profile != "transactions":
+        if args.robust_features or args.context_fields:
+            raise SystemExit("trainer: --robust-features and --context-fields are transactions options")
+        return args.profile
+    fields = [f for f in (args.context_fields or "").split(",") if f]
+    return TransactionProfile(robust_features=args.robust_features, context_fields=fields)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    profile_choice = _profile(args)
     if args.synthetic:
-        profile = SensorProfile(SENSOR_CHANNELS) if args.profile == "sensors" else TransactionProfile()
+        if args.context_fields:
+            print("trainer: generated transactions carry no context fields", file=sys.stderr)
+            return 2
+        profile = SensorProfile(SENSOR_CHANNELS) if args.profile == "sensors" else profile_choice
         keys = args.synthetic_keys or (20 if args.profile == "sensors" else 400)
         per_key = args.synthetic_events_per_key or (200 if args.profile == "sensors" else 60)
         runs = 5 if args.profile == "sensors" else 1
         data = from_synthetic(generate_runs(args.profile, keys, per_key, runs, seed=args.seed + 1000), profile)
     elif args.csv:
-        data = load_csv(args.csv, args.profile, _spec(args))
+        data = load_csv(args.csv, profile_choice, _spec(args))
+        if args.extra_normal_csv:
+            spec = _spec(args)
+            spec.label_column, spec.head_rows_per_key, spec.skip_rows_per_key = None, None, None
+            data = _merge(data, load_csv(args.extra_normal_csv, data.profile, spec))
     else:
         print("trainer: give --csv PATH or --synthetic", file=sys.stderr)
         return 2
     window = args.window or (32 if args.profile == "sensors" else 16)
     config = TrainConfig(
-        window=window, hidden=args.hidden, latent=args.latent, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, threshold_quantile=args.threshold_quantile,
-        threshold_margin=args.threshold_margin, seed=args.seed, device=args.device,
+        model=args.model, window=window, hidden=args.hidden, latent=args.latent, layers=args.layers,
+        score_steps=args.score_steps, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, patience=args.patience, val_fraction=args.val_fraction,
+        threshold_rule=args.threshold_rule, threshold_quantile=args.threshold_quantile,
+        threshold_margin=args.threshold_margin, max_train_windows=args.max_train_windows,
+        context_noise=args.context_noise, class_weight=args.class_weight, model_options=_model_options(args.model_option), seed=args.seed,
+        device=args.device, threads=args.threads,
     )
     described = data.describe()
     print(f"training {config.model} on {described['events']} events from {described['keys']} keys "
@@ -76,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "epochs_run": m["epochs_run"],
         "best_val_loss": round(m["best_val_loss"], 6),
         "threshold": round(result.threshold["value"], 6),
-        "threshold_rule": f"quantile {config.threshold_quantile} of held-out normal scores",
+        "threshold_rule": _threshold_rule(result.threshold),
         "seconds": m["seconds"],
         "device": m["device"],
     }
@@ -86,6 +141,79 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as fh:
             json.dump(summary, fh, indent=2)
+    return 0
+
+
+def _threshold_rule(record: dict[str, Any]) -> str:
+    if record.get("method") == "max_f1":
+        return f"best F1 ({record['f1']:.3f}) on held-out labelled windows"
+    return f"quantile {record.get('quantile')} of held-out normal scores x {record.get('margin', 1.0)}"
+
+
+def _time_flag(text: str | None) -> float | None:
+    if text is None:
+        return None
+    value: Any = text
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    ts = parse_timestamp(value)
+    if ts is None:
+        raise SystemExit(f"trainer: unreadable time {text!r} (ISO-8601 or epoch seconds)")
+    return ts
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from stream_detector.artifacts import load_artifact
+    from stream_detector.scoring import configure_threads
+
+    from .evaluate import evaluate, evaluation_mask, format_table, replay, write_json, write_plots
+
+    if not args.csv:
+        print("trainer: give --csv PATH (a labelled CSV)", file=sys.stderr)
+        return 2
+    if not args.label_column:
+        print("trainer: give --label-column (the 0/1 anomaly label)", file=sys.stderr)
+        return 2
+    configure_threads(args.threads)
+    started = time.perf_counter()
+    artifact = load_artifact(args.model_dir)
+    data = load_csv(args.csv, artifact.profile, _spec(args))
+    if not data.events:
+        print("trainer: no valid events in the CSV", file=sys.stderr)
+        return 2
+    policy = None
+    if args.global_threshold:
+        from stream_detector.thresholds import GlobalThreshold
+
+        policy = GlobalThreshold(artifact.threshold)
+    result = replay(artifact, data.events, data.labels, batch_events=args.batch_events, device=args.device,
+                    max_keys=args.max_keys, threshold=policy)
+    result.evaluated = evaluation_mask(data.events, args.warmup_rows_per_key, _time_flag(args.eval_from),
+                                       _time_flag(args.eval_until))
+    metrics = evaluate(result)
+    print(f"evaluated {artifact.kind} {artifact.version} on {metrics['events']} events of {metrics['keys']} keys "
+          f"({metrics['replayed_events']} replayed; threshold policy {result.model['threshold_policy']})")
+    print(format_table(metrics))
+    payload = {
+        "metrics": metrics,
+        "model": result.model,
+        "data": data.describe(),
+        "protocol": {"warmup_rows_per_key": args.warmup_rows_per_key, "eval_from": args.eval_from,
+                     "eval_until": args.eval_until,
+                     "unscored_events": "events before their key's window is full are not scored: counted as "
+                                        "not alerted, left out of average precision and ROC-AUC"},
+        "command": " ".join(sys.argv),
+        "evaluated_at": datetime.now(timezone.utc).isoformat(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if args.plots:
+        payload["plots"] = write_plots(result, args.plots, max_keys=args.plot_keys)
+        print(f"plots: {', '.join(payload['plots'])}")
+    if args.json:
+        write_json(args.json, payload)
+        print(f"metrics JSON: {args.json}")
     return 0
 
 
@@ -99,19 +227,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-events-per-key", type=int, default=0)
     _csv_flags(p)
     p.add_argument("--out", default="artifacts/model", help="model directory; a new version is added inside")
+    p.add_argument("--robust-features", action="store_true",
+                   help="transactions: add amount_to_key_median and log_tx_last_day to the per-key features")
+    p.add_argument("--context-fields", help="transactions: comma-separated extra numeric event fields (CSV "
+                                            "columns of the same names) used as features as they are")
+    p.add_argument("--extra-normal-csv", action="append", default=[],
+                   help="more normal training data, read whole (no label, no --head-rows-per-key); repeatable")
+    p.add_argument("--model", default="lstm_ae", choices=sorted(MODEL_KINDS),
+                   help="model kind (default lstm_ae; lstm_classifier needs --label-column)")
+    p.add_argument("--model-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra constructor argument of the model kind, e.g. critic_weight=0.3 (repeatable)")
     p.add_argument("--window", type=int, default=0, help="events per window (default: 32 sensors, 16 transactions)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--layers", type=int, default=1, help="LSTM layers (lstm_ae, lstm_classifier)")
+    p.add_argument("--score-steps", type=int, default=1, help="newest events whose error is the score (autoencoders)")
     p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--patience", type=int, default=4, help="epochs without held-out improvement before stopping")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=2e-3)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="latest share of each key's windows held out")
+    p.add_argument("--max-train-windows", type=int, default=200_000,
+                   help="sub-sample training windows beyond this (supervised: all anomalies are kept)")
+    p.add_argument("--class-weight", default="balanced", choices=["balanced", "sqrt", "none"],
+                   help="supervised: weight of anomalies in the loss: normal/anomalous windows, its square root, or 1")
+    p.add_argument("--context-noise", type=float, default=0.1, help="denoising corruption rate (autoencoders)")
+    p.add_argument("--threshold-rule", default="auto", choices=["auto", "quantile", "f1"],
+                   help="auto: quantile of held-out normal scores (unsupervised), best F1 on held-out "
+                        "labelled windows (supervised)")
     p.add_argument("--threshold-quantile", type=float, default=0.999)
     p.add_argument("--threshold-margin", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--summary-json", help="also write the training summary here")
     p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="replay a labelled CSV through a model and the detector; report quality")
+    e.add_argument("--model-dir", default="artifacts/model", help="artifact version directory, or a model directory")
+    _csv_flags(e)
+    e.add_argument("--warmup-rows-per-key", type=int, default=0,
+                   help="replay but do not evaluate each key's first N events (SKAB: 400, the training part)")
+    e.add_argument("--eval-from", help="evaluate events from this time on (ISO-8601 or epoch seconds)")
+    e.add_argument("--eval-until", help="evaluate events before this time")
+    e.add_argument("--json", help="write the metrics (and what was run) as JSON here")
+    e.add_argument("--plots", help="write PNG plots into this directory")
+    e.add_argument("--plot-keys", type=int, default=4, help="keys to plot scores of")
+    e.add_argument("--global-threshold", action="store_true",
+                   help="judge every key against the artifact's global threshold instead of the worker's "
+                        "default policy (per-key adaptive thresholds)")
+    e.add_argument("--batch-events", type=int, default=1024, help="events per micro-batch")
+    e.add_argument("--max-keys", type=int, default=100_000)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=0)
+    e.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -34,6 +34,7 @@ class CsvSpec:
     terminal_column: str = "terminal_id"
     head_rows_per_key: int | None = None  # keep only each key's first N rows (SKAB's training part)
     skip_rows_per_key: int | None = None  # drop each key's first N rows (SKAB's test part)
+    extra_columns: Sequence[str] = ()  # kept per event in LoadedData.extras (analysis only, never features)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LoadedData:
     profile: Profile
     rejected: Counter = field(default_factory=Counter)
     files: list[str] = field(default_factory=list)
+    extras: dict[str, list[str]] = field(default_factory=dict)  # CsvSpec.extra_columns, per event
 
     def describe(self) -> dict:
         keys = {e.key for e in self.events}
@@ -78,7 +80,10 @@ def _number(text: str) -> float | str | None:
         return text
 
 
-def load_csv(paths: Sequence[str], profile_name: str, spec: CsvSpec) -> LoadedData:
+def load_csv(paths: Sequence[str], profile: str | Profile, spec: CsvSpec) -> LoadedData:
+    """Reads CSV rows as events of a profile: a name (``sensors``: channels from ``spec.fields`` or
+    every numeric column left over; ``transactions``: the default profile), or a :class:`Profile`
+    itself (an artifact's, when replaying data through a trained model)."""
     files = expand_paths(paths)
     rows_by_file: list[tuple[str, list[str], list[list[str]]]] = []
     for path in files:
@@ -94,15 +99,20 @@ def load_csv(paths: Sequence[str], profile_name: str, spec: CsvSpec) -> LoadedDa
         raise ValueError(f"no time column found; pass --time-column (columns: {', '.join(header)})")
 
     reserved = {time_column, spec.key_column, spec.label_column, spec.id_column, *spec.exclude}
-    if profile_name == "sensors":
+    if isinstance(profile, SensorProfile):
+        column_of = {c: c for c in profile.channels}
+    elif isinstance(profile, TransactionProfile):
+        column_of = {profile.amount_field: spec.amount_column, profile.terminal_field: spec.terminal_column}
+    elif profile == "sensors":
         channels = list(spec.fields) if spec.fields else _numeric_columns(rows_by_file[0], reserved)
-        profile: Profile = SensorProfile(channels)
+        profile = SensorProfile(channels)
         column_of = {c: c for c in channels}
-    elif profile_name == "transactions":
+    elif profile == "transactions":
         profile = TransactionProfile()
-        column_of = {"amount": spec.amount_column, "terminal_id": spec.terminal_column}
+        column_of = {profile.amount_field: spec.amount_column, profile.terminal_field: spec.terminal_column}
     else:
-        raise ValueError(f"unknown profile {profile_name!r}")
+        raise ValueError(f"unknown profile {profile!r}")
+    identifier_fields = {f.name for f in profile.fields if f.kind == "id"}
 
     decoder = EventDecoder(profile.fields)
     rejected: Counter = Counter()
@@ -110,8 +120,8 @@ def load_csv(paths: Sequence[str], profile_name: str, spec: CsvSpec) -> LoadedDa
     seq = 0
     for path, cols, rows in rows_by_file:
         index = {c: i for i, c in enumerate(cols)}
-        missing = [c for c in [time_column, *column_of.values(), spec.key_column, spec.label_column, spec.id_column]
-                   if c and c not in index]
+        missing = [c for c in [time_column, *column_of.values(), spec.key_column, spec.label_column, spec.id_column,
+                               *spec.extra_columns] if c and c not in index]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(cols)})")
         stem = Path(path).name.split(".")[0]
@@ -124,9 +134,8 @@ def load_csv(paths: Sequence[str], profile_name: str, spec: CsvSpec) -> LoadedDa
                 continue
             if spec.skip_rows_per_key is not None and n < spec.skip_rows_per_key:
                 continue
-            fields = {name: _number(row[index[col]]) for name, col in column_of.items()}
-            if profile_name == "transactions":
-                fields["terminal_id"] = row[index[spec.terminal_column]]
+            fields = {name: row[index[col]] if name in identifier_fields else _number(row[index[col]])
+                      for name, col in column_of.items()}
             event_id = row[index[spec.id_column]] if spec.id_column else f"{stem}-{row_no}"
             doc = {"key": key, "event_id": event_id, "timestamp": row[index[time_column]], "fields": fields}
             ts = _number(doc["timestamp"])
@@ -140,10 +149,12 @@ def load_csv(paths: Sequence[str], profile_name: str, spec: CsvSpec) -> LoadedDa
             if spec.label_column:
                 raw_label = _number(row[index[spec.label_column]])
                 label = int(bool(raw_label)) if isinstance(raw_label, float) else 0
-            keyed.append((decoded.timestamp, seq, decoded, label))
+            extra = tuple(row[index[c]] for c in spec.extra_columns)
+            keyed.append((decoded.timestamp, seq, decoded, label, extra))
             seq += 1
     keyed.sort(key=lambda item: (item[0], item[1]))  # stable timestamp order across keys
-    return LoadedData([k[2] for k in keyed], [k[3] for k in keyed], profile, rejected, files)
+    extras = {c: [k[4][j] for k in keyed] for j, c in enumerate(spec.extra_columns)}
+    return LoadedData([k[2] for k in keyed], [k[3] for k in keyed], profile, rejected, files, extras)
 
 
 def _numeric_columns(sample: tuple[str, list[str], list[list[str]]], reserved: set) -> list[str]:

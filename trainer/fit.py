@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections import defaultdict, deque
@@ -16,11 +17,13 @@ from tqdm import tqdm
 from stream_detector.artifacts import save_artifact
 from stream_detector.detector import FeatureWindows
 from stream_detector.events import Event
-from stream_detector.models import AnomalyModel, build_model
+from stream_detector.models import MODEL_KINDS, AnomalyModel, build_model
 from stream_detector.preprocessing import Preprocessor, ScalerParams
 from stream_detector.profiles import Profile
 from stream_detector.scoring import configure_threads, resolve_device
 from stream_detector.thresholds import fit_quantile_threshold
+
+from .metrics import average_precision
 
 
 @dataclass
@@ -77,19 +80,37 @@ class TrainConfig:
     learning_rate: float = 2e-3
     patience: int = 4
     val_fraction: float = 0.2
+    threshold_rule: str = "auto"  # auto: quantile (unsupervised) or f1 (supervised); or quantile, f1
     threshold_quantile: float = 0.999
     threshold_margin: float = 1.0
     max_train_windows: int = 200_000
+    class_weight: str = "balanced"  # supervised: pos_weight = normal/anomalous ("balanced"), its sqrt, or 1 ("none")
     context_noise: float = 0.1
+    model_options: dict[str, Any] = field(default_factory=dict)  # extra constructor arguments of the kind
     seed: int = 0
     device: str = "auto"
     threads: int = 0
 
-    def model_config(self, n_features: int) -> dict[str, Any]:
-        if self.model == "lstm_ae":
-            return {"n_features": n_features, "window": self.window, "hidden": self.hidden, "latent": self.latent,
-                    "layers": self.layers, "score_steps": self.score_steps}
-        raise ValueError(f"unknown model {self.model!r}")
+    @property
+    def model_class(self) -> type[AnomalyModel]:
+        try:
+            return MODEL_KINDS[self.model]
+        except KeyError:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(sorted(MODEL_KINDS))}") from None
+
+    def model_config(self, n_features: int, **fitted: Any) -> dict[str, Any]:
+        """Constructor arguments: the common sizes the kind accepts, then ``fitted`` values (e.g.
+        ``pos_weight`` from the label balance), then ``model_options`` (which win)."""
+        params = inspect.signature(self.model_class.__init__).parameters
+        common = {"n_features": n_features, "window": self.window, "hidden": self.hidden, "latent": self.latent,
+                  "layers": self.layers, "score_steps": self.score_steps, **fitted}
+        config = {k: v for k, v in common.items() if k in params}
+        unknown = sorted(set(self.model_options) - set(params) - {"self"})
+        if unknown:
+            raise ValueError(f"{self.model} has no option(s) {', '.join(unknown)}; it takes: "
+                             f"{', '.join(k for k in params if k not in ('self', 'n_features', 'window'))}")
+        config.update(self.model_options)
+        return config
 
 
 @dataclass
@@ -173,56 +194,134 @@ def _with_context_noise(x: torch.Tensor, rate: float, generator: torch.Generator
     return x + offset
 
 
+def fit_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """The artifact's threshold record for a supervised model: the score that maximises F1 on
+    held-out labelled windows (alerts are raised for scores strictly above it)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    finite = np.isfinite(scores)
+    scores, labels = scores[finite], labels[finite]
+    if labels.sum() == 0 or labels.all():
+        raise ValueError("an F1 threshold needs held-out windows of both classes")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    last = np.r_[s[1:] != s[:-1], True]  # the last of each run of equal scores: alert on all of them
+    tp, fp, cut = tp[last], fp[last], s[last]
+    f1 = 2 * tp / (tp + fp + labels.sum())
+    best = int(np.argmax(f1))
+    # Halfway to the next lower score, so "score > value" alerts exactly on the chosen set.
+    below = cut[best + 1] if best + 1 < len(cut) else cut[best] - 1.0
+    value = float((cut[best] + below) / 2.0)
+    return {"method": "max_f1", "value": value, "f1": float(f1[best]),
+            "precision": float(tp[best] / (tp[best] + fp[best])), "recall": float(tp[best] / labels.sum()),
+            "fitted_on": int(len(scores)), "positives": int(labels.sum())}
+
+
+def _batches(pre: Preprocessor, windows: np.ndarray, device: torch.device, batch: int = 4096):
+    for i in range(0, len(windows), batch):
+        yield pre(torch.from_numpy(windows[i:i + batch]).to(device))
+
+
 def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: bool = True) -> TrainResult:
+    """Fits scaler, model and threshold. Unsupervised kinds see normal windows only (no labelled
+    event inside); supervised kinds see every window with the label of its newest event, the
+    anomalies weighted by the class balance (``pos_weight`` = normal / anomalous training windows)."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = resolve_device(config.device)
     configure_threads(config.threads)
+    cls = config.model_class
+    supervised = cls.supervised
 
-    usable = ~ws.contaminated  # unsupervised: fit normal behaviour only
+    normal = ~ws.contaminated
+    usable = np.ones(len(ws.windows), bool) if supervised else normal
     train_mask, val_mask = split_by_key_time(ws, config.val_fraction)
     train_idx = np.flatnonzero(train_mask & usable)
     val_idx = np.flatnonzero(val_mask & usable)
     if len(train_idx) == 0:
         raise ValueError("no training windows: need more events per key than the window size")
+    if supervised and ws.label[train_idx].sum() == 0:
+        raise ValueError(f"{config.model} is supervised: the training data needs labelled anomalies "
+                         "(--label-column)")
     if len(train_idx) > config.max_train_windows:
-        train_idx = np.sort(rng.choice(train_idx, config.max_train_windows, replace=False))
+        if supervised:  # keep every anomaly, sub-sample the normal windows
+            pos = train_idx[ws.label[train_idx] == 1]
+            neg = train_idx[ws.label[train_idx] == 0]
+            keep = max(config.max_train_windows - len(pos), 1)
+            train_idx = np.sort(np.r_[pos, rng.choice(neg, min(keep, len(neg)), replace=False)])
+        else:
+            train_idx = np.sort(rng.choice(train_idx, config.max_train_windows, replace=False))
     if len(val_idx) == 0:  # tiny data: judge the threshold on training windows
         val_idx = train_idx
     train_x, val_x = ws.windows[train_idx], ws.windows[val_idx]
+    train_y, val_y = ws.label[train_idx], ws.label[val_idx]
+    normal_train_x = ws.windows[train_idx[normal[train_idx]]]
+    if len(normal_train_x) == 0:
+        raise ValueError("no normal training windows")
 
-    scaler = ScalerParams.fit(train_x.reshape(-1, profile.n_features))
-    model = build_model(config.model, config.model_config(profile.n_features)).to(device)
+    fitted: dict[str, Any] = {}
+    if supervised:
+        n_pos = int(train_y.sum())
+        ratio = (len(train_y) - n_pos) / n_pos
+        weights = {"balanced": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}
+        if config.class_weight not in weights:
+            raise ValueError(f"unknown class weight {config.class_weight!r}; known: {', '.join(weights)}")
+        fitted["pos_weight"] = round(float(weights[config.class_weight]), 4)
+    scaler = ScalerParams.fit(normal_train_x.reshape(-1, profile.n_features))
+    model = build_model(config.model, config.model_config(profile.n_features, **fitted)).to(device)
     pre = Preprocessor(scaler).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=max(config.patience // 2, 1))
+    optimizers = model.configure_optimizers(config.learning_rate)
+    schedulers = [torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(config.patience // 2, 1))
+                  for opt in optimizers]
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    noise = config.context_noise if model.denoising else 0.0
+    rank_val = supervised and 0 < val_y.sum() < len(val_y)
 
     train_t = torch.from_numpy(train_x)
     val_t = torch.from_numpy(val_x)
+    train_labels = torch.from_numpy(train_y.astype(np.float32)) if supervised else None
+    val_labels = torch.from_numpy(val_y.astype(np.float32)) if supervised else None
     best_val, best_state, best_epoch, history = math.inf, None, 0, []
     bar = tqdm(range(config.epochs), desc=f"training {config.model}", unit="epoch", disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(len(train_t), generator=torch.Generator().manual_seed(config.seed + epoch))
-        total, batches = 0.0, 0
+        totals: dict[str, float] = defaultdict(float)
+        batches = 0
         for i in range(0, len(perm), config.batch_size):
-            x = pre(train_t[perm[i:i + config.batch_size]].to(device))
-            loss = model.training_loss(_with_context_noise(x, config.context_noise, generator), x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            total += float(loss.detach())
+            idx = perm[i:i + config.batch_size]
+            x = pre(train_t[idx].to(device))
+            labels = train_labels[idx].to(device) if train_labels is not None else None
+            step = model.training_step(_with_context_noise(x, noise, generator), x, labels, optimizers)
+            for name, value in step.items():
+                totals[name] += value
             batches += 1
         model.eval()
+        extra: dict[str, float] = {}
         with torch.inference_mode():
-            val_loss = float(np.mean([float(model.training_loss(pre(val_t[i:i + 4096].to(device))))
-                                      for i in range(0, len(val_t), 4096)]))
-        scheduler.step(val_loss)
-        history.append({"epoch": epoch + 1, "train_loss": total / max(batches, 1), "val_loss": val_loss})
-        bar.set_postfix(train=f"{total / max(batches, 1):.4f}", val=f"{val_loss:.4f}")
+            parts, ranked = [], []
+            for i in range(0, len(val_t), 4096):
+                x = pre(val_t[i:i + 4096].to(device))
+                labels = val_labels[i:i + 4096].to(device) if val_labels is not None else None
+                parts.append(float(model.validation_loss(x, labels)))
+                if rank_val:
+                    ranked.append(model.window_scores(x).float().cpu().numpy())
+            val_loss = float(np.mean(parts))
+        if rank_val:
+            # Supervised: stop on what matters, the ranking of held-out anomalies (average
+            # precision), rather than on the class-weighted loss.
+            extra = {"val_weighted_loss": val_loss, "val_average_precision": average_precision(val_y, np.concatenate(ranked))}
+            val_loss = 1.0 - extra["val_average_precision"]
+        for scheduler in schedulers:
+            scheduler.step(val_loss)
+        train_loss = totals["loss"] / max(batches, 1)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, **extra}
+        record.update({k: v / max(batches, 1) for k, v in totals.items() if k != "loss"})
+        history.append(record)
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
         if val_loss < best_val - 1e-6:
             best_val, best_epoch = val_loss, epoch + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -232,21 +331,38 @@ def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: 
     if best_state is not None:
         model.load_state_dict(best_state)
 
-    # Feature errors in units of their typical training error, then the threshold on held-out windows.
-    raw = raw_feature_errors(model, scaler, train_x, device)
-    model.error_scale.copy_(torch.from_numpy(np.maximum(raw.mean(axis=0), 1e-6)).to(device))
+    # Score units from normal training windows (e.g. each feature's error in units of its typical
+    # training error), then the threshold on held-out windows.
+    model.eval()
+    calibration = model.calibrate(_batches(pre, normal_train_x, device))
     val_scores, _ = score_windows(model, scaler, val_x, device)
-    threshold = fit_quantile_threshold(val_scores, config.threshold_quantile, config.threshold_margin)
+    rule = config.threshold_rule
+    if rule == "auto":
+        rule = "f1" if supervised and 0 < val_y.sum() < len(val_y) else "quantile"
+    if rule == "f1":
+        threshold = fit_f1_threshold(val_scores, val_y)
+    elif rule == "quantile":
+        held_out_normal = val_scores[~ws.contaminated[val_idx]] if supervised else val_scores
+        threshold = fit_quantile_threshold(held_out_normal if len(held_out_normal) else val_scores,
+                                           config.threshold_quantile, config.threshold_margin)
+    else:
+        raise ValueError(f"unknown threshold rule {config.threshold_rule!r}; known: auto, quantile, f1")
+    threshold["fitted_on_split"] = "held-out training windows (the latest val_fraction of each key's windows)"
     model = model.cpu().eval()
     metrics = {
+        "model": config.model,
+        "supervised": supervised,
         "train_windows": int(len(train_idx)),
+        "train_anomalies": int(train_y.sum()) if supervised else 0,
         "val_windows": int(len(val_idx)),
-        "excluded_labelled_windows": int((~usable).sum()),
+        "excluded_labelled_windows": 0 if supervised else int((~usable).sum()),
         "keys": len(ws.keys),
         "epochs_run": len(history),
         "best_epoch": best_epoch,
         "best_val_loss": best_val,
+        "early_stopping": "1 - average precision on held-out windows" if rank_val else "held-out loss",
         "history": history,
+        "calibration": calibration,
         "val_score_quantiles": {str(q): float(np.quantile(val_scores, q)) for q in (0.5, 0.9, 0.99, 0.999)},
         "seconds": round(time.perf_counter() - started, 2),
         "device": str(device),

@@ -35,8 +35,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Sequence
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from .admin import TopicError, ensure_topics  # noqa: F401  (re-exported for callers)
 
 __all__ = ["BrokerError", "LocalBroker", "ensure_topics", "main"]
 
@@ -68,6 +70,16 @@ _LIVE_BROKERS: set[LocalBroker] = set()
 # Temp data dirs LocalBroker created itself; removed at exit after the stop.
 _OWNED_DATA_DIRS: list[Path] = []
 _LIVE_LOCK = threading.Lock()
+
+
+def _die_with_parent() -> None:
+    """Linux: the broker is killed when the process that started it dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class BrokerError(RuntimeError):
@@ -358,6 +370,7 @@ class LocalBroker:
             # Own process group: Ctrl-C in a terminal does not hit the JVM
             # directly; stop()/kill() signal the whole group.
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         with _LIVE_LOCK:
             _LIVE_BROKERS.add(self)
@@ -479,64 +492,6 @@ def _stop_all_brokers() -> None:
             broker.kill()
     for data_dir in _OWNED_DATA_DIRS:
         shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def ensure_topics(
-    bootstrap_servers: str,
-    topics: dict[str, int],
-    timeout: float = 30,
-    config: dict | None = None,
-) -> None:
-    """Create topics (name -> partition count, replication 1) if missing.
-
-    ``config`` is topic-level configuration applied to newly created topics
-    (e.g. ``{"retention.ms": "60000"}``). Waits until metadata shows every topic
-    with all partitions led, so producers/consumers can use them right away.
-    """
-    if not topics:
-        return
-    deadline = time.monotonic() + timeout
-    admin = AdminClient(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "logger": logging.getLogger(__name__ + ".librdkafka"),
-        }
-    )
-    new_topics = [
-        NewTopic(name, num_partitions=parts, replication_factor=1, config=dict(config or {}))
-        for name, parts in topics.items()
-    ]
-    futures = admin.create_topics(new_topics, request_timeout=max(timeout, 1.0))
-    for name, fut in futures.items():
-        try:
-            fut.result(timeout=max(deadline - time.monotonic(), 0.1))
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                continue
-            raise BrokerError(f"creating topic {name!r} failed: {exc}") from exc
-
-    missing: dict[str, str] = dict.fromkeys(topics, "not in metadata")
-    while True:
-        try:
-            md = admin.list_topics(timeout=max(min(5.0, deadline - time.monotonic()), 0.2))
-            for name, parts in topics.items():
-                tmd = md.topics.get(name)
-                if tmd is None or tmd.error is not None:
-                    missing[name] = str(tmd.error) if tmd is not None else "not in metadata"
-                elif len(tmd.partitions) < parts:
-                    missing[name] = f"{len(tmd.partitions)}/{parts} partitions"
-                elif any(p.leader < 0 for p in tmd.partitions.values()):
-                    missing[name] = "partition without leader"
-                else:
-                    missing.pop(name, None)
-        except KafkaException as exc:
-            missing = {name: str(exc) for name in topics}
-        if not missing:
-            return
-        if time.monotonic() >= deadline:
-            raise BrokerError(f"topics not ready after {timeout:.0f}s: {missing}")
-        time.sleep(_POLL_INTERVAL_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

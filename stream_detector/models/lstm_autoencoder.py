@@ -39,12 +39,16 @@ class LSTMAutoencoder(AnomalyModel):
                 "latent": self.latent, "layers": self.layers, "score_steps": self.score_steps}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._reconstruct(x, x.shape[1])
+
+    def _reconstruct(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """The newest ``steps`` events of the window, reconstructed, oldest-first."""
         _, (h, _) = self.encoder(x)
         z = self.to_latent(h[-1])
-        steps = self.from_latent(z).unsqueeze(1).expand(-1, x.shape[1], -1)
+        inputs = self.from_latent(z).unsqueeze(1).expand(-1, steps, -1)
         # The latent also seeds the decoder's state, so its first (newest) step is already informed.
         h0, c0 = torch.tanh(self.init_state(z)).view(-1, 2 * self.layers, self.hidden).transpose(0, 1).chunk(2)
-        decoded, _ = self.decoder(steps, (h0.contiguous(), c0.contiguous()))
+        decoded, _ = self.decoder(inputs, (h0.contiguous(), c0.contiguous()))
         return self.output(decoded).flip(1)  # back to oldest-first
 
     def training_loss(self, x: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,5 +56,8 @@ class LSTMAutoencoder(AnomalyModel):
         return torch.mean((self(x) - target) ** 2)
 
     def raw_feature_errors(self, x: torch.Tensor) -> torch.Tensor:
+        # The decoder runs newest-first and each step depends only on the ones before it, so the
+        # newest k events need only its first k steps: the same numbers as decoding the whole
+        # window and keeping its last k, at about half the cost (benchmarks/results/throughput.md).
         k = self.score_steps
-        return ((self(x)[:, -k:, :] - x[:, -k:, :]) ** 2).mean(dim=1)
+        return ((self._reconstruct(x, k) - x[:, -k:, :]) ** 2).mean(dim=1)

@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""Detection-quality benchmark: our models and the baselines side by side, on real labelled data.
+
+    .venv/bin/python benchmarks/quality.py --data ../shared/datasets --out benchmarks/results/quality.md
+
+Writes a markdown report (and the same figures as JSON beside it) with the machine, the command,
+the protocol and every figure next to the published references and the issue's targets. Not a
+test: it needs the datasets (never copied into the repository) and takes minutes.
+
+Protocols (all thresholds are fitted on training data only; no test label is used for fitting):
+
+- SKAB (valve1, 16 experiments, one key per file): per file the first 400 rows are the anomaly-free
+  training part (``--head-rows-per-key 400``), plus ``anomaly-free/anomaly-free.csv`` as more normal
+  training data; the rest is the test part. Test parts are replayed through the worker's detector
+  after their file's training part (which only warms windows and per-key state up), and point
+  metrics are computed over all test parts together.
+- Transactions (fraud handbook simulation, keyed by customer): train on 2018-04-01 .. 2018-05-27
+  (8 weeks), a gap week 2018-05-28 .. 2018-06-03 (replayed, neither trained on nor evaluated: the
+  label delay), test week 2018-06-04 .. 2018-06-10. Unsupervised models train on normal windows;
+  the supervised classifier on labelled windows, with the terminal's fraud rate known 7 days later
+  as upstream enrichment (see ``terminal_context``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from stream_detector.artifacts import load_artifact  # noqa: E402
+from stream_detector.events import Event  # noqa: E402
+from stream_detector.preprocessing import ScalerParams  # noqa: E402
+from stream_detector.profiles import Profile, TransactionProfile  # noqa: E402
+from trainer.baselines import BASELINES, scale_windows  # noqa: E402
+from trainer.data import CsvSpec, LoadedData, load_csv  # noqa: E402
+from trainer.evaluate import evaluate, evaluation_mask, replay  # noqa: E402
+from stream_detector.artifacts import save_artifact  # noqa: E402
+from trainer.fit import (  # noqa: E402
+    TrainConfig, WindowSet, split_by_key_time, train_and_save, train_model, windows_from_events,
+)
+from trainer.metrics import detection_metrics, precision_at_k_per_day  # noqa: E402
+from stream_detector.thresholds import fit_quantile_threshold  # noqa: E402
+
+DAY = 86_400.0
+
+# --- SKAB -------------------------------------------------------------------------------------
+
+SKAB_WINDOW = 32
+SKAB_QUANTILE = 0.95
+SKAB_COMMON = dict(window=SKAB_WINDOW, hidden=32, latent=16, score_steps=8, epochs=25, patience=5, batch_size=128,
+                   learning_rate=2e-3, threshold_quantile=SKAB_QUANTILE)
+SKAB_MODELS: list[tuple[str, dict[str, Any]]] = [
+    ("lstm_ae", {}),
+    ("dense_ae", {"hidden": 128}),
+    ("conv_ae", {}),
+    ("lstm_vae", {}),
+    ("gan_ae", {"epochs": 15}),
+]
+SKAB_PUBLISHED = [
+    ("LSTM-AE (SKAB leaderboard)", 0.74, 0.2996, 0.2592),
+    ("Conv-AE (SKAB leaderboard)", 0.78, 0.1355, 0.2802),
+    ("MSET (SKAB leaderboard)", 0.78, 0.3973, None),
+    ("Isolation forest (SKAB leaderboard)", 0.29, None, None),
+]
+
+# --- transactions -----------------------------------------------------------------------------
+
+TX_TRAIN = ("2018-04-01", "2018-05-28")  # [start, end)
+TX_GAP = ("2018-05-28", "2018-06-04")
+TX_TEST = ("2018-06-04", "2018-06-11")
+TX_WINDOW = 16
+TX_QUANTILE = 0.99
+TX_MAX_TRAIN = 60_000
+TX_COMMON = dict(window=TX_WINDOW, hidden=32, latent=8, score_steps=1, epochs=8, patience=3, batch_size=256,
+                 learning_rate=2e-3, threshold_quantile=TX_QUANTILE, max_train_windows=TX_MAX_TRAIN)
+TX_UNSUPERVISED: list[tuple[str, dict[str, Any]]] = [
+    ("lstm_ae", {}),
+    ("dense_ae", {"hidden": 64}),
+    ("conv_ae", {}),
+    ("lstm_vae", {}),
+    ("gan_ae", {"epochs": 4}),
+]
+TX_SUPERVISED = ("lstm_classifier", {"hidden": 32, "epochs": 10, "patience": 3, "max_train_windows": 100_000})
+TX_REPLAY_DAYS = 35  # replayed before the test week: windows, per-key state and adaptive thresholds warm up
+TX_RISK_DELAY_DAYS = 7
+TX_RISK_WINDOWS_DAYS = (1, 7, 30)
+TX_PUBLISHED = [
+    ("Autoencoder (handbook, unsupervised)", 0.18, 0.836, 0.217),
+    ("Isolation forest (handbook, unsupervised)", 0.164, None, None),
+    ("LSTM (handbook, supervised)", 0.665, 0.876, None),
+]
+
+TARGETS = {
+    "skab_f1": 0.80, "skab_far": 0.15,
+    "tx_unsupervised_ap": 0.25, "tx_supervised_ap": 0.70,
+}
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available()}
+
+
+def merge(a: LoadedData, b: LoadedData) -> tuple[list[Event], list[int]]:
+    pairs = sorted(zip(a.events + b.events, a.labels + [0] * len(b.events)), key=lambda p: p[0].timestamp)
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def model_row(name: str, kind: str, metrics: dict[str, Any], seconds: float, extra: dict[str, Any] | None = None):
+    row = {"name": name, "kind": kind, "train_seconds": round(seconds, 1), **metrics}
+    row.update(extra or {})
+    return row
+
+
+def pad_replay(rep, offset: int):
+    """A replay of events[offset:] as one of every event (the skipped ones unscored)."""
+    if offset == 0:
+        return rep
+    nan = np.full(offset, np.nan)
+    rep.keys = [""] * offset + rep.keys
+    rep.timestamps = np.r_[nan, rep.timestamps]
+    rep.labels = np.r_[np.zeros(offset, np.int64), rep.labels]
+    rep.scores = np.r_[nan, rep.scores]
+    rep.thresholds = np.r_[nan, rep.thresholds]
+    rep.alerted = np.r_[np.zeros(offset, bool), rep.alerted]
+    rep.evaluated = np.r_[np.zeros(offset, bool), rep.evaluated]
+    return rep
+
+
+def global_threshold_metrics(rep, value: float) -> dict[str, Any]:
+    """Point metrics had every key been judged against the artifact's global threshold (the
+    baselines' rule), next to the worker's default policy."""
+    ev = rep.evaluated
+    alerted = np.nan_to_num(rep.scores[ev], nan=-np.inf) > value
+    m = detection_metrics(rep.labels[ev], alerted)
+    return {"global_f1": m["f1"], "global_far": m["far"], "global_mar": m["mar"]}
+
+
+def baseline_rows(profile: Profile, window: int, train_events: Sequence[Event], train_labels: Sequence[int],
+                  eval_events: Sequence[Event], eval_labels: Sequence[int], eval_mask: np.ndarray, quantile: float,
+                  seed: int, extra_metrics=None, max_fit: int | None = None) -> list[dict[str, Any]]:
+    """Fits every baseline on normal training windows, thresholds on the held-out ones, and
+    scores the evaluated events' windows (the same windows the detector scores)."""
+    train_ws = windows_from_events(train_events, profile, window, train_labels)
+    tr, va = split_by_key_time(train_ws, 0.2)
+    normal = ~train_ws.contaminated
+    fit_x, val_x = train_ws.windows[tr & normal], train_ws.windows[va & normal]
+    rng = np.random.default_rng(seed)
+    if max_fit and len(fit_x) > max_fit:
+        fit_x = fit_x[np.sort(rng.choice(len(fit_x), max_fit, replace=False))]
+    scaler = ScalerParams.fit(fit_x.reshape(-1, profile.n_features))
+    fit_s, val_s = scale_windows(scaler, fit_x), scale_windows(scaler, val_x)
+    all_ws = windows_from_events(eval_events, profile, window, eval_labels)
+    keep = eval_mask[all_ws.event_index]
+    test_s = scale_windows(scaler, all_ws.windows[keep])
+    test_index = all_ws.event_index[keep]
+    del all_ws
+    labels = np.asarray(eval_labels)
+    keys = [e.key for e in eval_events]
+    rows = []
+    for name, make in BASELINES.items():
+        started = time.perf_counter()
+        baseline = make().fit(fit_s)
+        threshold = fit_quantile_threshold(baseline.score(val_s), quantile)
+        seconds = time.perf_counter() - started
+        scores = np.full(len(eval_events), np.nan)
+        scores[test_index] = baseline.score(test_s)
+        alerted = np.nan_to_num(scores, nan=-np.inf) > threshold["value"]
+        idx = np.flatnonzero(eval_mask)
+        metrics = detection_metrics(labels[idx], alerted[idx], scores[idx], [keys[i] for i in idx])
+        if extra_metrics:
+            metrics.update(extra_metrics(scores, alerted))
+        metrics.update({"global_f1": metrics["f1"], "global_far": metrics["far"], "global_mar": metrics["mar"]})
+        rows.append(model_row(name, "baseline", metrics, seconds, {"threshold": threshold["value"]}))
+        log(f"  baseline {name}: F1 {metrics['f1']:.3f} FAR {metrics['far']:.3f} AP {metrics['average_precision']:.3f}")
+    return rows
+
+
+# --- SKAB ---------------------------------------------------------------------------------------
+
+
+def run_skab(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    valve = str(data_dir / "skab" / "valve1")
+    free = str(data_dir / "skab" / "anomaly-free" / "anomaly-free.csv")
+    spec = CsvSpec(sep=";", time_column="datetime", label_column="anomaly", exclude=["changepoint"])
+    full = load_csv([valve], "sensors", spec)
+    profile = full.profile
+    train_part = load_csv([valve], profile, replace(spec, head_rows_per_key=400))
+    if args.skab_anomaly_free:
+        extra = load_csv([free], profile, CsvSpec(sep=";", time_column="datetime"))
+    else:
+        extra = LoadedData([], [], profile)
+    train_events, train_labels = merge(train_part, extra)
+    assert sum(train_labels) == 0, "SKAB training parts are anomaly-free"
+    mask = evaluation_mask(full.events, warmup_rows_per_key=400)
+    log(f"SKAB: {len(train_events)} training events ({len(train_part.events)} from valve1 heads + "
+        f"{len(extra.events)} anomaly-free), {int(mask.sum())} test events, {int(np.asarray(full.labels)[mask].sum())} anomalous")
+    rows = []
+    for kind, overrides in SKAB_MODELS:
+        if args.models and kind not in args.models:
+            continue
+        options = {**SKAB_COMMON, **overrides}
+        if args.quick:
+            options["epochs"] = min(options["epochs"], 3)
+        config = TrainConfig(model=kind, seed=args.seed, device="cpu", threads=args.threads, **options)
+        started = time.perf_counter()
+        path, result = train_and_save(train_events, profile, config, work / f"skab-{kind}", labels=train_labels,
+                                      progress=False)
+        seconds = time.perf_counter() - started
+        artifact = load_artifact(path)
+        rep = replay(artifact, full.events, full.labels)
+        rep.evaluated = mask
+        metrics = evaluate(rep)
+        metrics.update(global_threshold_metrics(rep, artifact.threshold))
+        rows.append(model_row(kind, kind, metrics, seconds, {
+            "threshold": artifact.threshold, "threshold_policy": rep.model["threshold_policy"],
+            "epochs_run": result.metrics["epochs_run"], "config": result.model.config()}))
+        log(f"  {kind}: F1 {metrics['f1']:.3f} FAR {metrics['far']:.3f} MAR {metrics['mar']:.3f} "
+            f"AP {metrics['average_precision']:.3f} ({seconds:.0f} s training)")
+    if not args.no_baselines:
+        rows += baseline_rows(profile, SKAB_WINDOW, train_events, train_labels, full.events, full.labels, mask,
+                              SKAB_QUANTILE, args.seed)
+    note = (", including `anomaly-free.csv`" if args.skab_anomaly_free else
+            "; `anomaly-free.csv` is not used: it was recorded in another operating regime of the testbed "
+            "(flow rate ~123 against ~32 in valve1, temperature ~90 against 67-79), and adding it widens the "
+            "scaler so much that valve1's faults shrink to noise (run with --skab-anomaly-free to see)")
+    return {"rows": rows, "data": {"anomaly_free_note": note, "train_events": len(train_events), "test_events": int(mask.sum()),
+                                   "test_anomalous": int(np.asarray(full.labels)[mask].sum()),
+                                   "files": len({e.key for e in full.events})}}
+
+
+# --- transactions -------------------------------------------------------------------------------
+
+
+def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_index: int,
+                     delay_days: int = TX_RISK_DELAY_DAYS, windows_days: Sequence[int] = TX_RISK_WINDOWS_DAYS
+                     ) -> dict[str, np.ndarray]:
+    """The fraud handbook's terminal features: for a transaction at time t, the terminal's number of
+    transactions (as log1p) and share of fraudulent ones in (t - delay - w, t - delay], for each
+    window w (share 0 when there were none). Only labels at least ``delay`` old are used: what a
+    fraud team knows (confirmed frauds) by the time of the transaction. They stand for an upstream
+    enrichment of the events (a feature store fed by fraud reports)."""
+    n = len(events)
+    t = np.array([e.timestamp for e in events])
+    y = np.asarray(labels, dtype=np.float64)
+    terminal = np.array([str(e.values[terminal_index]) for e in events])
+    risk = np.zeros((n, len(windows_days)))
+    count = np.zeros((n, len(windows_days)))
+    order = np.lexsort((t, terminal))
+    term_sorted = terminal[order]
+    bounds = np.flatnonzero(np.r_[True, term_sorted[1:] != term_sorted[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        idx = order[a:b]
+        tt, yy = t[idx], y[idx]
+        cum = np.r_[0.0, np.cumsum(yy)]
+        hi = np.searchsorted(tt, tt - delay_days * DAY, side="right")
+        for j, w in enumerate(windows_days):
+            lo = np.searchsorted(tt, tt - (delay_days + w) * DAY, side="right")
+            c = hi - lo
+            count[idx, j] = c
+            risk[idx, j] = np.where(c > 0, (cum[hi] - cum[lo]) / np.maximum(c, 1), 0.0)
+    out = {f"terminal_risk_{w}d": risk[:, j] for j, w in enumerate(windows_days)}
+    out.update({f"terminal_log_tx_{w}d": np.log1p(count[:, j]) for j, w in enumerate(windows_days)})
+    return out
+
+
+def with_context(events: Sequence[Event], context: np.ndarray) -> list[Event]:
+    return [Event(e.key, e.event_id, e.timestamp, tuple(e.values) + tuple(float(v) for v in row))
+            for e, row in zip(events, context)]
+
+
+def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    path = str(data_dir / "transactions" / "transactions-2018Q2.csv.gz")
+    spec = CsvSpec(key_column="CUSTOMER_ID", time_column="TX_DATETIME", amount_column="TX_AMOUNT",
+                   terminal_column="TERMINAL_ID", id_column="TRANSACTION_ID", label_column="TX_FRAUD",
+                   extra_columns=["TX_FRAUD_SCENARIO"])
+    base_profile = TransactionProfile(**args.tx_profile)
+    data = load_csv([path], base_profile, spec)
+    end = ts(TX_TEST[1])
+    n = int(np.searchsorted([e.timestamp for e in data.events], end))
+    events, labels = data.events[:n], data.labels[:n]
+    scenario = np.asarray(data.extras["TX_FRAUD_SCENARIO"][:n]).astype(int)
+    t = np.array([e.timestamp for e in events])
+    train = (t >= ts(TX_TRAIN[0])) & (t < ts(TX_TRAIN[1]))
+    mask = (t >= ts(TX_TEST[0])) & (t < end)
+    train_events = [e for e, m in zip(events, train) if m]
+    train_labels = [l for l, m in zip(labels, train) if m]
+    y = np.asarray(labels)
+    days = (t // DAY).astype(np.int64)
+    customers = [e.key for e in events]
+    log(f"transactions: {len(events)} events replayed, {len(train_events)} in the training weeks "
+        f"({int(np.sum(train_labels))} frauds), {int(mask.sum())} in the test week ({int(y[mask].sum())} frauds: "
+        + ", ".join(f"scenario {s}: {int(((scenario == s) & mask).sum())}" for s in (1, 2, 3)) + ")")
+
+    def extra_metrics(scores: np.ndarray, alerted: np.ndarray) -> dict[str, Any]:
+        idx = np.flatnonzero(mask)
+        out = {"card_precision_at_100": precision_at_k_per_day(y[idx], scores[idx], [customers[i] for i in idx],
+                                                               days[idx], 100)}
+        for s in (1, 2, 3):
+            sel = idx[scenario[idx] == s]
+            out[f"recall_scenario_{s}"] = float(alerted[sel].mean()) if len(sel) else math.nan
+        return out
+
+    replay_from = int(np.searchsorted(t, ts(TX_TEST[0]) - TX_REPLAY_DAYS * DAY))
+
+    def run_model(kind: str, overrides: dict[str, Any], evs: Sequence[Event], profile: Profile, name: str,
+                  ws: WindowSet) -> dict[str, Any]:
+        options = {**TX_COMMON, **overrides}
+        if args.quick:
+            options["epochs"] = min(options["epochs"], 2)
+            options["max_train_windows"] = min(options["max_train_windows"], 20_000)
+        config = TrainConfig(model=kind, seed=args.seed, device="cpu", threads=args.threads, **options)
+        started = time.perf_counter()
+        result = train_model(ws, profile, config, progress=False)
+        seconds = time.perf_counter() - started
+        art_path = save_artifact(work / f"tx-{kind}", result.model, profile, result.scaler, result.threshold,
+                                 result.metrics)
+        artifact = load_artifact(art_path)
+        rep = replay(artifact, evs[replay_from:], labels[replay_from:], batch_events=2048)
+        rep = pad_replay(rep, replay_from)
+        rep.evaluated = mask
+        metrics = evaluate(rep)
+        metrics.update(extra_metrics(rep.scores, rep.alerted))
+        metrics.update(global_threshold_metrics(rep, artifact.threshold))
+        log(f"  {name}: AP {metrics['average_precision']:.3f} ROC-AUC {metrics['roc_auc']:.3f} "
+            f"P@100 {metrics['card_precision_at_100']:.3f} F1 {metrics['f1']:.3f} FAR {metrics['far']:.3f} "
+            f"({seconds:.0f} s training)")
+        return model_row(name, kind, metrics, seconds, {
+            "threshold": artifact.threshold, "threshold_policy": rep.model["threshold_policy"],
+            "epochs_run": result.metrics["epochs_run"], "train_windows": result.metrics["train_windows"],
+            "features": list(profile.feature_names), "config": result.model.config()})
+
+    def training_windows(evs: Sequence[Event], profile: Profile) -> WindowSet:
+        n_train = int(np.searchsorted(t, ts(TX_TRAIN[1])))
+        return windows_from_events(evs[:n_train], profile, TX_WINDOW, labels[:n_train])
+
+    rows = []
+    unsupervised = [(k, o) for k, o in TX_UNSUPERVISED if not args.models or k in args.models]
+    supervised = not args.models or TX_SUPERVISED[0] in args.models
+    if unsupervised or supervised:
+        ws = training_windows(events, base_profile)
+        for kind, overrides in unsupervised:
+            rows.append(run_model(kind, overrides, events, base_profile, kind, ws))
+        if supervised and not args.tx_risk_only:
+            kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
+            rows.append(run_model(kind, overrides, events, base_profile, f"{kind} (no terminal risk)", ws))
+        del ws
+    if supervised:
+        kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
+        context = terminal_context(events, labels, terminal_index=1)
+        risk_profile = TransactionProfile(**{**args.tx_profile, "context_fields": tuple(context)})
+        risk_events = with_context(events, np.column_stack(list(context.values())))
+        rows.append(run_model(kind, overrides, risk_events, risk_profile, f"{kind} + terminal risk",
+                              training_windows(risk_events, risk_profile)))
+    if not args.no_baselines:
+        rows += baseline_rows(base_profile, TX_WINDOW, train_events, train_labels, events, labels, mask, TX_QUANTILE,
+                              args.seed, extra_metrics, max_fit=TX_MAX_TRAIN)
+    return {"rows": rows, "data": {"replayed_events": len(events), "train_events": len(train_events),
+                                   "test_events": int(mask.sum()), "test_frauds": int(y[mask].sum()),
+                                   "test_frauds_by_scenario": {str(s): int(((scenario == s) & mask).sum())
+                                                               for s in (1, 2, 3)},
+                                   "profile": base_profile.to_config()}}
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def fmt(v: Any, kind: str = "f3") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if kind == "pct":
+        return f"{100 * v:.2f} %"
+    if kind == "f1":
+        return f"{v:.1f}"
+    if kind == "int":
+        return f"{int(v)}"
+    return f"{v:.3f}"
+
+
+def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = ["# Detection quality benchmark", "",
+             f"Generated by `{meta['command']}` on {meta['finished_at']} in {meta['seconds'] / 60:.1f} min.", "",
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
+             f"{meta['machine']['platform']}, Python {meta['machine']['python']}, torch {meta['machine']['torch']} "
+             f"({meta['machine']['torch_threads']} threads, CPU only).", ""]
+    if "skab" in results:
+        sk = results["skab"]
+        lines += [
+            "## SKAB (valve1)", "",
+            f"Protocol: per file (= key) the first 400 rows are the anomaly-free training part "
+            f"({sk['data']['train_events']} training events in all{sk['data']['anomaly_free_note']}). Test parts: {sk['data']['test_events']} events of {sk['data']['files']} files, "
+            f"{sk['data']['test_anomalous']} anomalous; each file's training part is replayed first (it only warms "
+            "windows and per-key state up). Models are replayed through the worker's detector "
+            "(`trainer.evaluate.replay`: windows, scaling, scoring, the worker's default threshold policy). "
+            f"**Thresholds are fitted on training data only**: the {SKAB_QUANTILE} quantile of scores on the "
+            "held-out latest 20 % of each key's training windows (baselines: the same rule, one global "
+            "threshold). Point metrics over all test parts together.", "",
+            "| model | F1 | FAR | MAR | precision | recall | AP | ROC-AUC | event recall | mean delay (events) | "
+            "F1 / FAR, global threshold | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in sk["rows"]:
+            lines.append(f"| {r['name']} | {fmt(r['f1'])} | {fmt(r['far'], 'pct')} | {fmt(r['mar'], 'pct')} | "
+                         f"{fmt(r['precision'])} | {fmt(r['recall'])} | {fmt(r['average_precision'])} | "
+                         f"{fmt(r['roc_auc'])} | {fmt(r['event_recall'])} | {fmt(r['mean_detection_delay'], 'f1')} | "
+                         f"{fmt(r['global_f1'])} / {fmt(r['global_far'], 'pct')} | {fmt(r['train_seconds'], 'f1')} |")
+        for name, f1, far, mar in SKAB_PUBLISHED:
+            lines.append(f"| *{name}* | {fmt(f1)} | {fmt(far, 'pct')} | {fmt(mar, 'pct')} | | | | | | | | |")
+        best = max((r for r in sk["rows"] if r["kind"] != "baseline"), key=lambda r: r["f1"], default=None)
+        if best:
+            met = best["f1"] >= TARGETS["skab_f1"] and best["far"] <= TARGETS["skab_far"]
+            lines += ["", f"Target: F1 >= {TARGETS['skab_f1']} with FAR <= {TARGETS['skab_far']:.0%}. Best model "
+                          f"{best['name']}: F1 {fmt(best['f1'])}, FAR {fmt(best['far'], 'pct')} -> "
+                          f"**{'met' if met else 'not met'}**."]
+        lines.append("")
+    if "transactions" in results:
+        tx = results["transactions"]
+        d = tx["data"]
+        lines += [
+            "## Transactions (fraud handbook simulation)", "",
+            f"Protocol: keyed by customer; train on {TX_TRAIN[0]} .. {TX_TRAIN[1]} (exclusive), gap week "
+            f"{TX_GAP[0]} .. {TX_GAP[1]} (replayed for per-key state, never trained on or evaluated: the label "
+            f"delay), test week {TX_TEST[0]} .. {TX_TEST[1]} (exclusive): {d['test_events']} transactions, "
+            f"{d['test_frauds']} frauds (scenario 1: {d['test_frauds_by_scenario']['1']}, 2: "
+            f"{d['test_frauds_by_scenario']['2']}, 3: {d['test_frauds_by_scenario']['3']}). Transactions from "
+            f"{TX_REPLAY_DAYS} days before the test week on are replayed through the worker's detector, so windows, "
+            f"per-key state and adaptive thresholds are warm when the test week starts. Training windows "
+            f"are sub-sampled to at most {TX_MAX_TRAIN:,} (supervised: every fraud kept, normal windows sub-sampled "
+            f"to {TX_SUPERVISED[1]['max_train_windows']:,}). Unsupervised models train on normal windows only; thresholds: the {TX_QUANTILE} "
+            "quantile of held-out normal training scores (supervised: best F1 on held-out training windows). "
+            "AP and ROC-AUC are over scored test events; card precision@100 ranks customers per day by their "
+            "highest score (handbook definition), averaged over the 7 test days. Scenario recalls are at the "
+            "threshold. Profile: " + ", ".join(f"`{k}={v}`" for k, v in d["profile"].items() if k != "name") + ".", "",
+            "| model | AP | ROC-AUC | card P@100 | F1 | FAR | recall sc.1 | recall sc.2 | recall sc.3 | train s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in tx["rows"]:
+            lines.append(f"| {r['name']} | {fmt(r['average_precision'])} | {fmt(r['roc_auc'])} | "
+                         f"{fmt(r.get('card_precision_at_100'))} | {fmt(r['f1'])} | {fmt(r['far'], 'pct')} | "
+                         f"{fmt(r.get('recall_scenario_1'))} | {fmt(r.get('recall_scenario_2'))} | "
+                         f"{fmt(r.get('recall_scenario_3'))} | {fmt(r['train_seconds'], 'f1')} |")
+        for name, ap, auc, p100 in TX_PUBLISHED:
+            lines.append(f"| *{name}* | {fmt(ap)} | {fmt(auc)} | {fmt(p100)} | | | | | | |")
+        unsup = [r for r in tx["rows"] if r["kind"] not in ("baseline", "lstm_classifier")]
+        sup = [r for r in tx["rows"] if r["kind"] == "lstm_classifier"]
+        if unsup:
+            b = max(unsup, key=lambda r: r["average_precision"])
+            lines += ["", f"Target unsupervised AP >= {TARGETS['tx_unsupervised_ap']}: best {b['name']} "
+                          f"{fmt(b['average_precision'])} -> **{'met' if b['average_precision'] >= TARGETS['tx_unsupervised_ap'] else 'not met'}**."]
+        if sup:
+            b = max(sup, key=lambda r: r["average_precision"])
+            lines += [f"Target supervised AP >= {TARGETS['tx_supervised_ap']}: best {b['name']} "
+                      f"{fmt(b['average_precision'])} -> **{'met' if b['average_precision'] >= TARGETS['tx_supervised_ap'] else 'not met'}**."]
+        lines.append("")
+    lines += ["## Notes", ""] + [f"- {n}" for n in meta.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "Targets from the issue: SKAB point F1 >= 0.80 with FAR <= 15 %; transactions unsupervised AP >= 0.25, "
+    "supervised AP >= 0.70. Published figures are quoted from the datasets' README (SKAB leaderboard on the full "
+    "benchmark; fraud handbook: one training week, one delay week, one test week, 15 engineered features), so "
+    "they are references, not the same split.",
+    "Hyperparameters (window, score_steps, threshold quantiles, sizes, epochs) were chosen on the data here; "
+    "threshold values are fitted on training windows only and no test label is used by any fitting step.",
+    "The detector's default threshold policy is the worker's (per-key adaptive thresholds on top of the "
+    "artifact's global one, where the artifact allows it); baselines use one global threshold.",
+    "Fraud scenario 2 (compromised terminals) leaves no trace in the transactions themselves: only delayed "
+    "fraud feedback per terminal reveals it. The `+ terminal risk` classifier reads that feedback as three "
+    "upstream-enriched event fields (the terminal's fraud share over 1, 7 and 30 days, ending 7 days before "
+    "the transaction, computed from labels as in the handbook).",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="datasets directory (holding skab/ and transactions/)")
+    parser.add_argument("--out", default="benchmarks/results/quality.md", help="markdown report; JSON beside it")
+    parser.add_argument("--only", choices=["skab", "transactions"], help="run one dataset only")
+    parser.add_argument("--models", nargs="*", help="model kinds to run (default: all)")
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a few epochs only: checks the script, not quality")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-artifacts", help="write the trained artifacts here instead of a temporary directory")
+    parser.add_argument("--skab-anomaly-free", action="store_true",
+                        help="add skab/anomaly-free/anomaly-free.csv to the SKAB training data (another operating "
+                             "regime of the testbed: it hurts, see the notes)")
+    parser.add_argument("--tx-profile", default='{"robust_features": true}',
+                        help="transactions profile options as JSON (default: the robust per-key features on)")
+    parser.add_argument("--tx-supervised", default="{}", help="transactions classifier: training options as JSON")
+    parser.add_argument("--tx-risk-only", action="store_true", help="transactions: only the classifier with terminal risk")
+    args = parser.parse_args(argv)
+    args.tx_profile = json.loads(args.tx_profile)
+    args.tx_supervised = json.loads(args.tx_supervised)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    data_dir = Path(args.data)
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+        work = Path(args.keep_artifacts or tmp)
+        if args.only in (None, "skab"):
+            results["skab"] = run_skab(data_dir, work, args)
+        if args.only in (None, "transactions"):
+            results["transactions"] = run_transactions(data_dir, work, args)
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
+            "machine": machine(), "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": time.perf_counter() - started, "targets": TARGETS, "notes": NOTES}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report(results, meta))
+    from trainer.evaluate import write_json
+
+    write_json(out.with_suffix(".json"), {"meta": meta, "results": results})
+    log(f"wrote {out} and {out.with_suffix('.json')} ({meta['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Adaptive micro-batches from a Faust stream: as large as the backlog, as soon as it is taken.
+
+Faust's ``Stream.take_events(max_, within)`` yields a batch when it holds ``max_`` events or
+when ``within`` seconds have passed, so below saturation every event waits for the timer. This
+variant yields as soon as the events delivered so far are all in the batch:
+
+- a batch starts with its first event, then takes every event already waiting in the stream's
+  queue, lingering ``linger_s`` (1 ms) between looks;
+- it is yielded when nothing is left waiting, when it holds ``batch_max`` events, or when its
+  first event has waited ``within_s`` (the cap of a batch's gathering time);
+- so its size follows the load: one or a few events when the worker is idle (latency is the
+  processing time plus the linger), growing with the backlog that builds up while the previous
+  batch is being scored, up to ``batch_max`` under saturation (the model call amortised).
+
+Everything else is Faust's ``take_events``, line for line: the buffer is filled by a stream
+processor that blocks while a batch is being handled (so at most ``batch_max`` events are held
+here, and the stream's bounded queue, ``stream_buffer_maxsize``, pauses fetching beyond that),
+and the batch's events are acknowledged only when the consumer asks for the next batch, i.e. after
+it has finished with this one. It relies on the same ``Stream`` internals as ``take_events``
+(faust-streaming is pinned in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncGenerator, AsyncIterator, List
+
+from mode.utils.futures import notify
+
+LINGER_S = 0.001
+
+
+def _waiting(stream: Any) -> int:
+    """Events delivered to the stream's queue and not taken yet."""
+    queue = getattr(stream.channel, "queue", None)
+    return queue.qsize() if queue is not None else 0
+
+
+async def take_adaptive(stream: Any, batch_max: int, within_s: float,
+                        linger_s: float = LINGER_S) -> AsyncIterator[List[Any]]:
+    """Yields lists of events (``faust.EventT``), acked once the next list is asked for."""
+    buffer: List[Any] = []
+    events: List[Any] = []
+    buffer_full = asyncio.Event()
+    buffer_started = asyncio.Event()
+    buffer_consumed = asyncio.Event()
+    buffer_consuming: asyncio.Future | None = None
+    stream_enable_acks: bool = stream.enable_acks
+    channel_it = stream.channel.__aiter__()
+
+    async def add_to_buffer(value: Any) -> Any:
+        try:
+            nonlocal buffer_consuming
+            if buffer_consuming is not None:  # a batch is being handled: wait for it
+                try:
+                    await buffer_consuming
+                finally:
+                    buffer_consuming = None
+            buffer.append(value)
+            event = stream.current_event
+            if event is None:
+                raise RuntimeError("Take buffer found current_event is None")
+            events.append(event)
+            buffer_started.set()
+            if len(buffer) >= batch_max:
+                buffer_full.set()
+                buffer_consumed.clear()
+                await stream.wait(buffer_consumed)
+        except asyncio.CancelledError:  # pragma: no cover
+            raise
+        except Exception as exc:
+            stream.log.exception("Error adding to take buffer: %r", exc)
+            await stream.crash(exc)
+        return value
+
+    stream.enable_acks = False  # events are acked here, after the consumer is done with them
+    stream.add_processor(add_to_buffer)
+    stream._enable_passive(channel_it)
+    loop = asyncio.get_running_loop()
+    try:
+        while not stream.should_stop:
+            await stream.wait_for_stopped(buffer_started, timeout=1.0)
+            if not buffer:
+                continue
+            started = loop.time()
+            while not buffer_full.is_set() and not stream.should_stop:
+                left = within_s - (loop.time() - started)
+                if left <= 0:
+                    break
+                await stream.wait_for_stopped(buffer_full, timeout=min(linger_s, left))
+                if not _waiting(stream):
+                    break
+            buffer_consuming = loop.create_future()  # the processor may not add while we read
+            try:
+                yield list(events)
+            finally:
+                buffer.clear()
+                for event in events:
+                    await stream.ack(event)
+                events.clear()
+                notify(buffer_consuming)
+                buffer_full.clear()
+                buffer_started.clear()
+                buffer_consumed.set()
+    finally:
+        stream.enable_acks = stream_enable_acks
+        stream._processors.remove(add_to_buffer)
+
+
+def adaptive_batches(stream: Any, batch_max: int, within_s: float) -> AsyncGenerator[List[Any], None]:
+    """:func:`take_adaptive`, registered with the stream so that stopping it closes the generator
+    (as Faust does for ``take_events``)."""
+    agen = take_adaptive(stream, batch_max, within_s)
+    active = getattr(stream, "_active_agens", None)
+    if active is not None:
+        active.add(agen)
+    return agen

@@ -1,0 +1,87 @@
+"""Topic administration shared by the worker, the demo and the tests."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+_POLL_INTERVAL_S = 0.2
+
+
+class TopicError(RuntimeError):
+    """Topics could not be created or did not become usable in time."""
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: dict[str, int],
+    timeout: float = 30,
+    config: dict | None = None,
+    client_config: dict | None = None,
+) -> None:
+    """Create topics (name -> partition count, replication 1) if missing.
+
+    ``config`` is topic-level configuration applied to newly created topics
+    (e.g. ``{"retention.ms": "60000"}``). Waits until metadata shows every topic
+    with all partitions led, so producers/consumers can use them right away.
+    """
+    if not topics:
+        return
+    deadline = time.monotonic() + timeout
+    admin = AdminClient(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "logger": logging.getLogger(__name__ + ".librdkafka"),
+            **(client_config or {}),
+        }
+    )
+    new_topics = [
+        NewTopic(name, num_partitions=parts, replication_factor=1, config=dict(config or {}))
+        for name, parts in topics.items()
+    ]
+    futures = admin.create_topics(new_topics, request_timeout=max(timeout, 1.0))
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout=max(deadline - time.monotonic(), 0.1))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            raise TopicError(f"creating topic {name!r} failed: {exc}") from exc
+
+    missing: dict[str, str] = dict.fromkeys(topics, "not in metadata")
+    while True:
+        try:
+            md = admin.list_topics(timeout=max(min(5.0, deadline - time.monotonic()), 0.2))
+            for name, parts in topics.items():
+                tmd = md.topics.get(name)
+                if tmd is None or tmd.error is not None:
+                    missing[name] = str(tmd.error) if tmd is not None else "not in metadata"
+                elif len(tmd.partitions) < parts:
+                    missing[name] = f"{len(tmd.partitions)}/{parts} partitions"
+                elif any(p.leader < 0 for p in tmd.partitions.values()):
+                    missing[name] = "partition without leader"
+                else:
+                    missing.pop(name, None)
+        except KafkaException as exc:
+            missing = {name: str(exc) for name in topics}
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise TopicError(f"topics not ready after {timeout:.0f}s: {missing}")
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def partition_count(bootstrap_servers: str, topic: str, client_config: dict | None = None,
+                    timeout: float = 30) -> int:
+    """Partitions of an existing topic (the worker sizes its state changelog to match)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers,
+                         "logger": logging.getLogger(__name__ + ".librdkafka"), **(client_config or {})})
+    md = admin.list_topics(topic, timeout=timeout)
+    tmd = md.topics.get(topic)
+    if tmd is None or tmd.error is not None or not tmd.partitions:
+        raise TopicError(f"topic {topic!r} not found: {tmd.error if tmd else 'no metadata'}")
+    return len(tmd.partitions)

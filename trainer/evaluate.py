@@ -1,0 +1,233 @@
+"""Replay evaluator: labelled events -> the worker's own detector -> detection-quality metrics.
+
+Events are replayed in timestamp order through :class:`stream_detector.detector.Detector`, the
+object the worker wraps with Kafka I/O: the same per-key windows and profile features, the same
+model runner (scaling, micro-batches) and the Detector's own threshold policy (whatever the
+Detector builds from the artifact: a global threshold, or per-key adaptive thresholds), so what is
+measured offline is what runs online. An event counts as *alerted* when the Detector's threshold
+policy judged its window over its key's threshold (``Decision.over``; whether the alert lifecycle
+published a new message for it or folded it into an open incident does not matter here).
+
+Events of a key before its window is full are not scored: they count as not alerted in the point
+metrics and are left out of the threshold-free ones (average precision, ROC-AUC); the report says
+how many there were. Events can also be replayed only to warm windows and per-key state up without
+being evaluated: each key's first ``warmup_rows_per_key`` events (SKAB: the 400-row training part)
+and events before ``eval_from`` / from ``eval_until`` on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stream_detector.artifacts import ModelArtifact, load_artifact
+from stream_detector.detector import Detector
+from stream_detector.events import Event
+from stream_detector.scoring import ModelRunner
+from stream_detector.thresholds import ThresholdPolicy
+
+from .metrics import detection_metrics, precision_recall_curve
+
+
+@dataclass
+class Replay:
+    """Per input event (in input order): what the detector made of it."""
+
+    keys: list[str]
+    timestamps: np.ndarray
+    labels: np.ndarray  # int 0/1
+    scores: np.ndarray  # float64, NaN when not scored (window not full)
+    thresholds: np.ndarray  # the policy's threshold for the event's key after it, NaN when not scored
+    alerted: np.ndarray  # bool
+    evaluated: np.ndarray  # bool: counted in the metrics
+    model: dict[str, Any] = field(default_factory=dict)
+    warming_up: int = 0
+
+    def subset(self, mask: np.ndarray) -> "Replay":
+        idx = np.flatnonzero(mask)
+        return Replay([self.keys[i] for i in idx], self.timestamps[idx], self.labels[idx], self.scores[idx],
+                      self.thresholds[idx], self.alerted[idx], self.evaluated[idx], self.model,
+                      int((~np.isfinite(self.scores[idx])).sum()))
+
+
+def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Event], labels: Sequence[int],
+           batch_events: int = 1024, device: str = "cpu", max_keys: int = 100_000,
+           threshold: ThresholdPolicy | None = None) -> Replay:
+    """Replays events (already in timestamp order) through a Detector, in micro-batches.
+
+    ``threshold``: a policy to use instead of the one the Detector builds from the artifact (the
+    worker's default)."""
+    if not isinstance(artifact, ModelArtifact):
+        artifact = load_artifact(artifact)
+    runner = ModelRunner(artifact, device=device, max_batch=batch_events)
+    now = [events[0].timestamp if events else 0.0]
+    detector = Detector(artifact, runner.score, threshold=threshold, max_keys=max_keys, max_batch=batch_events,
+                        clock=lambda: now[0])
+    n = len(events)
+    scores = np.full(n, np.nan)
+    thresholds = np.full(n, np.nan)
+    alerted = np.zeros(n, dtype=bool)
+    for start in range(0, n, batch_events):
+        chunk = events[start:start + batch_events]
+        position = {id(e): start + j for j, e in enumerate(chunk)}
+        now[0] = chunk[-1].timestamp  # the replay's wall clock is event time
+        batch = detector.prepare_events(chunk)
+        decisions = detector.finish(batch, detector.score(batch))
+        for d in decisions:
+            i = position[id(d.event)]
+            scores[i] = d.score
+            thresholds[i] = d.threshold
+            alerted[i] = bool(getattr(d, "over", d.alert is not None))
+    model = {"kind": artifact.kind, "version": artifact.version, "path": str(artifact.path),
+             "window": artifact.window, "features": list(artifact.feature_names),
+             "threshold": artifact.metadata.get("threshold", {}),
+             "threshold_policy": type(detector.threshold).__name__}
+    return Replay([e.key for e in events], np.array([e.timestamp for e in events]), np.asarray(labels, np.int64),
+                  scores, thresholds, alerted, np.ones(n, bool), model, detector.stats.warming_up)
+
+
+def evaluation_mask(events: Sequence[Event], warmup_rows_per_key: int = 0, eval_from: float | None = None,
+                    eval_until: float | None = None) -> np.ndarray:
+    """Which events count in the metrics (the others only warm windows and state up)."""
+    mask = np.ones(len(events), dtype=bool)
+    if warmup_rows_per_key:
+        seen: dict[str, int] = {}
+        for i, e in enumerate(events):
+            n = seen.get(e.key, 0)
+            seen[e.key] = n + 1
+            if n < warmup_rows_per_key:
+                mask[i] = False
+    if eval_from is not None or eval_until is not None:
+        ts = np.array([e.timestamp for e in events])
+        if eval_from is not None:
+            mask &= ts >= eval_from
+        if eval_until is not None:
+            mask &= ts < eval_until
+    return mask
+
+
+def evaluate(result: Replay) -> dict[str, Any]:
+    """Metrics over the evaluated events (see :mod:`trainer.metrics`)."""
+    ev = result.evaluated
+    keys = [k for k, e in zip(result.keys, ev) if e]
+    metrics = detection_metrics(result.labels[ev], result.alerted[ev], result.scores[ev], keys)
+    metrics["keys"] = len(set(keys))
+    metrics["warming_up_events"] = int((~np.isfinite(result.scores[ev])).sum())
+    metrics["replayed_events"] = int(len(result.labels))
+    return metrics
+
+
+ROWS = (
+    ("precision", "point precision", "{:.3f}"),
+    ("recall", "point recall", "{:.3f}"),
+    ("f1", "point F1", "{:.3f}"),
+    ("far", "false-alarm rate FP/(FP+TN)", "{:.2%}"),
+    ("mar", "missed-alarm rate FN/(FN+TP)", "{:.2%}"),
+    ("average_precision", "average precision", "{:.3f}"),
+    ("roc_auc", "ROC-AUC", "{:.3f}"),
+    ("event_recall", "event-wise recall", "{:.3f}"),
+    ("mean_detection_delay", "mean detection delay (events)", "{:.1f}"),
+    ("segments", "anomalous segments", "{}"),
+    ("segments_detected", "segments detected", "{}"),
+    ("events", "evaluated events", "{}"),
+    ("anomalous_events", "anomalous events", "{}"),
+    ("warming_up_events", "not scored (window not full)", "{}"),
+    ("tp", "TP", "{}"), ("fp", "FP", "{}"), ("tn", "TN", "{}"), ("fn", "FN", "{}"),
+)
+
+
+def format_value(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return fmt.format(value)
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    width = max(len(label) for _, label, _ in ROWS)
+    return "\n".join(f"  {label:<{width}}  {format_value(metrics.get(name), fmt)}" for name, label, fmt in ROWS)
+
+
+def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(clean(payload), indent=2, sort_keys=True))
+
+
+def write_plots(result: Replay, directory: str | os.PathLike[str], max_keys: int = 4, keys: Sequence[str] = ()) -> list[str]:
+    """Score over time per key (labels shaded, threshold and alerts marked) and the PR curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    ev = result.evaluated
+    key_arr = np.asarray(result.keys, dtype=object)
+    chosen = list(keys)
+    if not chosen:  # the first keys with an anomaly, then any
+        anomalous = [k for k in dict.fromkeys(key_arr[ev & (result.labels == 1)])]
+        chosen = (anomalous + [k for k in dict.fromkeys(key_arr[ev]) if k not in anomalous])[:max_keys]
+    for n, key in enumerate(chosen):
+        idx = np.flatnonzero((key_arr == key) & ev)
+        if len(idx) == 0:
+            continue
+        fig, ax = plt.subplots(figsize=(11, 3.6))
+        t = np.arange(len(idx))
+        lab = result.labels[idx] == 1
+        ax.fill_between(t, 0, 1, where=lab, transform=ax.get_xaxis_transform(), color="tab:red", alpha=0.15,
+                        step="mid", label="labelled anomaly")
+        ax.plot(t, result.scores[idx], lw=0.9, color="tab:blue", label="score")
+        ax.plot(t, result.thresholds[idx], lw=1.0, color="black", ls="--", label="threshold")
+        hit = result.alerted[idx]
+        ax.scatter(t[hit], result.scores[idx][hit], s=9, color="tab:red", zorder=3, label="alert")
+        finite = result.scores[idx][np.isfinite(result.scores[idx])]
+        if len(finite) and finite.min() > 0 and finite.max() / max(finite.min(), 1e-12) > 100:
+            ax.set_yscale("log")
+        ax.set_xlabel("event of the key (evaluated part)")
+        ax.set_ylabel("anomaly score")
+        ax.set_title(f"{result.model.get('kind', '')} on key {key}")
+        ax.legend(loc="upper left", fontsize=8, ncol=4)
+        fig.tight_layout()
+        name = out / f"scores_{n:02d}_{_safe(key)}.png"
+        fig.savefig(name, dpi=110)
+        plt.close(fig)
+        written.append(str(name))
+    scored = ev & np.isfinite(result.scores)
+    if result.labels[scored].sum() > 0:
+        precision, recall, _ = precision_recall_curve(result.labels[scored], result.scores[scored])
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        ax.step(np.r_[0.0, recall], np.r_[precision[0], precision], where="post")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"precision-recall, {result.model.get('kind', '')}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = out / "pr_curve.png"
+        fig.savefig(name, dpi=110)
+        plt.close(fig)
+        written.append(str(name))
+    return written
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:60]
