@@ -18,14 +18,16 @@ from worker_harness import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
-_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+                          st.floats(allow_nan=False),
                           st.text(max_size=12))
 _json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=3)
                             | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
 
 
 def _bad_field_value():
-    return st.one_of(st.none(), st.text(max_size=6), st.booleans(), st.lists(st.integers(), max_size=2),
+    return st.one_of(st.none(), st.text(max_size=6), st.booleans(),
+                     st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=2),
                      st.just("NaN"))
 
 
@@ -49,7 +51,8 @@ def bad_messages(draw) -> bytes:
         literal = draw(st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e400"]))
         return orjson.dumps(good).replace(b"0.5", literal, 1)
     good["timestamp"] = draw(st.one_of(st.text(max_size=10), st.floats(allow_nan=False), st.just(4e18),
-                                       st.just(time.time() + 10 * 86_400), st.integers(max_value=-1)))
+                                       st.just(time.time() + 10 * 86_400),
+                                       st.integers(min_value=-(2**63), max_value=-1)))
     return orjson.dumps(good)
 
 

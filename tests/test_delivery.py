@@ -172,7 +172,8 @@ def test_a_stopped_workers_partitions_move_to_the_other_with_windows_restored(ka
             break
         time.sleep(0.5)
     shares = [w.metrics().get("stream_detector_events_consumed_total", 0) for w in (first, second)]
-    assert sum(shares) == len(phase1) and min(shares) > 0, f"both workers should share the partitions: {shares}"
+    # >=: the rebalance when the second worker joined may redeliver a few uncommitted records.
+    assert sum(shares) >= len(phase1) and min(shares) > 0, f"both workers should share the partitions: {shares}"
 
     second.stop()
     before = first.metrics()
@@ -187,7 +188,7 @@ def test_a_stopped_workers_partitions_move_to_the_other_with_windows_restored(ka
     assert after["stream_detector_events_warming_up_total"] == before["stream_detector_events_warming_up_total"]
     assert after["stream_detector_keys_restored_total"] > 0
     assert after["stream_detector_windows_scored_total"] - before["stream_detector_windows_scored_total"] \
-        == len(phase2)
+        >= len(phase2)
 
 
 def test_worker_rides_out_a_20_second_broker_outage(sensor_model_dir, tmp_path):
@@ -240,7 +241,8 @@ def test_new_model_version_is_hot_swapped_and_a_tampered_one_is_refused(kafka_br
         worker.wait_for_metric("stream_detector_model_reloads_total", 1, timeout=60)
         assert serving() == "29991231T000000Z-second"
 
-        events = with_obvious_anomalies(generate("sensors", 4, 120, anomaly_rate=0.05, seed=51))
+        events = with_obvious_anomalies(generate("sensors", 8, 200, anomaly_rate=0.05, seed=51))
+        assert sum(e.label for e in events) > 0
         produce_events(kafka_broker.bootstrap_servers, worker.input_topic, events, rate=0)
         worker.wait_for_metric("stream_detector_events_consumed_total", len(events))
         alerts = list(iter_messages(kafka_broker.bootstrap_servers, worker.alerts_topic, idle_timeout=5.0))
