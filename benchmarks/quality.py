@@ -96,7 +96,8 @@ TX_UNSUPERVISED: list[tuple[str, dict[str, Any]]] = [
     ("lstm_vae", {}),
     ("gan_ae", {"epochs": 4}),
 ]
-TX_SUPERVISED = ("lstm_classifier", {"hidden": 32, "epochs": 10, "patience": 3, "max_train_windows": 100_000})
+TX_SUPERVISED = ("lstm_classifier", {"hidden": 32, "epochs": 20, "patience": 4, "max_train_windows": 100_000,
+                                     "class_weight": "sqrt"})
 TX_REPLAY_DAYS = 35  # replayed before the test week: windows, per-key state and adaptive thresholds warm up
 TX_RISK_DELAY_DAYS = 7
 TX_RISK_WINDOWS_DAYS = (1, 7, 30)
@@ -513,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="model kinds to run (default: all)")
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a few epochs only: checks the script, not quality")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared box)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-artifacts", help="write the trained artifacts here instead of a temporary directory")
     parser.add_argument("--skab-anomaly-free", action="store_true",

@@ -767,6 +767,7 @@ PIPELINE_LABELS = [
     ("detector_fixed_batches", "(b) with Faust's fixed batching (`batch_adaptive=false`): before"),
     ("detector_full_decoder", "(b) with the full-window decoder: before"),
     ("detector_threads2", "(b) with `torch_threads=2` (the former default on 2 cores): before"),
+    ("detector_producer_defaults", "(b) with Faust's producer defaults (no linger, pause beyond 100 waiting): before"),
     ("detector_no_changelog", "(b) without window-state changelog writes (`state_min_events` = 10^9)"),
     ("detector_stride4", "(b) with `score_stride=4` on every key (`hot_key_rate=0`)"),
 ]
@@ -775,6 +776,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_fixed_batches": {"settings": {"batch_adaptive": "false"}},
     "detector_full_decoder": {"variant": "full-decoder"},
     "detector_threads2": {"settings": {"torch_threads": "2"}},
+    "detector_producer_defaults": {"variant": "producer-defaults"},
     "detector_no_changelog": {"settings": {"state_min_events": "1000000000"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
 }

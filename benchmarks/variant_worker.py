@@ -15,6 +15,8 @@ Variants:
   at a time: what users of online-learning libraries typically run instead of a batched model.
 - ``full-decoder``: the default LSTM autoencoder decoding the whole window (32 decoder steps), as
   the model did before the newest-steps-only decoder: the "before" of that change, end to end.
+- ``producer-defaults``: the worker with Faust's producer defaults (no linger, consumption paused
+  beyond 100 messages waiting to be produced): the "before" of the producer batching change.
 """
 
 from __future__ import annotations
@@ -83,10 +85,32 @@ def full_decoder_scorer(service):
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ("hst", "full-decoder"):
-        print("usage: variant_worker.py hst|full-decoder", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in ("hst", "full-decoder", "producer-defaults"):
+        print("usage: variant_worker.py hst|full-decoder|producer-defaults", file=sys.stderr)
         return 2
     variant = argv[0]
+    if variant == "producer-defaults":
+        import faust
+
+        make_app = worker_module.create_app
+        faust_app = faust.App
+
+        def app_with_defaults(*args, **kwargs):
+            kwargs.pop("producer_linger_ms", None)
+            return faust_app(*args, **kwargs)
+
+        def create_app(*args, **kwargs):
+            worker_module.faust.App = app_with_defaults
+            try:
+                app = make_app(*args, **kwargs)
+            finally:
+                worker_module.faust.App = faust_app
+            app.producer.buffer.max_messages = 100
+            return app
+
+        worker_module.create_app = create_app
+        worker_module.run_worker(Settings.load())
+        return 0
 
     class VariantService(worker_module.DetectorService):
         def __init__(self, settings: Settings, metrics=None):

@@ -154,12 +154,20 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         key_serializer="raw",
         consumer_auto_offset_reset=settings.auto_offset_reset,
         producer_acks=-1,
+        # A micro-batch hands the producer up to one window snapshot per key it touched: let them go out
+        # in a few requests rather than one each (5 ms; alert acks are awaited per batch, so at most that
+        # much latency is added to batches that alert).
+        producer_linger_ms=5,
         broker_commit_interval=1.0,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         topic_allow_declare=True,  # the window-state changelog topic is created by Faust
         loghandlers=[],
     )
+    # Faust stops delivering input events while more than `max_messages` are waiting to be produced
+    # (100 by default, a class attribute with no setting): each micro-batch's snapshot burst would stall
+    # consumption until drained. Bounded still, at a few micro-batches' worth.
+    app.producer.buffer.max_messages = max(4 * settings.batch_max, 1000)
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
     alerts = app.topic(settings.alerts_topic, key_serializer="raw", value_serializer="raw")
     dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")

@@ -237,3 +237,34 @@ def test_evaluate_cli_needs_a_label_column(sensor_model, capsys):
                        "--key-column", "device"])
     assert rc == 2
     assert "--label-column" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_cli_on_a_transactions_csv(tmp_path):
+    """The fraud data's layout (TX_* columns, customer key, ISO times): a supervised classifier with
+    the robust per-key features, evaluated by replay."""
+    from datetime import datetime, timezone
+
+    rows = []
+    for i, e in enumerate(generate("transactions", n_keys=30, events_per_key=60, anomaly_rate=0.08, seed=4)):
+        rows.append({"TRANSACTION_ID": i,
+                     "TX_DATETIME": datetime.fromtimestamp(e.timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                     "CUSTOMER_ID": e.key, "TERMINAL_ID": e.fields["terminal_id"], "TX_AMOUNT": e.fields["amount"],
+                     "TX_FRAUD": e.label})
+    write_csv(tmp_path / "tx.csv", rows)
+    flags = ["--csv", str(tmp_path / "tx.csv"), "--key-column", "CUSTOMER_ID", "--time-column", "TX_DATETIME",
+             "--amount-column", "TX_AMOUNT", "--terminal-column", "TERMINAL_ID", "--id-column", "TRANSACTION_ID",
+             "--label-column", "TX_FRAUD"]
+    rc = trainer_main(["train", "--profile", "transactions", "--robust-features", *flags, "--model", "lstm_classifier",
+                       "--window", "8", "--hidden", "8", "--epochs", "2", "--no-progress", "--threads", "1",
+                       "--device", "cpu", "--out", str(tmp_path / "model")])
+    assert rc == 0
+    artifact = load_artifact(tmp_path / "model")
+    assert artifact.kind == "lstm_classifier" and "amount_to_key_median" in artifact.feature_names
+    assert artifact.metadata["threshold"]["method"] == "max_f1"
+    rc = trainer_main(["evaluate", "--model-dir", str(tmp_path / "model"), *flags, "--json", str(tmp_path / "m.json"),
+                       "--threads", "1"])
+    assert rc == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    assert report["metrics"]["events"] == 30 * 60
+    assert report["metrics"]["warming_up_events"] == 30 * 7
+    assert report["model"]["threshold_policy"] == "GlobalThreshold"  # an F1 threshold is not adapted per key

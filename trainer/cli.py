@@ -67,10 +67,9 @@ def _model_options(items: Sequence[str]) -> dict[str, Any]:
 def _merge(base: LoadedData, extra: LoadedData) -> LoadedData:
     if extra.profile.to_config() != base.profile.to_config():
         raise SystemExit("trainer: --extra-normal-csv has other features than --csv")
-    order = sorted(range(len(base.events) + len(extra.events)),
-                   key=lambda i: (base.events + extra.events)[i].timestamp)
     events = base.events + extra.events
     labels = base.labels + [0] * len(extra.events)
+    order = sorted(range(len(events)), key=lambda i: events[i].timestamp)
     return LoadedData([events[i] for i in order], [labels[i] for i in order], base.profile,
                       base.rejected + extra.rejected, base.files + extra.files)
 
@@ -113,8 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, patience=args.patience, val_fraction=args.val_fraction,
         threshold_rule=args.threshold_rule, threshold_quantile=args.threshold_quantile,
         threshold_margin=args.threshold_margin, max_train_windows=args.max_train_windows,
-        context_noise=args.context_noise, class_weight=args.class_weight, model_options=_model_options(args.model_option), seed=args.seed,
-        device=args.device, threads=args.threads,
+        context_noise=args.context_noise, class_weight=args.class_weight,
+        model_options=_model_options(args.model_option), seed=args.seed, device=args.device, threads=args.threads,
     )
     described = data.describe()
     print(f"training {config.model} on {described['events']} events from {described['keys']} keys "
