@@ -233,7 +233,7 @@ def run_skab(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, 
     for kind, overrides in SKAB_MODELS:
         if args.models and kind not in args.models:
             continue
-        options = {**SKAB_COMMON, **overrides}
+        options = {**SKAB_COMMON, "threshold_quantile": args.skab_quantile, **overrides}
         if args.quick:
             options["epochs"] = min(options["epochs"], 3)
         config = TrainConfig(model=kind, seed=args.seed, device="cpu", threads=args.threads, **options)
@@ -253,12 +253,13 @@ def run_skab(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, 
             f"AP {metrics['average_precision']:.3f} ({seconds:.0f} s training)")
     if not args.no_baselines:
         rows += baseline_rows(profile, SKAB_WINDOW, train_events, train_labels, full.events, full.labels, mask,
-                              SKAB_QUANTILE, args.seed)
+                              args.skab_quantile, args.seed)
     note = (", including `anomaly-free.csv`" if args.skab_anomaly_free else
             "; `anomaly-free.csv` is not used: it was recorded in another operating regime of the testbed "
             "(flow rate ~123 against ~32 in valve1, temperature ~90 against 67-79), and adding it widens the "
             "scaler so much that valve1's faults shrink to noise (run with --skab-anomaly-free to see)")
-    return {"rows": rows, "data": {"anomaly_free_note": note, "train_events": len(train_events), "test_events": int(mask.sum()),
+    return {"rows": rows, "data": {"anomaly_free_note": note, "quantile": args.skab_quantile,
+                                   "train_events": len(train_events), "test_events": int(mask.sum()),
                                    "test_anomalous": int(np.asarray(full.labels)[mask].sum()),
                                    "files": len({e.key for e in full.events})}}
 
@@ -436,7 +437,7 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{sk['data']['test_anomalous']} anomalous; each file's training part is replayed first (it only warms "
             "windows and per-key state up). Models are replayed through the worker's detector "
             "(`trainer.evaluate.replay`: windows, scaling, scoring, the worker's default threshold policy). "
-            f"**Thresholds are fitted on training data only**: the {SKAB_QUANTILE} quantile of scores on the "
+            f"**Thresholds are fitted on training data only**: the {sk['data'].get('quantile', SKAB_QUANTILE)} quantile of scores on the "
             "held-out latest 20 % of each key's training windows (baselines: the same rule, one global "
             "threshold). Point metrics over all test parts together.", "",
             "| model | F1 | FAR | MAR | precision | recall | AP | ROC-AUC | event recall | mean delay (events) | "
@@ -543,6 +544,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few epochs only: checks the script, not quality")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady timings on a shared box)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skab-quantile", type=float, default=SKAB_QUANTILE,
+                        help="SKAB: quantile of training scores for the threshold (the trainer's default is 0.999)")
     parser.add_argument("--keep-artifacts", help="write the trained artifacts here instead of a temporary directory")
     parser.add_argument("--skab-anomaly-free", action="store_true",
                         help="add skab/anomaly-free/anomaly-free.csv to the SKAB training data (another operating "

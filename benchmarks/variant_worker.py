@@ -17,6 +17,9 @@ Variants:
   the model did before the newest-steps-only decoder: the "before" of that change, end to end.
 - ``producer-defaults``: the worker with Faust's producer defaults (no linger, consumption paused
   beyond 100 messages waiting to be produced): the "before" of the producer batching change.
+- ``faust-ceiling``: a Faust agent on the same topic that only counts the events it takes (same
+  adaptive batches, no decoding, no model, nothing produced): the ceiling Faust itself sets for
+  any worker built on it on this machine.
 """
 
 from __future__ import annotations
@@ -84,11 +87,39 @@ def full_decoder_scorer(service):
     return score
 
 
+def ceiling_app(settings: Settings, service, input_partitions: int = 1):
+    """The worker's Faust app with an agent that takes batches and counts them, nothing else."""
+    import faust
+
+    from stream_detector.batching import adaptive_batches
+
+    app = faust.App(settings.consumer_group, broker=worker_module._broker_url(settings.bootstrap_servers),
+                    autodiscover=False, store="memory://", web_enabled=False, value_serializer="raw",
+                    key_serializer="raw", consumer_auto_offset_reset=settings.auto_offset_reset,
+                    broker_commit_interval=1.0, loghandlers=[])
+    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
+    consumed = service.metrics.events_consumed
+
+    @app.agent(source, concurrency=1)
+    async def count(stream):
+        async for events in adaptive_batches(stream, settings.batch_max, settings.batch_within_s):
+            consumed.inc(len(events))
+
+    return app
+
+
+VARIANTS = ("hst", "full-decoder", "producer-defaults", "faust-ceiling")
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ("hst", "full-decoder", "producer-defaults"):
-        print("usage: variant_worker.py hst|full-decoder|producer-defaults", file=sys.stderr)
+    if len(argv) != 1 or argv[0] not in VARIANTS:
+        print("usage: variant_worker.py " + "|".join(VARIANTS), file=sys.stderr)
         return 2
     variant = argv[0]
+    if variant == "faust-ceiling":
+        worker_module.create_app = ceiling_app
+        worker_module.run_worker(Settings.load())
+        return 0
     if variant == "producer-defaults":
         import faust
 

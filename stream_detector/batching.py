@@ -18,6 +18,13 @@ here, and the stream's bounded queue, ``stream_buffer_maxsize``, pauses fetching
 and the batch's events are acknowledged only when the consumer asks for the next batch, i.e. after
 it has finished with this one. It relies on the same ``Stream`` internals as ``take_events``
 (faust-streaming is pinned in pyproject.toml).
+
+With ``defer_acks`` the consumer acknowledges the events itself (:func:`ack_events`), later: the
+worker acks a batch only once the window snapshots covering it are in the changelog, and writes
+those once a second rather than once per batch. With ``idle_s`` an empty batch is yielded after
+that long without events, so such deferred work still happens at a batch boundary when the
+input goes quiet (and Faust's rebalance, which waits for every started event to be acked, is not
+held up).
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ def _waiting(stream: Any) -> int:
     return queue.qsize() if queue is not None else 0
 
 
-async def take_adaptive(stream: Any, batch_max: int, within_s: float,
-                        linger_s: float = LINGER_S) -> AsyncIterator[List[Any]]:
-    """Yields lists of events (``faust.EventT``), acked once the next list is asked for."""
+async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: float = LINGER_S,
+                        defer_acks: bool = False, idle_s: float | None = None) -> AsyncIterator[List[Any]]:
+    """Yields lists of events (``faust.EventT``), acked once the next list is asked for (or, with
+    ``defer_acks``, when the consumer calls :func:`ack_events`); ``[]`` after ``idle_s`` idle."""
     buffer: List[Any] = []
     events: List[Any] = []
     buffer_full = asyncio.Event()
@@ -77,10 +85,14 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float,
     stream.add_processor(add_to_buffer)
     stream._enable_passive(channel_it)
     loop = asyncio.get_running_loop()
+    idle_since = loop.time()
     try:
         while not stream.should_stop:
-            await stream.wait_for_stopped(buffer_started, timeout=1.0)
+            await stream.wait_for_stopped(buffer_started, timeout=min(idle_s or 1.0, 1.0))
             if not buffer:
+                if idle_s is not None and loop.time() - idle_since >= idle_s:
+                    idle_since = loop.time()
+                    yield []
                 continue
             started = loop.time()
             while not buffer_full.is_set() and not stream.should_stop:
@@ -95,9 +107,11 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float,
                 yield list(events)
             finally:
                 buffer.clear()
-                for event in events:
-                    await stream.ack(event)
+                if not defer_acks:
+                    for event in events:
+                        await stream.ack(event)
                 events.clear()
+                idle_since = loop.time()
                 notify(buffer_consuming)
                 buffer_full.clear()
                 buffer_started.clear()
@@ -107,10 +121,18 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float,
         stream._processors.remove(add_to_buffer)
 
 
-def adaptive_batches(stream: Any, batch_max: int, within_s: float) -> AsyncGenerator[List[Any], None]:
+async def ack_events(stream: Any, events: List[Any]) -> None:
+    """Acknowledges events taken with ``defer_acks``: Faust may then commit their offsets."""
+    ack = stream.ack
+    for event in events:
+        await ack(event)
+
+
+def adaptive_batches(stream: Any, batch_max: int, within_s: float, defer_acks: bool = False,
+                     idle_s: float | None = None) -> AsyncGenerator[List[Any], None]:
     """:func:`take_adaptive`, registered with the stream so that stopping it closes the generator
     (as Faust does for ``take_events``)."""
-    agen = take_adaptive(stream, batch_max, within_s)
+    agen = take_adaptive(stream, batch_max, within_s, defer_acks=defer_acks, idle_s=idle_s)
     active = getattr(stream, "_active_agens", None)
     if active is not None:
         active.add(agen)

@@ -51,6 +51,8 @@ class WorkerMetrics:
                                        registry=r)
         self.keys_restored = Counter(p + "keys_restored", "Key windows restored from the state changelog.",
                                      registry=r)
+        self.state_writes = Counter(p + "state_writes", "Key window snapshots written to the state changelog.",
+                                    registry=r)
         self.model_reloads = Counter(p + "model_reloads", "Newer model versions hot-swapped in.", registry=r)
         self.model_reload_failures = Counter(p + "model_reload_failures",
                                              "Model versions refused (checksum, format or shape).", registry=r)

@@ -9,15 +9,21 @@ same units:
 - then its threshold is the global one scaled by how the key's recent normal scores compare with
   the normal scores the global threshold was fitted on::
 
-      threshold(key) = global * clamp(median(key's last `history` normal scores) / reference_median,
+      threshold(key) = global * clamp(level(key's last `history` normal scores) / reference_median,
                                       min_ratio, max_ratio)
 
   a quiet key gets a lower threshold (more sensitive), a noisy one a higher threshold (fewer false
   alarms), and a key whose normal behaviour drifts slowly is followed as it drifts;
-- a score above the key's current threshold never enters its history, so an anomaly neither
-  raises the threshold while it lasts nor makes it jump when it leaves the history (the sliding
-  window problem of e.g. NASA telemanom's dynamic threshold); a sudden jump of the normal level
-  beyond the threshold is not learned either: it stays an incident until a retrained model;
+- only clearly normal scores enter a key's history: those at or below the key's *learning
+  ceiling*, the key's equivalent of the 90th percentile of the normal scores the global threshold
+  was fitted on (``learn_ceiling`` in the artifact; the threshold itself when it is lower). So an
+  anomaly, even one scoring under the alert threshold (a long, moderate fault against a 0.999
+  quantile threshold), neither raises the threshold while it lasts nor makes it jump when it
+  leaves the history (the sliding-window problem of e.g. NASA telemanom's dynamic threshold), and
+  a sudden jump of the normal level is not learned either: it stays an incident until a retrained
+  model. Since the history is cut at the ceiling, the key's level is read as its
+  ``0.5 / learn_share`` quantile (``learn_share`` = 0.9 of normal scores lie under the ceiling),
+  which is the median of the uncut scores;
 - ``min_ratio``/``max_ratio`` bound how far any key can move from the global threshold.
 
 State per key is fixed: a ring of ``history`` float32 scores plus a count and the current
@@ -99,12 +105,22 @@ class AdaptiveThreshold:
 
     def __init__(self, value: float, reference_median: float, warmup: int = 64, history: int = 128,
                  min_ratio: float = 0.5, max_ratio: float = 2.0, initial_capacity: int = 1024,
-                 max_keys: int | None = None):
+                 max_keys: int | None = None, learn_ceiling: float | None = None, learn_share: float = 0.9):
         if not (value > 0 and reference_median > 0 and math.isfinite(value) and math.isfinite(reference_median)):
             raise ValueError("adaptive thresholds need a positive global threshold and reference median")
         ThresholdConfig(warmup=warmup, history=history, min_ratio=min_ratio, max_ratio=max_ratio)  # validates
         self.value = float(value)
         self.reference_median = float(reference_median)
+        if learn_ceiling is not None and not (math.isfinite(learn_ceiling) and learn_ceiling >= reference_median):
+            raise ValueError("the learning ceiling must be a finite score at or above the reference median")
+        if not 0.5 < learn_share <= 1.0:
+            raise ValueError("learn_share must be in (0.5, 1]")
+        if learn_ceiling is None or learn_ceiling >= self.value:
+            # No ceiling below the threshold: the history is cut at the threshold itself (a high quantile).
+            self.learn_fraction, self.level_quantile = 1.0, 0.5
+        else:
+            self.learn_fraction = float(learn_ceiling) / self.value  # ceiling(key) = threshold(key) * this
+            self.level_quantile = 0.5 / learn_share
         self.warmup = warmup
         self.history = history
         self.min_ratio = min_ratio
@@ -159,7 +175,7 @@ class AdaptiveThreshold:
             limit = self._threshold[rr].astype(np.float64)
             out[idx] = limit
             s = scores[idx]
-            normal = np.isfinite(s) & (s <= limit)
+            normal = np.isfinite(s) & (s <= limit * self.learn_fraction)
             self._absorb(rr[normal], s[normal])
         return out
 
@@ -203,7 +219,7 @@ class AdaptiveThreshold:
     def _one(self, row: int, score: float) -> float:
         """:meth:`assess` for a single window (same result as a round of one)."""
         limit = float(self._threshold[row])
-        if not score <= limit:  # over threshold, or NaN
+        if not score <= limit * self.learn_fraction:  # over the learning ceiling, or NaN
             return limit
         count = int(self._count[row])
         self._ring[row, count % self.history] = score
@@ -213,10 +229,12 @@ class AdaptiveThreshold:
             self._calibrated += 1
         if count >= self.warmup:
             filled = min(count, self.history)
-            lo, hi = (filled - 1) // 2, filled // 2
+            position = self.level_quantile * (filled - 1)
+            lo, hi = math.floor(position), math.ceil(position)
             part = self._ring[row, :filled].copy()
             part.partition((lo, hi))
-            ratio = (float(part[lo]) + float(part[hi])) / 2.0 / self.reference_median
+            level = float(part[lo]) + (float(part[hi]) - float(part[lo])) * (position - lo)
+            ratio = level / self.reference_median
             self._threshold[row] = self.value * min(max(ratio, self.min_ratio), self.max_ratio)
         return limit
 
@@ -229,19 +247,22 @@ class AdaptiveThreshold:
         self._calibrated += int((counts == self.warmup).sum())
         ready = rows[counts >= self.warmup]
         if ready.size:
-            ratio = self._median(ready) / self.reference_median
+            ratio = self._level(ready) / self.reference_median
             self._threshold[ready] = self.value * np.clip(ratio, self.min_ratio, self.max_ratio)
 
-    def _median(self, rows: np.ndarray) -> np.ndarray:
+    def _level(self, rows: np.ndarray) -> np.ndarray:
+        """Each key's ``level_quantile`` of its history (the median when nothing is cut off)."""
         ring = self._ring[rows]
         filled = np.minimum(self._count[rows], self.history).astype(np.int64)
         if int(filled.min()) < self.history:
             ring[np.arange(self.history)[None, :] >= filled[:, None]] = np.inf
         ring.sort(axis=1)
-        lo = (filled - 1) // 2
-        hi = filled // 2
+        position = self.level_quantile * (filled - 1)
+        lo = np.floor(position).astype(np.int64)
+        hi = np.ceil(position).astype(np.int64)
         pick = np.arange(len(rows))
-        return (ring[pick, lo].astype(np.float64) + ring[pick, hi]) / 2.0
+        low = ring[pick, lo].astype(np.float64)
+        return low + (ring[pick, hi].astype(np.float64) - low) * (position - lo)
 
     def _allocate(self, key: str) -> int:
         if not self._free:
@@ -295,15 +316,34 @@ def build_threshold_policy(artifact: Any, config: ThresholdConfig | None = None,
         log.info("per-key adaptive thresholds need a quantile threshold with its reference median; "
                  "model %s is served with its global threshold", getattr(artifact, "version", "?"))
         return GlobalThreshold(value)
+    ceiling = learn_ceiling(artifact.metadata, reference)
     return AdaptiveThreshold(value, reference, warmup=config.warmup, history=config.history,
-                             min_ratio=config.min_ratio, max_ratio=config.max_ratio, max_keys=max_keys)
+                             min_ratio=config.min_ratio, max_ratio=config.max_ratio, max_keys=max_keys,
+                             learn_ceiling=ceiling, learn_share=LEARN_SHARE)
+
+
+LEARN_SHARE = 0.9  # the learning ceiling is this quantile of the normal scores the threshold was fitted on
+
+
+def learn_ceiling(metadata: Mapping[str, Any], reference: float) -> float | None:
+    """The artifact's learning ceiling (its normal scores' 0.9 quantile), when it is known."""
+    record = metadata.get("threshold") or {}
+    value = record.get("learn_ceiling") if isinstance(record, Mapping) else None
+    if value is None:  # artifacts from before the record carried it
+        value = ((metadata.get("training") or {}).get("val_score_quantiles") or {}).get(str(LEARN_SHARE))
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= reference else None
 
 
 def fit_quantile_threshold(scores: np.ndarray, quantile: float = 0.995, margin: float = 1.0) -> dict[str, Any]:
     """The artifact's threshold record: a quantile of normal scores, optionally widened by a margin.
 
     ``reference_median`` (the median of the same scores) lets per-key adaptive thresholds compare
-    a key's normal scores with the ones the threshold was fitted on.
+    a key's normal scores with the ones the threshold was fitted on; ``learn_ceiling`` (their 0.9
+    quantile) bounds which scores a key's history learns from.
     """
     if not 0.0 < quantile < 1.0:
         raise ValueError("quantile must be in (0, 1)")
@@ -313,4 +353,5 @@ def fit_quantile_threshold(scores: np.ndarray, quantile: float = 0.995, margin: 
         raise ValueError("no finite scores to fit a threshold on")
     value = float(np.quantile(scores, quantile)) * margin
     return {"method": "quantile", "quantile": quantile, "margin": margin, "value": value,
-            "fitted_on": int(scores.size), "reference_median": float(np.median(scores))}
+            "fitted_on": int(scores.size), "reference_median": float(np.median(scores)),
+            "learn_ceiling": float(np.quantile(scores, LEARN_SHARE))}

@@ -6,14 +6,18 @@ This is the one place where the pieces are wired together. Per micro-batch
 1. decode and window the batch on the event loop (fast, per event);
 2. score it in one model call on a dedicated thread, so heartbeats and commits never stall;
 3. publish alerts and dead letters, and wait until the broker has acknowledged them;
-4. only then does the loop move on, and Faust acks (and later commits) the batch's offsets.
+4. only then does the loop move on; the batch's offsets are acked (and later committed by Faust)
+   once the window state they changed is in the changelog (below).
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606).
 
-Window state survives restarts and rebalances: after a batch's alerts are acknowledged, each key
-it touched is written to a compacted changelog (a Faust table's changelog topic, partitioned like
-the input). Faust restores the changelog of newly assigned partitions before the agent resumes,
+Window state survives restarts and rebalances: once a second (``state_flush_s``), at a batch
+boundary (so after the alerts of every event it covers are acknowledged), each key touched since
+the last write is written to a compacted changelog (a Faust table's changelog topic, partitioned
+like the input), and only once the broker has those snapshots are the input events acked. A hot
+key costs one changelog write a second, not one per batch; a crash re-delivers at most that
+second (plus Faust's commit interval) of events, which the restored windows take again. Faust restores the changelog of newly assigned partitions before the agent resumes,
 and a key's window is taken from it the first time the key is seen. Each snapshot records the
 offset of the key's last event, so records redelivered after a crash are recognised and not
 appended twice; since snapshots are written only after the alerts they follow, a recognised record
@@ -32,7 +36,7 @@ import faust
 import orjson
 
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_version_dir
-from .batching import adaptive_batches
+from .batching import ack_events, adaptive_batches
 from .detector import Detector, RawRecord
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.security import confluent_config, faust_credentials
@@ -193,13 +197,16 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     detector.windows.restore = restore
     store.on_evict_key = tombstone
 
-    def persist_touched() -> None:
+    def persist_touched() -> list[Awaitable[Any]]:
+        sent = []
         for key, slot in detector.windows.drain_touched().items():
             # Not evicted since; and a key's very first event is not worth a changelog write (a flood
             # of one-off keys would double the traffic): at worst one event is missing from its window.
             if store.slot_of(key) == slot and store.count(slot) >= settings.state_min_events:
-                state.send_changelog(store.position(slot)[0], key.encode(), store.snapshot(slot))
+                sent.append(state.send_changelog(store.position(slot)[0], key.encode(), store.snapshot(slot)))
                 store.mark_persisted(slot)
+        metrics.state_writes.inc(len(sent))
+        return sent
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
@@ -216,78 +223,116 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
         loop = asyncio.get_running_loop()
-        batches = (adaptive_batches(stream, settings.batch_max, settings.batch_within_s) if settings.batch_adaptive
+        # Adaptive batches leave acks to us: a batch is acked once the snapshots covering it are
+        # written (every `state_flush_s`). Faust's take_events acks each batch itself, so with it
+        # snapshots are written after every batch.
+        deferred = settings.batch_adaptive
+        batches = (adaptive_batches(stream, settings.batch_max, settings.batch_within_s, defer_acks=True,
+                                    idle_s=min(settings.state_flush_s, 1.0)) if deferred
                    else stream.take_events(settings.batch_max, within=settings.batch_within_s))
-        async for events in batches:
-            records = [
-                RawRecord(e.message.value, e.message.key, e.message.timestamp, e.message.partition,
-                          e.message.offset, tuple(e.message.headers or ()))
-                for e in events
+        unacked: list[Any] = []
+        last_flush = loop.time()
+        flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
+
+        async def flush_state() -> None:
+            nonlocal last_flush
+            sent = persist_touched()  # at a batch boundary: every alert these snapshots follow is acked
+            if sent:
+                await asyncio.gather(*sent)  # in the changelog before the offsets may be committed
+            if unacked:
+                await ack_events(stream, unacked)
+                unacked.clear()
+            last_flush = loop.time()
+
+        try:
+            async for events in batches:
+                if events:
+                    await handle(events)
+                if not deferred:
+                    persist_touched()  # after the alerts: a snapshot never runs ahead of them
+                    continue
+                unacked.extend(events)
+                if loop.time() - last_flush >= settings.state_flush_s or len(unacked) >= flush_at_most:
+                    await flush_state()
+        finally:
+            if deferred and unacked:
+                try:  # a clean stop: leave nothing to re-deliver
+                    await asyncio.wait_for(flush_state(), timeout=5.0)
+                except Exception as exc:  # stopping anyway; the events are re-delivered and re-applied
+                    log.info("window state not flushed at stop (%s): %d events will be re-delivered", exc,
+                             len(unacked))
+
+    async def handle(events: list[Any]) -> None:
+        """One micro-batch: decode and window, score off the loop, publish, await the broker's acks."""
+        loop = asyncio.get_running_loop()
+        records = [
+            RawRecord(e.message.value, e.message.key, e.message.timestamp, e.message.partition,
+                      e.message.offset, tuple(e.message.headers or ()))
+            for e in events
+        ]
+        batch = detector.prepare(records)
+        metrics.events_consumed.inc(len(records))
+        pending: list[Awaitable[Any]] = []
+        for record, invalid in batch.invalid:
+            metrics.events_invalid.labels(reason=invalid.reason).inc()
+            log.warning("invalid event at %s[%d]@%d: %s (%s)", settings.input_topic, record.partition,
+                        record.offset, invalid.reason, invalid.detail)
+            headers = list(record.headers) + [
+                ("x-dlq-reason", invalid.reason.encode()),
+                ("x-dlq-detail", invalid.detail.encode("utf-8", "replace")),
+                ("x-dlq-source", f"{settings.input_topic}:{record.partition}:{record.offset}".encode()),
             ]
-            batch = detector.prepare(records)
-            metrics.events_consumed.inc(len(records))
-            pending: list[Awaitable[Any]] = []
-            for record, invalid in batch.invalid:
-                metrics.events_invalid.labels(reason=invalid.reason).inc()
-                log.warning("invalid event at %s[%d]@%d: %s (%s)", settings.input_topic, record.partition,
-                            record.offset, invalid.reason, invalid.detail)
-                headers = list(record.headers) + [
-                    ("x-dlq-reason", invalid.reason.encode()),
-                    ("x-dlq-detail", invalid.detail.encode("utf-8", "replace")),
-                    ("x-dlq-source", f"{settings.input_topic}:{record.partition}:{record.offset}".encode()),
-                ]
-                pending.append(await dead_letters.send(key=record.key, value=record.value or b"", headers=headers,
-                                                       force=True))
-            if batch.warming_up:
-                metrics.events_warming_up.inc(batch.warming_up)
-            if batch.replayed:
-                metrics.events_replayed.inc(batch.replayed)
-            if batch.unscored:
-                metrics.events_unscored.inc(batch.unscored)
-            decisions = []
-            if len(batch):
-                scores = await loop.run_in_executor(service.executor, detector.score, batch)
-                decisions = detector.finish(batch, scores)
-                metrics.windows_scored.inc(len(decisions))
-            # Incident closes of evicted keys and idle incidents go first: a key's old incident is
-            # closed before a new one of the same key opens.
-            messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
-            over = 0
+            pending.append(await dead_letters.send(key=record.key, value=record.value or b"", headers=headers,
+                                                   force=True))
+        if batch.warming_up:
+            metrics.events_warming_up.inc(batch.warming_up)
+        if batch.replayed:
+            metrics.events_replayed.inc(batch.replayed)
+        if batch.unscored:
+            metrics.events_unscored.inc(batch.unscored)
+        decisions = []
+        if len(batch):
+            scores = await loop.run_in_executor(service.executor, detector.score, batch)
+            decisions = detector.finish(batch, scores)
+            metrics.windows_scored.inc(len(decisions))
+        # Incident closes of evicted keys and idle incidents go first: a key's old incident is
+        # closed before a new one of the same key opens.
+        messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
+        over = 0
+        for d in decisions:
+            metrics.score_ratio.observe(d.score / d.threshold if d.threshold > 0 else d.score)
+            over += d.over
+            if d.alert is not None:
+                messages.append((d.alert, d.record))
+        for message, _ in messages:
+            pending.append(await alerts.send(key=message["key"].encode(), value=encode_alert(message),
+                                             force=True))
+        if scores_out is not None:
+            version = detector.artifact.version
             for d in decisions:
-                metrics.score_ratio.observe(d.score / d.threshold if d.threshold > 0 else d.score)
-                over += d.over
-                if d.alert is not None:
-                    messages.append((d.alert, d.record))
-            for message, _ in messages:
-                pending.append(await alerts.send(key=message["key"].encode(), value=encode_alert(message),
-                                                 force=True))
-            if scores_out is not None:
-                version = detector.artifact.version
-                for d in decisions:
-                    pending.append(await scores_out.send(key=d.event.key.encode(), value=orjson.dumps({
-                        "key": d.event.key, "event_id": d.event.event_id, "event_timestamp": d.event.timestamp,
-                        "score": d.score, "threshold": d.threshold, "model_version": version}), force=True))
-            if pending:
-                await asyncio.gather(*pending)  # broker acks before the input offsets are acked
-                if batch.invalid:
-                    metrics.dead_lettered.inc(len(batch.invalid))
-                done = time.time()
-                for message, record in messages:
-                    metrics.alerts_published.inc()
-                    metrics.alert_messages.labels(state=message["state"]).inc()
-                    if message["state"] == "close":
-                        metrics.incidents_closed.labels(reason=message["incident"]["close_reason"]).inc()
-                    if record is not None and record.timestamp:
-                        metrics.event_to_alert_seconds.observe(max(done - record.timestamp, 0.0))
-            if over:
-                metrics.windows_over_threshold.inc(over)
-            lifecycle = detector.incidents
-            metrics.incidents_suppressed.inc(lifecycle.stats.suppressed - service.suppressed_seen)
-            service.suppressed_seen = lifecycle.stats.suppressed
-            metrics.incidents_open.set(lifecycle.open_count)
-            metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
-            persist_touched()  # after the alerts: a snapshot never runs ahead of them
-            metrics.active_keys.set(len(detector.windows))
+                pending.append(await scores_out.send(key=d.event.key.encode(), value=orjson.dumps({
+                    "key": d.event.key, "event_id": d.event.event_id, "event_timestamp": d.event.timestamp,
+                    "score": d.score, "threshold": d.threshold, "model_version": version}), force=True))
+        if pending:
+            await asyncio.gather(*pending)  # broker acks before the input offsets are acked
+            if batch.invalid:
+                metrics.dead_lettered.inc(len(batch.invalid))
+            done = time.time()
+            for message, record in messages:
+                metrics.alerts_published.inc()
+                metrics.alert_messages.labels(state=message["state"]).inc()
+                if message["state"] == "close":
+                    metrics.incidents_closed.labels(reason=message["incident"]["close_reason"]).inc()
+                if record is not None and record.timestamp:
+                    metrics.event_to_alert_seconds.observe(max(done - record.timestamp, 0.0))
+        if over:
+            metrics.windows_over_threshold.inc(over)
+        lifecycle = detector.incidents
+        metrics.incidents_suppressed.inc(lifecycle.stats.suppressed - service.suppressed_seen)
+        service.suppressed_seen = lifecycle.stats.suppressed
+        metrics.incidents_open.set(lifecycle.open_count)
+        metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
+        metrics.active_keys.set(len(detector.windows))
 
     return app
 

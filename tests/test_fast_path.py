@@ -225,3 +225,47 @@ def test_faust_take_events_waits_for_its_timer_below_batch_max():
 
     out = run_agent(lambda stream: stream.take_events(1024, within=2.0), trickle)
     assert not out or out[0][0] >= 0.3  # still waiting when the feed ended (flushed when the agent stops)
+
+
+def test_deferred_acks_wait_for_the_consumer_and_idle_yields_give_it_a_batch_boundary():
+    import asyncio
+    import time
+
+    import faust
+
+    from stream_detector.batching import ack_events, adaptive_batches
+
+    app = faust.App(f"deferred-acks-{time.time_ns()}", store="memory://", web_enabled=False)
+    seen: list[int] = []
+    idle_yields = 0
+    held: list = []
+    acked_while_held: list[bool] = []
+    acked_after: list[bool] = []
+
+    @app.agent()
+    async def agent(stream):
+        nonlocal idle_yields
+        async for events in adaptive_batches(stream, 8, within_s=5.0, defer_acks=True, idle_s=0.1):
+            # The previous batches' events stay unacked until the consumer acks them.
+            acked_while_held.extend(e.message.acked for e in held)
+            if not events:
+                idle_yields += 1
+                await ack_events(stream, held)
+                acked_after.extend(e.message.acked for e in held)
+                held.clear()
+                continue
+            seen.extend(e.value for e in events)
+            held.extend(events)
+
+    async def main():
+        async with agent.test_context() as running:
+            for i in range(20):
+                await running.put(i)
+            await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    assert seen == list(range(20))
+    assert acked_while_held and not any(acked_while_held)
+    assert len(acked_after) == 20 and all(acked_after)
+    assert idle_yields >= 1
+    assert not held  # the idle batch boundary acked everything

@@ -15,7 +15,8 @@ def test_quantile_of_scores():
     record = fit_quantile_threshold(scores, quantile=0.9)
     assert record["value"] == pytest.approx(90.0)
     assert record == {"method": "quantile", "quantile": 0.9, "margin": 1.0, "value": record["value"],
-                      "fitted_on": 101, "reference_median": 50.0}
+                      "fitted_on": 101, "reference_median": 50.0,
+                      "learn_ceiling": 90.0}
 
 
 def test_margin_widens_the_quantile():
@@ -65,6 +66,7 @@ from stream_detector.thresholds import (  # noqa: E402
     AdaptiveThreshold,
     ThresholdConfig,
     build_threshold_policy,
+    learn_ceiling,
     reference_median,
 )
 
@@ -81,6 +83,9 @@ def adaptive(**kwargs) -> AdaptiveThreshold:
 def normal_scores(n: int, median: float, seed: int = 0) -> np.ndarray:
     """Right-skewed like reconstruction errors, with the given median."""
     return median * np.random.default_rng(seed).lognormal(0.0, 0.3, n)
+
+
+CEIL = REF * float(np.exp(0.3 * 1.2815516))  # the 0.9 quantile of normal_scores(..., REF)
 
 
 def feed(policy: AdaptiveThreshold, key: str, scores) -> np.ndarray:
@@ -124,8 +129,9 @@ def test_threshold_ignores_an_anomaly_burst():
     assert np.median(np.r_[before_scores, np.full(100, 40.0)][-64:]) == 40.0
 
 
-def test_threshold_follows_slow_drift_of_normal_scores():
-    policy = adaptive(warmup=32, history=64, max_ratio=3.0)
+@pytest.mark.parametrize("ceiling", [None, "q90"])
+def test_threshold_follows_slow_drift_of_normal_scores(ceiling):
+    policy = adaptive(warmup=32, history=64, max_ratio=3.0, learn_ceiling=CEIL if ceiling else None)
     n = 3000
     drift = np.linspace(1.0, 1.8, n)  # normal behaviour creeps up by 80 %
     applied = feed(policy, "k", normal_scores(n, REF, seed=3) * drift)
@@ -133,6 +139,34 @@ def test_threshold_follows_slow_drift_of_normal_scores():
     assert applied[-300:].mean() == pytest.approx(T * drift[-300:].mean(), rel=0.05)
     segments = applied[:3000].reshape(6, 500).mean(axis=1)
     assert np.all(np.diff(segments) > 0)  # it tracks the drift as it happens
+
+
+def test_a_long_fault_scoring_under_the_alert_threshold_does_not_raise_it():
+    fault = np.full(400, 0.7 * T)  # over the key's learning ceiling, under its alert threshold
+    with_ceiling = adaptive(warmup=32, history=64, learn_ceiling=CEIL)
+    without = adaptive(warmup=32, history=64)
+    for policy in (with_ceiling, without):
+        feed(policy, "k", normal_scores(200, REF, seed=7))
+    before = with_ceiling.value_for("k")
+    applied = feed(with_ceiling, "k", fault)
+    assert np.all(applied == before) and with_ceiling.value_for("k") == before
+    # Learning every score under the threshold, the fault becomes the key's normal: 2x (the bound).
+    feed(without, "k", fault)
+    assert without.value_for("k") == pytest.approx(2.0 * T)
+
+
+@pytest.mark.parametrize("scale", [0.7, 1.0, 1.6])
+def test_the_keys_level_is_its_normal_median_although_its_history_is_cut_at_the_ceiling(scale):
+    policy = adaptive(warmup=64, history=128, learn_ceiling=CEIL)
+    applied = feed(policy, "k", normal_scores(3000, REF * scale, seed=8))
+    assert applied[-1000:].mean() == pytest.approx(T * scale, rel=0.06)
+
+
+def test_a_ceiling_above_the_threshold_cuts_the_history_at_the_threshold():
+    policy = adaptive(learn_ceiling=3 * T)
+    assert policy.learn_fraction == 1.0 and policy.level_quantile == 0.5
+    with pytest.raises(ValueError):
+        adaptive(learn_ceiling=REF / 2)  # below the reference median: not a ceiling
 
 
 def test_threshold_stays_within_bounds():
@@ -153,15 +187,16 @@ def test_a_sudden_jump_of_the_normal_level_is_not_learned():
     assert policy.value_for("k") == level
 
 
-def test_batching_does_not_change_decisions():
+@pytest.mark.parametrize("ceiling", [None, "q90"])
+def test_batching_does_not_change_decisions(ceiling):
     rng = np.random.default_rng(6)
     keys = [f"k{i}" for i in rng.integers(0, 7, 3000)]
     medians = {f"k{i}": 0.5 + 0.5 * i for i in range(7)}
     scores = np.array([medians[k] * rng.lognormal(0, 0.4) for k in keys])
     scores[rng.random(3000) < 0.02] *= 20  # some anomalies
-    one_by_one = adaptive()
+    one_by_one = adaptive(learn_ceiling=CEIL if ceiling else None)
     expected = np.array([one_by_one.assess([k], scores[i:i + 1])[0] for i, k in enumerate(keys)])
-    batched = adaptive()
+    batched = adaptive(learn_ceiling=CEIL if ceiling else None)
     got, start = [], 0
     for size in rng.integers(1, 300, 100):  # random micro-batches, a key often several times in one
         got.append(batched.assess(keys[start:start + size], scores[start:start + size]))
@@ -229,6 +264,15 @@ def test_policy_built_from_an_artifact():
     assert type(build_threshold_policy(_artifact({"method": "max_f1", "value": 0.5, "reference_median": 0.1}))) \
         is GlobalThreshold
     assert type(build_threshold_policy(_artifact(record, value=-1.0))) is GlobalThreshold
+
+
+def test_the_learning_ceiling_comes_from_the_artifact():
+    policy = build_threshold_policy(_artifact({"method": "quantile", "value": T, "reference_median": REF,
+                                               "learn_ceiling": 4.0}))
+    assert policy.learn_fraction == pytest.approx(4.0 / T) and policy.level_quantile == pytest.approx(0.5 / 0.9)
+    assert learn_ceiling({"training": {"val_score_quantiles": {"0.9": 3.0}}}, REF) == 3.0  # older artifacts
+    assert learn_ceiling({}, REF) is None
+    assert learn_ceiling({"threshold": {"learn_ceiling": 1.0}}, REF) is None  # under the median: ignored
 
 
 def test_reference_median_of_older_artifacts_comes_from_training_quantiles():
