@@ -37,7 +37,7 @@ from mode.utils.futures import notify
 LINGER_S = 0.001
 
 
-def _waiting(stream: Any) -> int:
+def waiting_events(stream: Any) -> int:
     """Events delivered to the stream's queue and not taken yet."""
     queue = getattr(stream.channel, "queue", None)
     return queue.qsize() if queue is not None else 0
@@ -100,7 +100,7 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: 
                 if left <= 0:
                     break
                 await stream.wait_for_stopped(buffer_full, timeout=min(linger_s, left))
-                if not _waiting(stream):
+                if not waiting_events(stream):
                     break
             buffer_consuming = loop.create_future()  # the processor may not add while we read
             try:

@@ -91,11 +91,12 @@ class Settings:
         metadata=_doc("A key's window is written to the state changelog once it holds this many events."),
     )
     state_flush_s: float = field(
-        default=1.0,
-        metadata=_doc("How often the windows of keys touched since the last write go to the state changelog; input "
-                      "offsets are acked only after. A hot key costs one write per interval; a crash re-delivers "
-                      "at most about this much (restored windows take it again). With `batch_adaptive=false`: "
-                      "after every batch."),
+        default=0.0,
+        metadata=_doc("0: the windows of keys a micro-batch touched go to the state changelog after it (lowest "
+                      "latency). Above 0: under a backlog, at most this often, input offsets acked after (a hot key "
+                      "costs one write per interval; +20 % events/s on the throughput benchmark, but event-to-alert "
+                      "latency grows to about the interval: Faust hands over new events late while earlier ones wait "
+                      "unacked). A crash re-delivers at most about this much; restored windows take it again."),
     )
     max_message_bytes: int = field(
         default=1_000_000, metadata=_doc("Larger messages are dead-lettered with reason `oversized`.")
@@ -202,8 +203,8 @@ class Settings:
             problems.append("batch_within_s and key_ttl_s must be positive")
         if not self.lag_interval_s > 0:
             problems.append("lag_interval_s must be positive")
-        if not 0 < self.state_flush_s <= 60:
-            problems.append("state_flush_s must be within (0, 60] (Faust's rebalances wait for unacked events)")
+        if not 0 <= self.state_flush_s <= 60:
+            problems.append("state_flush_s must be within [0, 60] (Faust's rebalances wait for unacked events)")
         if self.security_protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
             problems.append(f"security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, "
                             f"not {self.security_protocol!r}")
