@@ -59,7 +59,8 @@ def bad_messages(draw) -> bytes:
 def _generate(n: int) -> list[bytes]:
     out: list[bytes] = []
 
-    @settings(max_examples=n, database=None, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=n, database=None, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
     @given(bad_messages())
     def collect(message: bytes) -> None:
         out.append(message)
