@@ -770,6 +770,12 @@ FAST_PATH = [
                                    "messages waiting (Faust: no linger, 100)", "before"),
     ("detector_threads2", "`torch_threads=0` means cores - 1 (here 1) instead of all cores (here 2)", "before"),
     ("detector_fixed_batches", "adaptive micro-batches (`batch_adaptive`) instead of Faust's `take_events`", "before"),
+    ("detector_faust_consumer", "Faust's consumer kept up (`kafka/faust_fastpath.py`): the three changes below "
+                                "and a 65,536-event stream buffer, together", "before"),
+    ("detector_faust_delivery", "delivery to the stream without four tasks per event (`consumer_fast_path`)",
+     "before"),
+    ("detector_buffer_4096", "`stream_buffer_max=65536` (Faust: 4,096)", "before"),
+    ("detector_fetch_wait_1500", "`fetch_max_wait_ms=20` (Faust: 1,500)", "before"),
     ("detector_stride4", "opt-in `score_stride=4` for every key (`hot_key_rate=0`)", "option"),
     ("detector_flush_1s", "opt-in `state_flush_s=1`: window snapshots at most once a second under a backlog, "
                           "offsets acked after", "option"),
@@ -825,20 +831,31 @@ PIPELINE_LABELS = [
     ("detector_threads2", "(b) with `torch_threads=2` (the former default on 2 cores): before"),
     ("detector_producer_defaults", "(b) with Faust's producer defaults (no linger, pause beyond 100 waiting): before"),
     ("detector_no_changelog", "(b) without window-state changelog writes (`state_min_events` = 10^9)"),
-    ("detector_flush_every_batch", "(b) writing window snapshots after every batch (`state_flush_s=0`)"),
+    ("faust_ceiling_faust_consumer", "(f) with Faust's consumer as it comes: before"),
+    ("detector_faust_consumer", "(b) with Faust's consumer as it comes (per-event tasks, 4,096 buffer, "
+                                "1.5 s fetch wait): before"),
+    ("detector_faust_delivery", "(b) with Faust's per-event delivery tasks (`consumer_fast_path=false`): before"),
+    ("detector_buffer_4096", "(b) with Faust's 4,096-event stream buffer: before"),
+    ("detector_fetch_wait_1500", "(b) with Faust's 1.5 s fetch wait: before"),
     ("detector_flush_1s", "(b) writing window snapshots at most once a second under a backlog (`state_flush_s=1`)"),
     ("detector_stride4", "(b) with `score_stride=4` on every key (`hot_key_rate=0`)"),
 ]
 
+FAUST_CONSUMER = {"consumer_fast_path": "false", "stream_buffer_max": "4096", "fetch_max_wait_ms": "1500"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "detector_fixed_batches": {"settings": {"batch_adaptive": "false"}},
     "detector_full_decoder": {"variant": "full-decoder"},
     "detector_threads2": {"settings": {"torch_threads": "2"}},
     "detector_producer_defaults": {"variant": "producer-defaults"},
     "detector_no_changelog": {"settings": {"state_min_events": "1000000000"}},
-    "detector_flush_every_batch": {"settings": {"state_flush_s": "0"}},
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
+    # Faust's consumer as it comes: its per-event delivery tasks, 4,096-event stream buffer, 1.5 s fetch wait.
+    "detector_faust_consumer": {"settings": FAUST_CONSUMER},
+    "faust_ceiling_faust_consumer": {"variant": "faust-ceiling", "settings": FAUST_CONSUMER},
+    "detector_faust_delivery": {"settings": {"consumer_fast_path": "false"}},
+    "detector_buffer_4096": {"settings": {"stream_buffer_max": "4096"}},
+    "detector_fetch_wait_1500": {"settings": {"fetch_max_wait_ms": "1500"}},
 }
 
 

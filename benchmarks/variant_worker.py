@@ -92,11 +92,15 @@ def ceiling_app(settings: Settings, service, input_partitions: int = 1):
     import faust
 
     from stream_detector.batching import adaptive_batches
+    from stream_detector.kafka import faust_fastpath
 
+    if settings.consumer_fast_path:
+        faust_fastpath.install()
     app = faust.App(settings.consumer_group, broker=worker_module._broker_url(settings.bootstrap_servers),
                     autodiscover=False, store="memory://", web_enabled=False, value_serializer="raw",
                     key_serializer="raw", consumer_auto_offset_reset=settings.auto_offset_reset,
-                    broker_commit_interval=1.0, loghandlers=[])
+                    broker_commit_interval=1.0, stream_buffer_maxsize=settings.stream_buffer_max, loghandlers=[])
+    faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
     consumed = service.metrics.events_consumed
 

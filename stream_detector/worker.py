@@ -39,6 +39,7 @@ import orjson
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_version_dir
 from .batching import ack_events, adaptive_batches, waiting_events
 from .detector import Detector, RawRecord
+from .kafka import faust_fastpath
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.security import confluent_config, faust_credentials
 from .metrics import WorkerMetrics
@@ -148,6 +149,10 @@ class DetectorService:
 
 
 def create_app(settings: Settings, service: DetectorService, input_partitions: int = 1) -> faust.App:
+    if settings.consumer_fast_path:
+        faust_fastpath.install()
+    else:
+        faust_fastpath.uninstall()
     app = faust.App(
         settings.consumer_group,
         broker=_broker_url(settings.bootstrap_servers),
@@ -167,8 +172,10 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         topic_allow_declare=True,  # the window-state changelog topic is created by Faust
+        stream_buffer_maxsize=settings.stream_buffer_max,
         loghandlers=[],
     )
+    faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
     # Faust stops delivering input events while more than `max_messages` are waiting to be produced
     # (100 by default, a class attribute with no setting): each micro-batch's snapshot burst would stall
     # consumption until drained. Bounded still, at a few micro-batches' worth.
