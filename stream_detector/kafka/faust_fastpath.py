@@ -213,6 +213,17 @@ def _resumed(consumer: Any) -> asyncio.Event:
     return event
 
 
+def _supported(consequence: str) -> bool:
+    """True on a faust-streaming version these patches were written against; else warns."""
+    from importlib.metadata import version
+
+    found = version("faust-streaming")
+    if found in SUPPORTED_VERSIONS:
+        return True
+    log.warning("faust-streaming %s: %s (written for %s)", found, consequence, ", ".join(SUPPORTED_VERSIONS))
+    return False
+
+
 _PATCHES: dict[str, Any] = {
     "_drain_messages": _fast_drain_messages,
     "_wait_next_records": _resumable_wait_next_records,
@@ -223,16 +234,11 @@ _PATCHES: dict[str, Any] = {
 def install() -> bool:
     """Installs the fast delivery loop into Faust's consumer; False (and Faust's own loop) on a
     faust-streaming version it was not written against. Idempotent."""
-    from importlib.metadata import version
-
     from faust.transport.consumer import Consumer
 
     if _originals:
         return True
-    found = version("faust-streaming")
-    if found not in SUPPORTED_VERSIONS:
-        log.warning("faust-streaming %s: consumer fast path not installed (written for %s)",
-                    found, ", ".join(SUPPORTED_VERSIONS))
+    if not _supported("consumer fast path not installed"):
         return False
     for name, patch in _PATCHES.items():
         _originals[name] = getattr(Consumer, name)
@@ -261,12 +267,9 @@ def set_fetch_max_wait(app: Any, wait_ms: int) -> bool:
     partitions, once drained, cannot be fetched. Faust hard-codes the wait when it creates the
     consumer, so that step is wrapped; False on a faust-streaming version it was not written for.
     """
-    from importlib.metadata import version
-
     from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    if version("faust-streaming") not in SUPPORTED_VERSIONS:
-        log.warning("faust-streaming %s: fetch_max_wait_ms not applied", version("faust-streaming"))
+    if not _supported("fetch_max_wait_ms not applied"):
         return False
     create = AIOKafkaConsumerThread._create_worker_consumer
     if not hasattr(create, "__wrapped__"):
