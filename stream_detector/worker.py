@@ -1,7 +1,7 @@
 """The Faust worker: Kafka in, :class:`~stream_detector.detector.Detector` in the middle, alerts out.
 
-This is the one place where the pieces are wired together. Per micro-batch
-(``stream.take_events(batch_max, within)``):
+This is the one place where the pieces are wired together. Per micro-batch (adaptive, see
+:mod:`~stream_detector.batching`; or Faust's ``stream.take_events(batch_max, within)``):
 
 1. decode and window the batch on the event loop (fast, per event);
 2. score it in one model call on a dedicated thread, so heartbeats and commits never stall;
@@ -10,12 +10,16 @@ This is the one place where the pieces are wired together. Per micro-batch
    once the window state they changed is in the changelog (below).
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
-events (faust-streaming issue #606).
+events (faust-streaming issue #606). Faust's consumer itself is kept up by
+:mod:`~stream_detector.kafka.faust_fastpath` (per-event delivery without tasks, a fetcher that
+wakes when a paused partition resumes, a short broker fetch wait) and a stream buffer larger
+than one fetch.
 
 Window state survives restarts and rebalances: at a batch boundary (so after the alerts of every
 event it covers are acknowledged), each key touched since the last write is written to a compacted
 changelog (a Faust table's changelog topic, partitioned like the input), and only once the broker
-has those snapshots are the input events acked. By default that happens after every batch;
+has those snapshots are the input events acked. By default that happens after every batch (under
+a backlog the next batches are handled meanwhile, up to ``WRITES_IN_FLIGHT``);
 ``state_flush_s`` > 0 coalesces the writes under a backlog (one per hot key per interval), at the
 cost of latency. A crash re-delivers the events not yet acked, which the restored windows take
 again. Faust restores the changelog of newly assigned partitions before the agent resumes,
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable
 
@@ -50,6 +55,9 @@ from .thresholds import ThresholdConfig, build_threshold_policy
 from .alerts import encode_alert
 
 log = logging.getLogger("stream_detector.worker")
+# Batches whose window snapshots may be on their way to the changelog while the next is handled
+# (under a backlog): the worker does not wait a broker round trip per batch; offsets still wait.
+WRITES_IN_FLIGHT = 4
 
 
 def _broker_url(bootstrap_servers: str) -> str:
@@ -239,18 +247,31 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                                     idle_s=min(max(settings.state_flush_s, 0.1), 1.0)) if deferred
                    else stream.take_events(settings.batch_max, within=settings.batch_within_s))
         unacked: list[Any] = []
+        # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
+        # covers: under a backlog the next batch is handled while they are in flight.
+        writing: deque[tuple[asyncio.Future | None, list[Any]]] = deque()
         last_flush = loop.time()
         flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
 
-        async def flush_state() -> None:
+        async def flush_state(wait: bool) -> None:
+            """Sends the touched keys' snapshots; acks, in order, the events of every flush whose
+            snapshots are in the changelog (all of them when ``wait``; else at most
+            ``WRITES_IN_FLIGHT`` flushes stay out)."""
             nonlocal last_flush
             sent = persist_touched()  # at a batch boundary: every alert these snapshots follow is acked
-            if sent:
-                await asyncio.gather(*sent)  # in the changelog before the offsets may be committed
-            if unacked:
-                await ack_events(stream, unacked)
+            if sent or unacked:
+                writing.append((asyncio.gather(*sent) if sent else None, list(unacked)))
                 unacked.clear()
             last_flush = loop.time()
+            while writing:
+                written, covered = writing[0]
+                if written is not None:
+                    if not written.done() and not wait and len(writing) <= WRITES_IN_FLIGHT:
+                        break
+                    await written  # in the changelog before the offsets may be committed (raises if not)
+                writing.popleft()
+                if covered:
+                    await ack_events(stream, covered)
 
         try:
             async for events in batches:
@@ -260,20 +281,22 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     persist_touched()  # after the alerts: a snapshot never runs ahead of them
                     continue
                 unacked.extend(events)
-                # Under a backlog, once every state_flush_s; as soon as the input is drained, now:
-                # Faust hands the agent new events late while earlier ones wait unacked (measured:
-                # p50 event-to-alert 430 ms at 1,000 events/s with 1 s flushes, 15 ms flushing at once).
-                drained = settings.state_flush_s == 0 or (len(events) < settings.batch_max
-                                                          and not waiting_events(stream))
-                if drained or loop.time() - last_flush >= settings.state_flush_s or len(unacked) >= flush_at_most:
-                    await flush_state()
+                # Under a backlog, once every state_flush_s (0: after every batch, the writes in flight
+                # while the next batch is handled); as soon as the input is drained, now and waited
+                # for: Faust hands the agent new events late while earlier ones wait unacked
+                # (measured: p50 event-to-alert 430 ms at 1,000 events/s with 1 s flushes, 15 ms
+                # flushing at once).
+                drained = not events or (len(events) < settings.batch_max and not waiting_events(stream))
+                if (drained or settings.state_flush_s == 0 or loop.time() - last_flush >= settings.state_flush_s
+                        or len(unacked) >= flush_at_most):
+                    await flush_state(wait=drained)
         finally:
-            if deferred and unacked:
+            if deferred and (unacked or writing):
                 try:  # a clean stop: leave nothing to re-deliver
-                    await asyncio.wait_for(flush_state(), timeout=5.0)
+                    await asyncio.wait_for(flush_state(wait=True), timeout=5.0)
                 except Exception as exc:  # stopping anyway; the events are re-delivered and re-applied
                     log.info("window state not flushed at stop (%s): %d events will be re-delivered", exc,
-                             len(unacked))
+                             len(unacked) + sum(len(covered) for _, covered in writing))
 
     async def handle(events: list[Any]) -> None:
         """One micro-batch: decode and window, score off the loop, publish, await the broker's acks."""
