@@ -13,12 +13,14 @@ can run the middle one off the event loop:
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import orjson
 
 from .alerts import top_features as top_feature_list
 from .artifacts import ArtifactError, ModelArtifact
@@ -31,6 +33,10 @@ from .windows import DROPPED_REVOKED, SnapshotError, WindowStore
 
 
 log = logging.getLogger(__name__)
+# A key's alert state after its window in a snapshot: format version, incident JSON length,
+# threshold calibration length; then both.
+_KEY_STATE = struct.Struct("<BII")
+_KEY_STATE_VERSION = 1
 
 
 @dataclass(slots=True)
@@ -102,6 +108,8 @@ class FeatureWindows:
         self.restore_failures = 0
         self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
         self.touched: dict[str, int] = {}
+        # Given the trailing bytes of a restored snapshot (the owner's per-key state), if any.
+        self.restore_extra: Callable[[str, bytes], None] | None = None
 
     def _restore_if_known(self, key: str, now: float) -> None:
         if self.restore is None or key in self.store:
@@ -114,6 +122,16 @@ class FeatureWindows:
         except SnapshotError as exc:
             self.restore_failures += 1
             log.warning("state of key %r not restored (%s); it starts a new window", key, exc)
+            return
+        extra = blob[self.store.snapshot_body_size:]
+        if extra and self.restore_extra is not None:
+            self.restore_extra(key, extra)
+
+    def mark_touched(self, key: str) -> None:
+        """The key's state changed without an event (e.g. its incident closed idle): persist it again."""
+        slot = self.store.slot_of(key)
+        if slot is not None:
+            self.touched[key] = slot
 
     def already_applied(self, key: str, partition: int, offset: int, now: float) -> bool:
         """True for a replayed record whose event the key's (restored) window already holds."""
@@ -176,7 +194,7 @@ class Detector:
         self.hot_key_rate = hot_key_rate
         self.scorer = scorer
         # Per-key adaptive thresholds by default (global during a key's warm-up), as in the worker.
-        self.threshold = threshold or build_threshold_policy(artifact, thresholds, max_keys)
+        self.threshold = threshold if threshold is not None else build_threshold_policy(artifact, thresholds, max_keys)
         self.incidents = IncidentTracker(alerting)
         self._closed: list[dict[str, Any]] = []  # close messages not triggered by a scored window
         self.profile = artifact.profile
@@ -188,10 +206,43 @@ class Detector:
                                     max_future_s=max_future_s, clock=clock)
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
                                       restore=restore)
+        self.windows.restore_extra = self._restore_key_state
         self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
         self._batch = np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
         self._next_idle_sweep = 0.0
         self.windows.store.drop_listeners.append(self._drop_key_state)
+
+    def snapshot(self, key: str, slot: int) -> bytes:
+        """The key's window plus its incident and threshold calibration, for its changelog.
+
+        Written only at a batch boundary, after the alerts of the events it covers are acked: a
+        restarted worker then resumes the key's open incident (publishing the over-threshold windows
+        it had not published yet, under the same incident id) and keeps its calibrated threshold.
+        """
+        incident = self.incidents.export_key(key)
+        export = getattr(self.threshold, "export_key", None)
+        calibration = export(key) if export is not None else None
+        if incident is None and calibration is None:
+            return self.windows.store.snapshot(slot)
+        incident_bytes = orjson.dumps(incident) if incident is not None else b""
+        calibration = calibration or b""
+        extra = _KEY_STATE.pack(_KEY_STATE_VERSION, len(incident_bytes), len(calibration))
+        return self.windows.store.snapshot(slot, extra + incident_bytes + calibration)
+
+    def _restore_key_state(self, key: str, extra: bytes) -> None:
+        try:
+            version, n_incident, n_calibration = _KEY_STATE.unpack_from(extra)
+            if version != _KEY_STATE_VERSION or len(extra) != _KEY_STATE.size + n_incident + n_calibration:
+                raise ValueError(f"key state version {version} of {len(extra)} bytes not understood")
+            start = _KEY_STATE.size
+            if n_incident:
+                self.incidents.adopt_key(key, orjson.loads(extra[start:start + n_incident]), self.clock())
+            adopt = getattr(self.threshold, "adopt_key", None)
+            if n_calibration and adopt is not None:
+                adopt(key, extra[start + n_incident:])
+        except (ValueError, struct.error) as exc:  # orjson.JSONDecodeError is a ValueError
+            self.windows.restore_failures += 1
+            log.warning("alert state of key %r not restored (%s); its window was", key, exc)
 
     def _count_eviction(self, reason: str, n: int) -> None:
         self.stats.evicted[reason] += n
@@ -204,6 +255,10 @@ class Detector:
         evict = getattr(self.threshold, "evict", None)
         if evict is not None:
             evict(key)
+        if reason == DROPPED_REVOKED and self.windows.restore is not None:
+            # Handed over, not ended: the new owner restores the incident with the key's snapshot.
+            self.incidents.forget(key)
+            return
         msg = self.incidents.drop(key, REVOKED if reason == DROPPED_REVOKED else EVICTED, self._alert_context())
         if msg is not None:
             self._closed.append(msg)
@@ -305,6 +360,8 @@ class Detector:
         context = self._alert_context()
         idle = self.incidents.sweep_idle(now, context)
         self._closed.extend(idle)
+        for message in idle:
+            self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
         self.stats.alerts += len(idle)
         keys = [e.key for e in batch.events]
         values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)

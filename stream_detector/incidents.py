@@ -10,8 +10,9 @@ A threshold says which *windows* look anomalous; a subscriber wants one alert th
   least one every ``update_every`` new over-threshold windows;
 - it closes after ``close_after`` consecutive windows at or below threshold (``recovered``), when
   the key has had no scored window for ``idle_close_s`` (``idle``), when the key's window is
-  dropped (``evicted``) or its partition handed to another worker (``revoked``). A window over
-  threshold during the closing streak keeps the incident open.
+  dropped (``evicted``) or its partition handed to another worker (``revoked``, only where the
+  key's state is not persisted; with the worker's changelog the incident is handed over instead).
+  A window over threshold during the closing streak keeps the incident open.
 
 Every message lists in ``event_ids`` the over-threshold windows it is the first to report, so the
 union over an incident's messages is exactly its over-threshold windows, each reported once; the
@@ -96,6 +97,16 @@ class Incident:
     @property
     def id(self) -> str:
         return make_incident_id(self.key, self.first_event_id)
+
+
+def _info_data(info: WindowInfo) -> list[Any]:
+    return [info.event_id, info.timestamp, info.score, info.threshold, [list(f) for f in info.top_features]]
+
+
+def _info_from(data: list[Any]) -> WindowInfo:
+    event_id, timestamp, score, threshold, top = data
+    return WindowInfo(str(event_id), float(timestamp), float(score), float(threshold),
+                      tuple((str(name), float(error)) for name, error in top))
 
 
 def severity(score: float, threshold: float) -> float | None:
@@ -186,6 +197,40 @@ class IncidentTracker:
             return self._message(inc, UPDATE, context)
         return None
 
+    def export_key(self, key: str) -> dict[str, Any] | None:
+        """The key's incident state as plain data (for its changelog snapshot); None when it has none.
+
+        Persisted with the key's window, so a restarted worker goes on with the same incident: its
+        over-threshold windows not published yet are still published (their events are acked
+        already), and no second incident opens under a new id.
+        """
+        inc = self._incidents.get(key)
+        if inc is None:
+            return None
+        return {"first_event_id": inc.first_event_id, "first_timestamp": inc.first_timestamp,
+                "last": _info_data(inc.last), "peak": _info_data(inc.peak), "windows_over": inc.windows_over,
+                "windows_total": inc.windows_total, "below_streak": inc.below_streak, "opened": inc.opened,
+                "sequence": inc.sequence, "pending": list(inc.pending), "published_peak": inc.published_peak}
+
+    def adopt_key(self, key: str, data: dict[str, Any], now: float) -> None:
+        """Takes over an incident from :meth:`export_key` (a restored key); raises ValueError if malformed."""
+        try:
+            inc = Incident(key, str(data["first_event_id"]), float(data["first_timestamp"]),
+                           _info_from(data["last"]), _info_from(data["peak"]),
+                           windows_over=int(data["windows_over"]), windows_total=int(data["windows_total"]),
+                           below_streak=int(data["below_streak"]), opened=bool(data["opened"]),
+                           sequence=int(data["sequence"]), pending=[str(i) for i in data["pending"]],
+                           published_peak=None if data["published_peak"] is None else float(data["published_peak"]),
+                           last_seen=now)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"incident state not understood: {exc!r}") from exc
+        old = self._incidents.pop(key, None)
+        if old is not None and old.opened:
+            self._open -= 1
+        self._incidents[key] = inc  # most recently active: its idle clock restarts now
+        if inc.opened:
+            self._open += 1
+
     def sweep_idle(self, now: float, context: dict[str, Any]) -> list[dict[str, Any]]:
         """Closes incidents whose key has had no scored window for ``idle_close_s``."""
         out = []
@@ -209,6 +254,12 @@ class IncidentTracker:
             self.stats.suppressed += 1
             return None
         return self._close(inc, reason, context)
+
+    def forget(self, key: str) -> None:
+        """Drops the key's incident state without a message: another worker goes on with it."""
+        inc = self._incidents.pop(key, None)
+        if inc is not None and inc.opened:
+            self._open -= 1
 
     def close_all(self, reason: str, context: dict[str, Any]) -> list[dict[str, Any]]:
         out = []

@@ -37,12 +37,18 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+
+# One key's adaptive calibration in a snapshot: the global threshold it was made for, the normal
+# scores absorbed, the key's threshold; then its score history (float32).
+_KEY_STATE = struct.Struct("<dif")
 
 
 class ThresholdPolicy(Protocol):
@@ -213,6 +219,34 @@ class AdaptiveThreshold:
     @property
     def bytes_per_key(self) -> int:
         return self.history * 4 + 4 + 4
+
+    def export_key(self, key: str) -> bytes | None:
+        """The key's calibration (for its changelog snapshot), so a restarted worker does not start
+        the key's warm-up over; None for a key not seen."""
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        return _KEY_STATE.pack(self.value, int(self._count[row]), float(self._threshold[row])) + self._ring[row].tobytes()
+
+    def adopt_key(self, key: str, blob: bytes) -> bool:
+        """Takes over a key's calibration from :meth:`export_key`. False (and the key starts its
+        warm-up) when it was made for another global threshold (another model) or history length."""
+        if len(blob) != _KEY_STATE.size + 4 * self.history:
+            return False
+        value, count, threshold = _KEY_STATE.unpack_from(blob)
+        if value != self.value or count < 0 or not (math.isfinite(threshold) and threshold > 0):
+            return False
+        row = self._rows.get(key)
+        if row is None:
+            row = self._allocate(key)
+        elif self._count[row] >= self.warmup:
+            self._calibrated -= 1
+        self._ring[row] = np.frombuffer(blob, dtype=np.float32, offset=_KEY_STATE.size)
+        self._count[row] = count
+        self._threshold[row] = threshold
+        if count >= self.warmup:
+            self._calibrated += 1
+        return True
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -19,9 +19,11 @@ EVICTED_IDLE = "idle"
 DROPPED_REVOKED = "revoked"  # reason given to drop listeners for keys of revoked partitions
 GAP_SMOOTHING = 1.0 / 8  # weight of the newest gap in a key's rate: about its last 8 events
 
-# Snapshot of one key: header, then the window oldest-first (float32), then the profile state.
+# Snapshot of one key: header, then the window oldest-first (float32), then the profile state, then
+# (version 2) whatever else the owner keeps per key (its alert and threshold state), opaque here.
 _SNAPSHOT_HEADER = struct.Struct("<BHHHqiq")  # version, W, F, S, count, partition, offset
-_SNAPSHOT_VERSION = 1
+_SNAPSHOT_VERSION = 2
+_SNAPSHOT_VERSIONS = (1, 2)  # version 1: no trailing bytes
 
 
 class SnapshotError(ValueError):
@@ -162,8 +164,13 @@ class WindowStore:
         self._partition[slot] = partition
         self._offset[slot] = offset
 
-    def snapshot(self, slot: int) -> bytes:
-        """The key's window, state and source position as bytes (for a changelog)."""
+    @property
+    def snapshot_body_size(self) -> int:
+        """Bytes of a snapshot before its trailing ``extra`` bytes."""
+        return _SNAPSHOT_HEADER.size + self.window * self.n_features * 4 + self.state_size * 8
+
+    def snapshot(self, slot: int, extra: bytes = b"") -> bytes:
+        """The key's window, state and source position as bytes (for a changelog), then ``extra``."""
         count = int(self._count[slot])
         window = np.empty((self.window, self.n_features), dtype=np.float32)
         if count >= self.window:
@@ -172,16 +179,19 @@ class WindowStore:
             window[:] = self._data[slot]  # not wrapped yet: rows 0..count-1 are oldest-first
         header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
                                        int(self._partition[slot]), int(self._offset[slot]))
-        return header + window.tobytes() + self._state[slot].tobytes()
+        return header + window.tobytes() + self._state[slot].tobytes() + extra
 
     def restore(self, key: str, blob: bytes, now: float) -> int:
-        """Recreates a key from :meth:`snapshot` bytes; returns its slot."""
-        expected = _SNAPSHOT_HEADER.size + self.window * self.n_features * 4 + self.state_size * 8
-        if len(blob) != expected:
-            raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
+        """Recreates a key from :meth:`snapshot` bytes (its ``extra`` is ``blob[snapshot_body_size:]``);
+        returns its slot."""
+        expected = self.snapshot_body_size
+        if len(blob) < _SNAPSHOT_HEADER.size:
+            raise SnapshotError(f"snapshot of {len(blob)} bytes, expected at least {expected}")
         version, w, f, st, count, partition, offset = _SNAPSHOT_HEADER.unpack_from(blob)
-        if (version, w, f, st) != (_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size):
+        if version not in _SNAPSHOT_VERSIONS or (w, f, st) != (self.window, self.n_features, self.state_size):
             raise SnapshotError(f"snapshot shape {(version, w, f, st)} does not fit this store")
+        if len(blob) < expected or (version == 1 and len(blob) != expected):
+            raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
         slot = self.slot(key, now)
         body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=_SNAPSHOT_HEADER.size).reshape(w, f)
         self._data[slot] = body  # stored oldest-first: ring position 0 is the oldest row

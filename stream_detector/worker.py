@@ -219,7 +219,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             # Not evicted since; and a key's very first event is not worth a changelog write (a flood
             # of one-off keys would double the traffic): at worst one event is missing from its window.
             if store.slot_of(key) == slot and store.count(slot) >= settings.state_min_events:
-                sent.append(state.send_changelog(store.position(slot)[0], key.encode(), store.snapshot(slot)))
+                sent.append(state.send_changelog(store.position(slot)[0], key.encode(), detector.snapshot(key, slot)))
                 store.mark_persisted(slot)
         metrics.state_writes.inc(len(sent))
         return sent

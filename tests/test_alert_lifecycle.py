@@ -276,3 +276,104 @@ def test_default_settings_give_the_default_policies():
 def test_settings_reject_out_of_range_policy_values(changes):
     with pytest.raises(ValueError, match="invalid settings"):
         Settings(**changes)
+
+
+def rec_at(key: str, i: int, score: float, offset: int) -> RawRecord:
+    """A record as consumed from partition 0, so the key's window is snapshotted."""
+    value = encode_event(key, f"{key}-{i}", T0 + i, {"a": score, "b": 0.0, "c": 0.0})
+    return RawRecord(value, key.encode(), T0 + i, 0, offset)
+
+
+def snapshots_of(detector: Detector) -> dict[str, bytes]:
+    return {key: detector.snapshot(key, slot) for key, slot in detector.windows.drain_touched().items()}
+
+
+def test_a_restarted_worker_goes_on_with_a_restored_open_incident_and_publishes_its_pending_windows(artifact):
+    first = Detector(artifact, newest_a, clock=lambda: T0)
+    warm = WINDOW - 1 + first.threshold.warmup + 5
+    scores = [0.5] * warm + [0.8] * 3  # calibrated at 0.5; then the 2nd window over it opens, the 3rd waits
+    decisions, _ = first.process([rec_at("k", i, s, i) for i, s in enumerate(scores)])
+    opened = decisions[-2].alert
+    assert opened["state"] == "open" and decisions[-1].alert is None
+    pending = f"k-{len(scores) - 1}"  # over threshold, acked, not published yet
+    snapshots = snapshots_of(first)
+
+    # kill -9 here: a new worker restores the key from its snapshot and reads on.
+    second = Detector(artifact, newest_a, clock=lambda: T0, restore=snapshots.get)
+    n = len(scores)
+    decisions, _ = second.process([rec_at("k", n + i, 0.5, n + i) for i in range(8)])
+    assert decisions[0].threshold == pytest.approx(0.5)  # the key's calibration, not the global 1.0
+    closed = [d.alert for d in decisions if d.alert is not None]
+    assert [m["state"] for m in closed] == ["close"]
+    assert closed[0]["incident_id"] == opened["incident_id"] and closed[0]["sequence"] == opened["sequence"] + 1
+    assert closed[0]["event_ids"] == [pending]
+    assert closed[0]["incident"]["windows_over"] == 3
+    assert second.incidents.open_count == 0
+
+
+def test_redelivered_events_after_a_restore_do_not_repeat_an_incidents_windows(artifact):
+    first = Detector(artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                     alerting=AlertPolicy(min_windows=1, update_every=100))
+    records = [rec_at("k", i, 0.5 if i < WINDOW else 2.0, i) for i in range(WINDOW + 3)]
+    first.process(records)
+    snapshots = snapshots_of(first)
+    second = Detector(artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                      alerting=AlertPolicy(min_windows=1, update_every=100), restore=snapshots.get)
+    more = [rec_at("k", WINDOW + 3 + i, 0.5, WINDOW + 3 + i) for i in range(8)]
+    decisions, batch = second.process(records[-2:] + more)  # the last two were acked late: redelivered
+    assert batch.replayed == 2
+    closed = [d.alert for d in decisions if d.alert is not None]
+    assert [m["state"] for m in closed] == ["close"]
+    assert closed[0]["event_ids"] == [f"k-{WINDOW + 1}", f"k-{WINDOW + 2}"]  # each window reported once
+
+
+def test_a_calibration_made_for_another_model_is_not_taken_over(artifact):
+    first = Detector(artifact, newest_a, clock=lambda: T0)
+    warm = WINDOW - 1 + first.threshold.warmup + 5
+    first.process([rec_at("k", i, 0.5, i) for i in range(warm)])
+    snapshots = snapshots_of(first)
+    other = AdaptiveThreshold(2.0, 1.0)  # another global threshold: the stored calibration does not apply
+    second = Detector(artifact, newest_a, clock=lambda: T0, threshold=other, restore=snapshots.get)
+    decisions, _ = second.process([rec_at("k", warm, 0.5, warm)])
+    assert decisions[0].threshold == pytest.approx(2.0) and not other.calibrated("k")
+
+
+def test_with_a_changelog_revoked_partitions_hand_their_incidents_over_without_closing_them(artifact):
+    detector = Detector(artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                        alerting=AlertPolicy(min_windows=1), restore=lambda key: None)
+    records = [RawRecord(r.value, b"k", T0, 3, i) for i, r in enumerate(rec("k", i, 2.0) for i in range(WINDOW))]
+    decisions, _ = detector.process(records)
+    assert decisions[0].alert["state"] == "open" and detector.incidents.open_count == 1
+    detector.windows.store.drop_partitions({3})
+    assert detector.drain_closed() == [] and "k" not in detector.incidents and detector.incidents.open_count == 0
+
+
+def test_an_incident_closed_idle_marks_its_key_for_a_new_snapshot(artifact):
+    now = [T0]
+    detector = Detector(artifact, newest_a, clock=lambda: now[0], threshold=GlobalThreshold(1.0),
+                        alerting=AlertPolicy(min_windows=1, idle_close_s=30.0))
+    detector.process([rec_at("k", i, 2.0, i) for i in range(WINDOW)])
+    snapshots_of(detector)
+    now[0] += 31.0
+    detector.process([rec_at("other", i, 0.1, i) for i in range(WINDOW)])
+    assert [m["incident"]["close_reason"] for m in detector.drain_closed()] == ["idle"]
+    snapshots = snapshots_of(detector)
+    assert "k" in snapshots
+    restored = Detector(artifact, newest_a, clock=lambda: now[0], threshold=GlobalThreshold(1.0),
+                        alerting=AlertPolicy(min_windows=1, idle_close_s=30.0), restore=snapshots.get)
+    restored.process([rec_at("k", WINDOW, 0.1, WINDOW)])
+    assert "k" not in restored.incidents  # the closed incident does not come back
+
+
+def test_a_corrupt_alert_state_leaves_the_restored_window_and_is_counted(artifact):
+    first = Detector(artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                     alerting=AlertPolicy(min_windows=1))
+    first.process([rec_at("k", i, 2.0, i) for i in range(WINDOW)])
+    blob = snapshots_of(first)["k"]
+    body = first.windows.store.snapshot_body_size
+    corrupt = blob[:body] + blob[body:body + 9] + b"{not json" + blob[body + 18:]
+    second = Detector(artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                      restore={"k": corrupt}.get)
+    decisions, batch = second.process([rec_at("k", WINDOW, 0.1, WINDOW)])
+    assert batch.replayed == 0 and len(decisions) == 1  # the window came back: a full window at once
+    assert second.windows.restore_failures == 1 and "k" not in second.incidents

@@ -73,13 +73,16 @@ def alerted_event_ids(alert: dict) -> set[str]:
     return ids
 
 
-def collect_scores(bootstrap: str, topic: str, want: set[str], timeout: float, worker: WorkerProcess | None = None
-                   ) -> dict[str, int]:
-    """Event id -> times scored, read until every wanted id is there (or the time is up)."""
+def collect_scores(bootstrap: str, topic: str, want: set[str], timeout: float, worker: WorkerProcess | None = None,
+                   scored: dict[str, list[tuple[float, float]]] | None = None) -> dict[str, int]:
+    """Event id -> times scored, read until every wanted id is there (or the time is up); each
+    (score, threshold) goes into ``scored`` when given, to explain a failure."""
     counts: dict[str, int] = defaultdict(int)
     deadline = time.monotonic() + timeout
     for message in iter_messages(bootstrap, topic, idle_timeout=timeout):
         counts[message["event_id"]] += 1
+        if scored is not None:
+            scored.setdefault(message["event_id"], []).append((message["score"], message["threshold"]))
         if want <= counts.keys() or time.monotonic() > deadline:
             break
     return counts
@@ -131,7 +134,8 @@ def test_kill_9_three_times_mid_stream_loses_no_event_and_no_anomaly(kafka_broke
     assert not producer.is_alive()
 
     want = expected_scored(events)
-    counts = collect_scores(bootstrap, scores_topic, want, timeout=300)
+    scored: dict[str, list[tuple[float, float]]] = {}
+    counts = collect_scores(bootstrap, scores_topic, want, timeout=300, scored=scored)
     missing = want - counts.keys()
     assert not missing, f"{len(missing)} events never scored, e.g. {sorted(missing)[:5]}; log:\n{worker.log_tail()}"
     assert kills == 3
@@ -142,7 +146,9 @@ def test_kill_9_three_times_mid_stream_loses_no_event_and_no_anomaly(kafka_broke
     # an alert naming at least one of its events.
     incidents = anomaly_segments(events)
     missed = [seg for seg in incidents if not alerted & seg]
-    assert not missed, f"{len(missed)} of {len(incidents)} injected anomalies never alerted"
+    assert not missed, (f"{len(missed)} of {len(incidents)} injected anomalies never alerted; (score, threshold) "
+                        f"of their events: {[{i: scored.get(i) for i in sorted(seg)} for seg in missed]}; alerts of "
+                        f"their keys: {[(a['key'], a.get('state'), a['event_ids']) for a in alerts if any(a['key'] in i for seg in missed for i in seg)]}")
     # Redelivered alerts repeat their id: a subscriber drops duplicates by alert_id alone.
     by_id: dict[str, set[tuple]] = defaultdict(set)
     for a in alerts:

@@ -210,6 +210,22 @@ def test_snapshot_of_a_partial_window_restores_its_rows():
     assert got[:, 0].tolist() == [7, 8, 9, 10]
 
 
+def test_snapshots_carry_trailing_bytes_and_version_1_snapshots_still_restore():
+    source = WindowStore(window=2, n_features=1)
+    slot = source.slot("k", 0.0)
+    source.push(slot, np.array([3.0], dtype=np.float32))
+    with_extra = source.snapshot(slot, b"alert state")
+    assert with_extra[source.snapshot_body_size:] == b"alert state"
+    assert WindowStore(window=2, n_features=1).restore("k", with_extra, 0.0) is not None
+    version_1 = bytes([1]) + source.snapshot(slot)[1:]  # written before snapshots had trailing bytes
+    target = WindowStore(window=2, n_features=1)
+    assert target.count(target.restore("k", version_1, 0.0)) == 1
+    with pytest.raises(SnapshotError):  # version 1 has nothing after the state
+        WindowStore(window=2, n_features=1).restore("k", version_1 + b"x", 0.0)
+    with pytest.raises(SnapshotError):
+        WindowStore(window=2, n_features=1).restore("k", with_extra[:10], 0.0)
+
+
 def test_snapshot_of_another_shape_is_refused():
     blob = WindowStore(window=4, n_features=2).snapshot(WindowStore(window=4, n_features=2).slot("k", 0.0))
     with pytest.raises(SnapshotError):
