@@ -17,8 +17,8 @@ Protocols (all thresholds are fitted on training data only; no test label is use
 - Transactions (fraud handbook simulation, keyed by customer): train on 2018-04-01 .. 2018-05-27
   (8 weeks), a gap week 2018-05-28 .. 2018-06-03 (replayed, neither trained on nor evaluated: the
   label delay), test week 2018-06-04 .. 2018-06-10. Unsupervised models train on normal windows;
-  the supervised classifier on labelled windows, with the terminal's fraud rate known 7 days later
-  as upstream enrichment (see ``terminal_context``).
+  the supervised classifier on labelled windows, with the terminal's fraud rate and fraud recency
+  known 7 days later as upstream enrichment (see ``terminal_context``).
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def run_skab(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, 
 
 def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_index: int | None,
                      delay_days: int = TX_RISK_DELAY_DAYS, windows_days: Sequence[int] = TX_RISK_WINDOWS_DAYS,
-                     prefix: str = "terminal") -> dict[str, np.ndarray]:
+                     prefix: str = "terminal", recency: bool = False) -> dict[str, np.ndarray]:
     """The fraud handbook's terminal features: for a transaction at time t, the terminal's number of
     transactions (as log1p) and share of fraudulent ones in (t - delay - w, t - delay], for each
     window w (share 0 when there were none). Only labels at least ``delay`` old are used: what a
@@ -297,7 +297,37 @@ def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_in
     out = {f"{prefix}_risk_{w}d": risk[:, j] for j, w in enumerate(windows_days)}
     if prefix == "terminal":
         out.update({f"{prefix}_log_tx_{w}d": np.log1p(count[:, j]) for j, w in enumerate(windows_days)})
+    if recency:
+        out.update(fraud_recency(t, y, terminal, delay_days, max(windows_days), prefix))
     return out
+
+
+def fraud_recency(t: np.ndarray, y: np.ndarray, group: np.ndarray, delay_days: int, lookback_days: int,
+                  prefix: str) -> dict[str, np.ndarray]:
+    """How long ago the group's first and last confirmed frauds in (t - delay - lookback, t - delay]
+    happened, in days (delay + lookback when there were none). A share of frauds cannot tell a
+    compromise still going on from one that has ended since the feedback's horizon; the age of
+    the fraud streak and how recent its last confirmed fraud is can (learned from the training
+    weeks, not assumed)."""
+    n = len(t)
+    none = float(delay_days + lookback_days)
+    first = np.full(n, none)
+    last = np.full(n, none)
+    order = np.lexsort((t, group))
+    g_sorted = group[order]
+    bounds = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        idx = order[a:b]
+        tt = t[idx]
+        fraud_t = tt[y[idx] > 0]
+        if not len(fraud_t):
+            continue
+        hi = np.searchsorted(fraud_t, tt - delay_days * DAY, side="right")  # frauds known by then
+        lo = np.searchsorted(fraud_t, tt - (delay_days + lookback_days) * DAY, side="right")
+        seen = hi > lo
+        first[idx[seen]] = (tt[seen] - fraud_t[lo[seen]]) / DAY
+        last[idx[seen]] = (tt[seen] - fraud_t[hi[seen] - 1]) / DAY
+    return {f"{prefix}_days_since_first_fraud": first, f"{prefix}_days_since_last_fraud": last}
 
 
 def with_context(events: Sequence[Event], context: np.ndarray) -> list[Event]:
@@ -383,9 +413,9 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
         del ws
     if supervised:
         kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
-        context = terminal_context(events, labels, terminal_index=1)
+        context = terminal_context(events, labels, terminal_index=1, recency=args.tx_recency)
         if args.tx_customer_risk:
-            context.update(terminal_context(events, labels, None, prefix="customer"))
+            context.update(terminal_context(events, labels, None, prefix="customer", recency=args.tx_recency))
         risk_names = [k for k in context if "_risk_" in k and k.startswith("terminal")]
         invisible = np.all(np.column_stack([context[k] for k in risk_names]) == 0, axis=1)
         sc2 = mask & (scenario == 2)
@@ -504,7 +534,8 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                           "in the data tells them from normal transactions. And "
                           f"{fb['normal_test_events_with_terminal_feedback']} normal test transactions happen at terminals "
                           "with some confirmed fraud in their feedback (mostly one card fraud there in the past month, or a "
-                          "compromise that has ended since, which the delayed feedback cannot show yet)."]
+                          "compromise that has ended since: the fraud shares cannot show that, the age and recency of the "
+                          "terminal's confirmed frauds mostly can)."]
         lines.append("")
     lines += ["## Notes", ""] + [f"- {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
@@ -522,10 +553,14 @@ NOTES = [
     "Fraud scenario 2 (compromised terminals, 65 % of the test week's frauds) leaves no trace in the transactions "
     "themselves (the simulator only labels a compromised terminal's ordinary transactions), so no model keyed by "
     "customer or by terminal can see it without labels; only delayed fraud feedback per terminal reveals it. The "
-    "`+ terminal risk` classifier reads that feedback as six upstream-enriched event fields "
+    "`+ terminal risk` classifier reads that feedback as eight upstream-enriched event fields "
     "(`--context-fields`): the terminal's share of fraudulent transactions and log number of transactions over 1, 7 "
     "and 30 days, ending 7 days before the transaction, computed from the labels as in the handbook (a feature "
-    "store fed by confirmed fraud reports). Unsupervised models use no label at all.",
+    "store fed by confirmed fraud reports), and how many days ago the terminal's first and last confirmed frauds "
+    "in those 30 days happened. The shares alone cannot tell a compromise still going on from one that ended "
+    "after the feedback's horizon; the streak's age and recency can (the classifier learns how from the training "
+    "weeks). Without the two recency fields (`--no-tx-recency`) the same classifier reached AP 0.688. "
+    "Unsupervised models use no label at all.",
     "The transactions profile runs with `robust_features` (amount relative to the key's median of its last 16 "
     "amounts, decayed one-day count): in a run with the default features (and 120,000 training windows, 12 "
     "epochs) the best unsupervised AP was 0.180 (lstm_ae), the handbook autoencoder's figure.",
@@ -555,6 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tx-supervised", default="{}", help="transactions classifier: training options as JSON")
     parser.add_argument("--tx-customer-risk", action="store_true",
                         help="transactions: the classifier with terminal risk also reads the customer's delayed fraud share")
+    parser.add_argument("--no-tx-recency", dest="tx_recency", action="store_false",
+                        help="transactions: the delayed feedback gives fraud shares and counts only, not the days "
+                             "since the terminal's first and last confirmed frauds")
     parser.add_argument("--tx-risk-only", action="store_true", help="transactions: only the classifier with terminal risk")
     args = parser.parse_args(argv)
     args.tx_profile = json.loads(args.tx_profile)
