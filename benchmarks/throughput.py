@@ -838,6 +838,8 @@ PIPELINE_LABELS = [
     ("detector_buffer_4096", "(b) with Faust's 4,096-event stream buffer: before"),
     ("detector_fetch_wait_1500", "(b) with Faust's 1.5 s fetch wait: before"),
     ("detector_flush_1s", "(b) writing window snapshots at most once a second under a backlog (`state_flush_s=1`)"),
+    ("detector_flush_250ms", "(b) writing window snapshots at most every 250 ms under a backlog "
+                             "(`state_flush_s=0.25`)"),
     ("detector_stride4", "(b) with `score_stride=4` on every key (`hot_key_rate=0`)"),
 ]
 
@@ -849,6 +851,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_producer_defaults": {"variant": "producer-defaults"},
     "detector_no_changelog": {"settings": {"state_min_events": "1000000000"}},
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
+    "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
     # Faust's consumer as it comes: its per-event delivery tasks, 4,096-event stream buffer, 1.5 s fetch wait.
     "detector_faust_consumer": {"settings": FAUST_CONSUMER},
