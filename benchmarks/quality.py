@@ -274,13 +274,22 @@ def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_in
     transactions (as log1p) and share of fraudulent ones in (t - delay - w, t - delay], for each
     window w (share 0 when there were none). Only labels at least ``delay`` old are used: what a
     fraud team knows (confirmed frauds) by the time of the transaction. They stand for an upstream
-    enrichment of the events (a feature store fed by fraud reports)."""
+    enrichment of the events (a feature store fed by fraud reports).
+
+    With ``recency``, also how many days ago the first and last confirmed frauds in the longest
+    window happened (delay + that window when there were none). A share of frauds cannot tell a
+    compromise still going on from one that has ended since the feedback's horizon; the age of the
+    fraud streak and how recent its last confirmed fraud is can (learned from the training weeks,
+    not assumed)."""
     n = len(events)
     t = np.array([e.timestamp for e in events])
     y = np.asarray(labels, dtype=np.float64)
     terminal = np.array([str(e.values[terminal_index]) if terminal_index is not None else e.key for e in events])
     risk = np.zeros((n, len(windows_days)))
     count = np.zeros((n, len(windows_days)))
+    lookback = max(windows_days)
+    first = np.full(n, float(delay_days + lookback))
+    last = first.copy()
     order = np.lexsort((t, terminal))
     term_sorted = terminal[order]
     bounds = np.flatnonzero(np.r_[True, term_sorted[1:] != term_sorted[:-1], True])
@@ -294,40 +303,19 @@ def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_in
             c = hi - lo
             count[idx, j] = c
             risk[idx, j] = np.where(c > 0, (cum[hi] - cum[lo]) / np.maximum(c, 1), 0.0)
+        fraud_t = tt[yy > 0]
+        if recency and len(fraud_t):
+            known = np.searchsorted(fraud_t, tt - delay_days * DAY, side="right")  # frauds known by then
+            since = np.searchsorted(fraud_t, tt - (delay_days + lookback) * DAY, side="right")
+            seen = known > since
+            first[idx[seen]] = (tt[seen] - fraud_t[since[seen]]) / DAY
+            last[idx[seen]] = (tt[seen] - fraud_t[known[seen] - 1]) / DAY
     out = {f"{prefix}_risk_{w}d": risk[:, j] for j, w in enumerate(windows_days)}
     if prefix == "terminal":
         out.update({f"{prefix}_log_tx_{w}d": np.log1p(count[:, j]) for j, w in enumerate(windows_days)})
     if recency:
-        out.update(fraud_recency(t, y, terminal, delay_days, max(windows_days), prefix))
+        out.update({f"{prefix}_days_since_first_fraud": first, f"{prefix}_days_since_last_fraud": last})
     return out
-
-
-def fraud_recency(t: np.ndarray, y: np.ndarray, group: np.ndarray, delay_days: int, lookback_days: int,
-                  prefix: str) -> dict[str, np.ndarray]:
-    """How long ago the group's first and last confirmed frauds in (t - delay - lookback, t - delay]
-    happened, in days (delay + lookback when there were none). A share of frauds cannot tell a
-    compromise still going on from one that has ended since the feedback's horizon; the age of
-    the fraud streak and how recent its last confirmed fraud is can (learned from the training
-    weeks, not assumed)."""
-    n = len(t)
-    none = float(delay_days + lookback_days)
-    first = np.full(n, none)
-    last = np.full(n, none)
-    order = np.lexsort((t, group))
-    g_sorted = group[order]
-    bounds = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1], True])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        idx = order[a:b]
-        tt = t[idx]
-        fraud_t = tt[y[idx] > 0]
-        if not len(fraud_t):
-            continue
-        hi = np.searchsorted(fraud_t, tt - delay_days * DAY, side="right")  # frauds known by then
-        lo = np.searchsorted(fraud_t, tt - (delay_days + lookback_days) * DAY, side="right")
-        seen = hi > lo
-        first[idx[seen]] = (tt[seen] - fraud_t[lo[seen]]) / DAY
-        last[idx[seen]] = (tt[seen] - fraud_t[hi[seen] - 1]) / DAY
-    return {f"{prefix}_days_since_first_fraud": first, f"{prefix}_days_since_last_fraud": last}
 
 
 def with_context(events: Sequence[Event], context: np.ndarray) -> list[Event]:
