@@ -12,11 +12,12 @@ variant yields as soon as the events delivered so far are all in the batch:
   processing time plus the linger), growing with the backlog that builds up while the previous
   batch is being scored, up to ``batch_max`` under saturation (the model call amortised).
 
-Everything else is Faust's ``take_events``, line for line: the buffer is filled by a stream
-processor that blocks while a batch is being handled (so at most ``batch_max`` events are held
-here, and the stream's bounded queue, ``stream_buffer_maxsize``, pauses fetching beyond that),
-and the batch's events are acknowledged only when the consumer asks for the next batch, i.e. after
-it has finished with this one. It relies on the same ``Stream`` internals as ``take_events``
+Unlike Faust's ``take_events``, the next batch is gathered while the consumer handles this one:
+the buffer is filled by a stream processor that blocks only once it holds ``batch_max`` events not
+yet taken (so at most two batches are held here, and the stream's bounded queue,
+``stream_buffer_maxsize``, pauses fetching beyond that). As there, the batch's events are
+acknowledged only when the consumer asks for the next batch, i.e. after it has finished with this
+one. It relies on the same ``Stream`` internals as ``take_events``
 (faust-streaming is pinned in pyproject.toml).
 
 With ``defer_acks`` the consumer acknowledges the events itself (:func:`ack_events`), later: the
@@ -32,7 +33,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncGenerator, AsyncIterator, List
 
-from mode.utils.futures import notify
 
 LINGER_S = 0.001
 
@@ -46,34 +46,33 @@ def waiting_events(stream: Any) -> int:
 async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: float = LINGER_S,
                         defer_acks: bool = False, idle_s: float | None = None) -> AsyncIterator[List[Any]]:
     """Yields lists of events (``faust.EventT``), acked once the next list is asked for (or, with
-    ``defer_acks``, when the consumer calls :func:`ack_events`); ``[]`` after ``idle_s`` idle."""
-    buffer: List[Any] = []
-    events: List[Any] = []
+    ``defer_acks``, when the consumer calls :func:`ack_events`); ``[]`` after ``idle_s`` idle.
+
+    While the consumer handles one list, the next is gathered (up to ``batch_max`` events, then
+    the stream waits): Faust's per-event stream work overlaps the consumer's waits (model calls
+    on another thread, broker acknowledgements) instead of following them.
+    """
+    events: List[Any] = []  # the batch being gathered
     buffer_full = asyncio.Event()
     buffer_started = asyncio.Event()
-    buffer_consumed = asyncio.Event()
-    buffer_consuming: asyncio.Future | None = None
+    buffer_taken = asyncio.Event()
     stream_enable_acks: bool = stream.enable_acks
     channel_it = stream.channel.__aiter__()
 
     async def add_to_buffer(value: Any) -> Any:
         try:
-            nonlocal buffer_consuming
-            if buffer_consuming is not None:  # a batch is being handled: wait for it
-                try:
-                    await buffer_consuming
-                finally:
-                    buffer_consuming = None
-            buffer.append(value)
+            while len(events) >= batch_max:  # full and not taken yet: hold the stream here
+                buffer_taken.clear()
+                await stream.wait(buffer_taken)
+                if stream.should_stop:
+                    return value
             event = stream.current_event
             if event is None:
                 raise RuntimeError("Take buffer found current_event is None")
             events.append(event)
             buffer_started.set()
-            if len(buffer) >= batch_max:
+            if len(events) >= batch_max:
                 buffer_full.set()
-                buffer_consumed.clear()
-                await stream.wait(buffer_consumed)
         except asyncio.CancelledError:  # pragma: no cover
             raise
         except Exception as exc:
@@ -89,7 +88,7 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: 
     try:
         while not stream.should_stop:
             await stream.wait_for_stopped(buffer_started, timeout=min(idle_s or 1.0, 1.0))
-            if not buffer:
+            if not events:
                 if idle_s is not None and loop.time() - idle_since >= idle_s:
                     idle_since = loop.time()
                     yield []
@@ -102,23 +101,22 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: 
                 await stream.wait_for_stopped(buffer_full, timeout=min(linger_s, left))
                 if not waiting_events(stream):
                     break
-            buffer_consuming = loop.create_future()  # the processor may not add while we read
+            taken = list(events)
+            events.clear()
+            buffer_full.clear()
+            buffer_started.clear()
+            buffer_taken.set()  # a stream held on a full buffer goes on, gathering the next batch
             try:
-                yield list(events)
+                yield taken
             finally:
-                buffer.clear()
                 if not defer_acks:
-                    for event in events:
+                    for event in taken:
                         await stream.ack(event)
-                events.clear()
                 idle_since = loop.time()
-                notify(buffer_consuming)
-                buffer_full.clear()
-                buffer_started.clear()
-                buffer_consumed.set()
     finally:
         stream.enable_acks = stream_enable_acks
         stream._processors.remove(add_to_buffer)
+        buffer_taken.set()
 
 
 async def ack_events(stream: Any, events: List[Any]) -> None:

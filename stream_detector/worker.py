@@ -5,7 +5,8 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
 
 1. decode and window the batch on the event loop (fast, per event);
 2. score it in one model call on a dedicated thread, so heartbeats and commits never stall;
-3. publish alerts and dead letters, and wait until the broker has acknowledged them;
+3. publish alerts and dead letters (through :mod:`~stream_detector.kafka.output`'s producer, not
+   Faust's), and wait until the broker has acknowledged them;
 4. only then does the loop move on; the batch's offsets are acked (and later committed by Faust)
    once the window state they changed is in the changelog (below).
 
@@ -47,6 +48,7 @@ from .batching import ack_events, adaptive_batches, waiting_events
 from .detector import Detector, RawRecord
 from .kafka import faust_fastpath
 from .kafka.admin import ensure_topics, partition_count
+from .kafka.output import OutputProducer
 from .kafka.security import confluent_config, faust_credentials
 from .metrics import WorkerMetrics
 from .scoring import ModelRunner, worker_threads
@@ -157,7 +159,13 @@ class DetectorService:
         return timed_score
 
 
+def make_output(settings: Settings, app: faust.App) -> OutputProducer:
+    """The producer of everything the worker writes (alerts, dead letters, scores, snapshots)."""
+    return OutputProducer(settings.bootstrap_servers, confluent_config(settings))
+
+
 def create_app(settings: Settings, service: DetectorService, input_partitions: int = 1) -> faust.App:
+    """The Faust app; its ``output`` attribute is the producer to close once the worker stops."""
     if settings.consumer_fast_path:
         faust_fastpath.install()
     else:
@@ -172,11 +180,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         value_serializer="raw",
         key_serializer="raw",
         consumer_auto_offset_reset=settings.auto_offset_reset,
-        producer_acks=-1,
-        # A micro-batch hands the producer up to one window snapshot per key it touched: let them go out
-        # in a few requests rather than one each (5 ms; alert acks are awaited per batch, so at most that
-        # much latency is added to batches that alert).
-        producer_linger_ms=5,
+        producer_acks=-1,  # Faust's producer is not used for output (see make_output)
         broker_commit_interval=1.0,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
@@ -189,20 +193,19 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         loghandlers=[],
     )
     faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
-    # Faust stops delivering input events while more than `max_messages` are waiting to be produced
-    # (100 by default, a class attribute with no setting): each micro-batch's snapshot burst would stall
-    # consumption until drained. Bounded still, at a few micro-batches' worth.
-    app.producer.buffer.max_messages = max(4 * settings.batch_max, 1000)
+    if settings.consumer_fast_path:
+        faust_fastpath.skip_unused_per_event_work(app)
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
-    alerts = app.topic(settings.alerts_topic, key_serializer="raw", value_serializer="raw")
-    dead_letters = app.topic(settings.dead_letter_topic, key_serializer="raw", value_serializer="raw")
-    scores_out = (app.topic(settings.scores_topic, key_serializer="raw", value_serializer="raw")
-                  if settings.scores_topic else None)
+    out = app.output = make_output(settings, app)
+    alerts_topic, dead_letter_topic, scores_topic = (settings.alerts_topic, settings.dead_letter_topic,
+                                                     settings.scores_topic)
     detector, metrics = service.detector, service.metrics
     # Window state, changelog-backed. Written with explicit partitions (the input record's), read
     # back lazily per key; never modified through the table API, which would pick partitions itself.
+    # Faust declares the changelog topic and restores from it; the writes go through `out`.
     state = app.Table("windows", partitions=input_partitions, key_type=bytes, value_type=bytes,
                       help="per-key window snapshots")
+    changelog_topic = state.changelog_topic.get_topic_name()
     store = detector.windows.store
 
     def restore(key: str) -> bytes | None:
@@ -213,21 +216,23 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
 
     def tombstone(key: str, slot: int) -> None:
         if store.is_persisted(slot):  # nothing to delete for a key never written
-            state.send_changelog(store.position(slot)[0], key.encode(), None)
+            out.produce(changelog_topic, key.encode(), None, partition=store.position(slot)[0])
 
     detector.windows.restore = restore
     store.on_evict_key = tombstone
 
-    def persist_touched() -> list[Awaitable[Any]]:
-        sent = []
+    def persist_touched() -> Awaitable[Any] | None:
+        """Sends the snapshots of the keys touched since the last call; None if there were none."""
+        sent = out.group()
+        min_events = settings.state_min_events
         for key, slot in detector.windows.drain_touched().items():
             # Not evicted since; and a key's very first event is not worth a changelog write (a flood
             # of one-off keys would double the traffic): at worst one event is missing from its window.
-            if store.slot_of(key) == slot and store.count(slot) >= settings.state_min_events:
-                sent.append(state.send_changelog(store.position(slot)[0], key.encode(), detector.snapshot(key, slot)))
+            if store.slot_of(key) == slot and store.count(slot) >= min_events:
+                sent.send(changelog_topic, key.encode(), detector.snapshot(key, slot), store.position(slot)[0])
                 store.mark_persisted(slot)
         metrics.state_writes.inc(len(sent))
-        return sent
+        return sent.wait() if len(sent) else None
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
@@ -254,7 +259,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         unacked: list[Any] = []
         # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
         # covers: under a backlog the next batch is handled while they are in flight.
-        writing: deque[tuple[asyncio.Future | None, list[Any]]] = deque()
+        writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
         last_flush = loop.time()
         flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
 
@@ -264,8 +269,8 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             ``WRITES_IN_FLIGHT`` flushes stay out)."""
             nonlocal last_flush
             sent = persist_touched()  # at a batch boundary: every alert these snapshots follow is acked
-            if sent or unacked:
-                writing.append((asyncio.gather(*sent) if sent else None, list(unacked)))
+            if sent is not None or unacked:
+                writing.append((sent, list(unacked)))
                 unacked.clear()
             last_flush = loop.time()
             while writing:
@@ -313,7 +318,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         ]
         batch = detector.prepare(records)
         metrics.events_consumed.inc(len(records))
-        pending: list[Awaitable[Any]] = []
+        pending = out.group()
         for record, invalid in batch.invalid:
             metrics.events_invalid.labels(reason=invalid.reason).inc()
             log.warning("invalid event at %s[%d]@%d: %s (%s)", settings.input_topic, record.partition,
@@ -323,8 +328,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 ("x-dlq-detail", invalid.detail.encode("utf-8", "replace")),
                 ("x-dlq-source", f"{settings.input_topic}:{record.partition}:{record.offset}".encode()),
             ]
-            pending.append(await dead_letters.send(key=record.key, value=record.value or b"", headers=headers,
-                                                   force=True))
+            pending.send(dead_letter_topic, record.key, record.value or b"", headers=headers)
         if batch.warming_up:
             metrics.events_warming_up.inc(batch.warming_up)
         if batch.replayed:
@@ -346,16 +350,15 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             if d.alert is not None:
                 messages.append((d.alert, d.record))
         for message, _ in messages:
-            pending.append(await alerts.send(key=message["key"].encode(), value=encode_alert(message),
-                                             force=True))
-        if scores_out is not None:
+            pending.send(alerts_topic, message["key"].encode(), encode_alert(message))
+        if scores_topic:
             version = detector.artifact.version
             for d in decisions:
-                pending.append(await scores_out.send(key=d.event.key.encode(), value=orjson.dumps({
+                pending.send(scores_topic, d.event.key.encode(), orjson.dumps({
                     "key": d.event.key, "event_id": d.event.event_id, "event_timestamp": d.event.timestamp,
-                    "score": d.score, "threshold": d.threshold, "model_version": version}), force=True))
-        if pending:
-            await asyncio.gather(*pending)  # broker acks before the input offsets are acked
+                    "score": d.score, "threshold": d.threshold, "model_version": version}))
+        if len(pending):
+            await pending.wait()  # broker acks before the input offsets are acked
             if batch.invalid:
                 metrics.dead_lettered.inc(len(batch.invalid))
             done = time.time()
@@ -415,3 +418,4 @@ def run_worker(settings: Settings) -> None:
         worker.execute_from_commandline()
     finally:
         lag.stop()
+        app.output.close()

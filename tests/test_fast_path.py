@@ -200,6 +200,45 @@ def test_adaptive_batches_take_the_backlog_up_to_batch_max_and_do_not_wait_for_t
     assert out[-1][0] < 1.0  # the last, partial batch did not wait for the 5 s cap
 
 
+def test_adaptive_batches_gather_the_next_batch_while_one_is_handled():
+    import asyncio
+    import time
+
+    import faust
+
+    from stream_detector.batching import adaptive_batches
+
+    app = faust.App(f"overlap-test-{time.time_ns()}", store="memory://", web_enabled=False)
+    taken_by_stream: list[int] = []
+    sizes: list[int] = []
+
+    @app.agent()
+    async def agent(stream):
+        streamed: list[int] = []
+
+        def record(value: int) -> int:
+            streamed.append(value)
+            return value
+
+        stream.add_processor(record)  # runs before the batching processor, for every event taken
+        async for events in adaptive_batches(stream, 16, within_s=5.0):
+            sizes.append(len(events))
+            await asyncio.sleep(0.2)  # "scoring" the batch, off the event loop
+            taken_by_stream.append(streamed[-1])
+
+    async def main():
+        async with agent.test_context() as running:
+            for i in range(40):
+                await running.put(i)
+            await asyncio.sleep(1.0)
+
+    asyncio.run(main())
+    assert sizes == [16, 16, 8]
+    # While the first batch (0..15) was handled, the stream went on and took the next 16 (and one
+    # more, held until they are taken): it did not stand still at event 15.
+    assert taken_by_stream[0] >= 31
+
+
 def test_adaptive_batches_hand_over_a_lone_event_at_once():
     import asyncio
 

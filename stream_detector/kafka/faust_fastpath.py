@@ -284,3 +284,33 @@ def set_fetch_max_wait(app: Any, wait_ms: int) -> bool:
         AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
     _fetch_wait_ms[app] = wait_ms
     return True
+
+
+async def _nothing_to_produce() -> None:
+    return None
+
+
+def skip_unused_per_event_work(app: Any) -> bool:
+    """Drops two per-event steps of Faust's that a worker producing nothing through Faust and
+    serving no Faust web views does not need; False (nothing changed) on another faust-streaming.
+
+    - Faust's ``Monitor`` sensor, fed four times per event (record in, stream in and out, acked)
+      for the statistics of Faust's web views. It stays the app's monitor (commits and end offsets
+      still reach it); only the per-event calls go.
+    - The check, per delivered record, that Faust's producer buffer is not over its limit: output
+      goes through :mod:`stream_detector.kafka.output`, so that buffer stays empty.
+
+    Call before the app starts: the conductor reads the producer check when it builds its handlers.
+    """
+    if not _supported("per-event monitor and producer checks kept"):
+        return False
+    init_dependencies = app.on_init_dependencies
+
+    def on_init_dependencies() -> Any:
+        services = init_dependencies()  # adds the monitor to the sensors
+        app.sensors.remove(app.monitor)
+        return services
+
+    app.on_init_dependencies = on_init_dependencies
+    app.producer.buffer.wait_until_ebb = _nothing_to_produce
+    return True
