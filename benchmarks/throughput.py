@@ -766,8 +766,6 @@ def write_report(path: Path, results: dict[str, Any]) -> None:
 # (variant, change, direction): "before" variants ran the former behaviour, "option" ones an opt-in.
 FAST_PATH = [
     ("detector_full_decoder", "LSTM autoencoder decodes only the newest `score_steps` events (same scores)", "before"),
-    ("detector_producer_defaults", "producer batching: 5 ms linger, consumption paused only beyond 4 x `batch_max` "
-                                   "messages waiting (Faust: no linger, 100)", "before"),
     ("detector_threads2", "`torch_threads=0` means cores - 1 (here 1) instead of all cores (here 2)", "before"),
     ("detector_fixed_batches", "adaptive micro-batches (`batch_adaptive`) instead of Faust's `take_events`", "before"),
     ("detector_faust_consumer", "Faust's consumer kept up (`kafka/faust_fastpath.py`): the three changes below "
@@ -829,7 +827,6 @@ PIPELINE_LABELS = [
     ("detector_fixed_batches", "(b) with Faust's fixed batching (`batch_adaptive=false`): before"),
     ("detector_full_decoder", "(b) with the full-window decoder: before"),
     ("detector_threads2", "(b) with `torch_threads=2` (the former default on 2 cores): before"),
-    ("detector_producer_defaults", "(b) with Faust's producer defaults (no linger, pause beyond 100 waiting): before"),
     ("detector_no_changelog", "(b) without window-state changelog writes (`state_min_events` = 10^9)"),
     ("faust_ceiling_faust_consumer", "(f) with Faust's consumer as it comes: before"),
     ("detector_faust_consumer", "(b) with Faust's consumer as it comes (per-event tasks, 4,096 buffer, "
@@ -848,7 +845,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_fixed_batches": {"settings": {"batch_adaptive": "false"}},
     "detector_full_decoder": {"variant": "full-decoder"},
     "detector_threads2": {"settings": {"torch_threads": "2"}},
-    "detector_producer_defaults": {"variant": "producer-defaults"},
     "detector_no_changelog": {"settings": {"state_min_events": "1000000000"}},
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
     "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},

@@ -15,8 +15,6 @@ Variants:
   at a time: what users of online-learning libraries typically run instead of a batched model.
 - ``full-decoder``: the default LSTM autoencoder decoding the whole window (32 decoder steps), as
   the model did before the newest-steps-only decoder: the "before" of that change, end to end.
-- ``producer-defaults``: the worker with Faust's producer defaults (no linger, consumption paused
-  beyond 100 messages waiting to be produced): the "before" of the producer batching change.
 - ``faust-ceiling``: a Faust agent on the same topic that only counts the events it takes (same
   adaptive batches, no decoding, no model, nothing produced): the ceiling Faust itself sets for
   any worker built on it on this machine.
@@ -112,7 +110,7 @@ def ceiling_app(settings: Settings, service, input_partitions: int = 1):
     return app
 
 
-VARIANTS = ("hst", "full-decoder", "producer-defaults", "faust-ceiling")
+VARIANTS = ("hst", "full-decoder", "faust-ceiling")
 
 
 def main(argv: list[str]) -> int:
@@ -124,29 +122,6 @@ def main(argv: list[str]) -> int:
         worker_module.create_app = ceiling_app
         worker_module.run_worker(Settings.load())
         return 0
-    if variant == "producer-defaults":
-        import faust
-
-        make_app = worker_module.create_app
-        faust_app = faust.App
-
-        def app_with_defaults(*args, **kwargs):
-            kwargs.pop("producer_linger_ms", None)
-            return faust_app(*args, **kwargs)
-
-        def create_app(*args, **kwargs):
-            worker_module.faust.App = app_with_defaults
-            try:
-                app = make_app(*args, **kwargs)
-            finally:
-                worker_module.faust.App = faust_app
-            app.producer.buffer.max_messages = 100
-            return app
-
-        worker_module.create_app = create_app
-        worker_module.run_worker(Settings.load())
-        return 0
-
     class VariantService(worker_module.DetectorService):
         def __init__(self, settings: Settings, metrics=None):
             super().__init__(settings, metrics)

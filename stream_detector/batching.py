@@ -31,6 +31,7 @@ held up).
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any, AsyncGenerator, AsyncIterator, List
 
 
@@ -41,6 +42,16 @@ def waiting_events(stream: Any) -> int:
     """Events delivered to the stream's queue and not taken yet."""
     queue = getattr(stream.channel, "queue", None)
     return queue.qsize() if queue is not None else 0
+
+
+_gathering: "weakref.WeakKeyDictionary[Any, List[Any]]" = weakref.WeakKeyDictionary()
+
+
+def pending_events(stream: Any) -> int:
+    """Events delivered and not handed to the consumer yet: waiting in the stream's queue, or
+    gathered into the next adaptive batch."""
+    gathered = _gathering.get(stream)
+    return waiting_events(stream) + (len(gathered) if gathered is not None else 0)
 
 
 async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: float = LINGER_S,
@@ -81,6 +92,7 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: 
         return value
 
     stream.enable_acks = False  # events are acked here, after the consumer is done with them
+    _gathering[stream] = events
     stream.add_processor(add_to_buffer)
     stream._enable_passive(channel_it)
     loop = asyncio.get_running_loop()

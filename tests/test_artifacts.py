@@ -79,7 +79,7 @@ def test_load_gives_identical_scores_to_the_in_memory_model(tmp_path):
     with torch.inference_mode():
         from stream_detector.preprocessing import Preprocessor
         expected_scores, expected_features = model.anomaly_scores(Preprocessor(scaler)(torch.from_numpy(x)))
-    loaded = ModelRunner(artifact, device="cpu").score(x)
+    loaded = ModelRunner(artifact, device="cpu", trace=False).score(x)  # the artifact, bit for bit
     np.testing.assert_array_equal(loaded.scores, expected_scores.numpy())
     np.testing.assert_array_equal(loaded.feature_errors, expected_features.numpy())
     assert loaded.scores.shape == (16,) and loaded.feature_errors.shape == (16, 3)

@@ -98,12 +98,26 @@ def test_round_trip_through_an_artifact_gives_identical_scores(trained, kind):
     assert artifact.threshold == result.threshold["value"]
     x = np.random.default_rng(0).normal(0.0, 2.0, (16, WINDOW, len(CHANNELS))).astype(np.float32)
     expected, expected_features = score_windows(result.model, result.scaler, x, torch.device("cpu"))
-    got = ModelRunner(artifact, device="cpu").score(x)
+    got = ModelRunner(artifact, device="cpu", trace=False).score(x)  # the artifact, bit for bit
     np.testing.assert_array_equal(got.scores, expected)
     np.testing.assert_array_equal(got.feature_errors, expected_features)
     assert got.scores.shape == (16,) and got.feature_errors.shape == (16, len(CHANNELS))
     assert np.isfinite(got.scores).all() and (got.scores >= 0).all()  # thresholds and severities are ratios
     assert (got.feature_errors >= 0).all()
+
+
+@pytest.mark.parametrize("kind", UNSUPERVISED + ["lstm_classifier"])
+def test_the_served_traced_graph_scores_like_the_model_at_any_batch_size(trained, kind):
+    path, _ = trained[kind]
+    artifact = load_artifact(path)
+    eager = ModelRunner(artifact, device="cpu", trace=False)
+    served = ModelRunner(artifact, device="cpu", cpu_chunk=64)
+    assert served.traced, f"{kind} fell back to eager scoring"
+    for batch in (1, 5, 64, 300):  # 300: several chunks of 64
+        x = np.random.default_rng(batch).normal(0.0, 2.0, (batch, WINDOW, len(CHANNELS))).astype(np.float32)
+        want, got = eager.score(x), served.score(x)
+        np.testing.assert_allclose(got.scores, want.scores, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got.feature_errors, want.feature_errors, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", UNSUPERVISED + ["lstm_classifier"])

@@ -144,6 +144,10 @@ class OutputProducer:
             self.failed += 1
             log.error("message to %s[%s] not delivered: %s", msg.topic(), msg.partition(), err)
 
+    def in_flight(self) -> int:
+        """Messages queued or sent and not yet acknowledged."""
+        return len(self._producer)
+
     def flush(self, timeout: float) -> int:
         """Waits for what is queued; returns how many messages are still undelivered."""
         return self._producer.flush(timeout)

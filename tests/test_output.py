@@ -1,0 +1,94 @@
+"""The worker's output producer against the real local broker: a group resolves only once every
+message in it is acknowledged, in order per partition, and a failed delivery fails the group."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stream_detector.kafka.output import DeliveryError, OutputProducer
+from stream_detector.producer import iter_messages
+
+pytestmark = pytest.mark.integration
+
+
+def _raw_messages(bootstrap: str, topic: str, idle_timeout: float = 3.0) -> list[tuple[bytes, bytes | None, int]]:
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{topic}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out = []
+    idle = 0.0
+    try:
+        while idle < idle_timeout:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                idle += 0.2
+                continue
+            idle = 0.0
+            out.append((msg.key(), msg.value(), msg.partition()))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_a_group_resolves_once_every_message_is_in_the_topic_in_order(kafka_broker, make_topic):
+    topic = make_topic("out", partitions=2)
+    out = OutputProducer(kafka_broker.bootstrap_servers)
+
+    async def main() -> int:
+        group = out.group()
+        for i in range(500):
+            group.send(topic, f"k{i % 7}".encode(), str(i).encode(), partition=i % 2)
+        group.send(topic, b"k0", None, partition=0)  # a delete (tombstone)
+        delivered = await asyncio.wait_for(group.wait(), timeout=30)
+        assert out.in_flight() == 0  # resolved only after the last acknowledgement
+        return delivered
+
+    try:
+        assert asyncio.run(main()) == 501
+    finally:
+        out.close()
+    seen = _raw_messages(kafka_broker.bootstrap_servers, topic)
+    assert len(seen) == 501
+    for partition in (0, 1):  # in the order sent, per partition
+        values = [v for _, v, p in seen if p == partition and v is not None]
+        assert values == [str(i).encode() for i in range(partition, 500, 2)]
+    assert [m for m in seen if m[2] == 0][-1] == (b"k0", None, 0)  # the delete came last, as sent
+
+
+def test_an_empty_group_resolves_at_once_and_alerts_read_back_as_json(kafka_broker, unique_topic):
+    out = OutputProducer(kafka_broker.bootstrap_servers)
+
+    async def main() -> None:
+        assert await asyncio.wait_for(out.group().wait(), timeout=1) == 0
+        group = out.group()
+        group.send(unique_topic, b"card-1", b'{"key": "card-1", "state": "open"}',
+                   headers=[("x-test", b"1")])
+        await asyncio.wait_for(group.wait(), timeout=30)
+
+    try:
+        asyncio.run(main())
+    finally:
+        out.close()
+    assert list(iter_messages(kafka_broker.bootstrap_servers, unique_topic, idle_timeout=3.0)) == [
+        {"key": "card-1", "state": "open"}]
+
+
+def test_a_failed_delivery_fails_its_group(kafka_broker, unique_topic):
+    # A partition the topic does not have: librdkafka reports the message as failed.
+    out = OutputProducer(kafka_broker.bootstrap_servers, extra={"message.timeout.ms": 3000})
+
+    async def main() -> None:
+        group = out.group()
+        group.send(unique_topic, b"k", b"ok")
+        group.send(unique_topic, b"k", b"lost", partition=7)
+        await asyncio.wait_for(group.wait(), timeout=30)
+
+    try:
+        with pytest.raises(DeliveryError):
+            asyncio.run(main())
+    finally:
+        out.close(timeout=5)
