@@ -5,10 +5,17 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
 
 1. decode and window the batch on the event loop (fast, per event);
 2. score it in one model call on a dedicated thread, so heartbeats and commits never stall;
-3. publish alerts and dead letters (through :mod:`~stream_detector.kafka.output`'s producer, not
-   Faust's), and wait until the broker has acknowledged them;
-4. only then does the loop move on; the batch's offsets are acked (and later committed by Faust)
-   once the window state they changed is in the changelog (below).
+3. judge it (thresholds, incidents) and publish its alerts and dead letters (through
+   :mod:`~stream_detector.kafka.output`'s producer, not Faust's), then wait until the broker has
+   acknowledged them;
+4. the batch's offsets are acked (and later committed by Faust) once the window state it
+   changed is in the changelog (below).
+
+Under a backlog (the next batch is already there) batches are pipelined: batch k is windowed and
+its scoring started before batch k-1's alerts are awaited, so the model thread and the broker
+round trips overlap the loop's own work. The window snapshots of batch k-1 are taken before batch
+k's events enter the windows, and sent once k-1's alerts are acknowledged. A batch with nothing
+behind it is finished at once.
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606). Faust's consumer itself is kept up by
@@ -16,7 +23,7 @@ events (faust-streaming issue #606). Faust's consumer itself is kept up by
 wakes when a paused partition resumes, a short broker fetch wait) and a stream buffer larger
 than one fetch.
 
-Window state survives restarts and rebalances: at a batch boundary (so after the alerts of every
+Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), each key touched since the last write is written to a compacted
 changelog (a Faust table's changelog topic, partitioned like the input), and only once the broker
 has those snapshots are the input events acked. By default that happens after every batch (under
