@@ -339,7 +339,10 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     await written  # in the changelog before the offsets may be committed (raises if not)
                 writing.popleft()
                 if covered:
-                    await ack_events(stream, covered)
+                    # Not events of partitions revoked since: Faust forgot their acks at the revocation,
+                    # and a late ack would bring back a stale committable offset for them.
+                    assigned = app.consumer.assignment()
+                    await ack_events(stream, [e for e in covered if e.message.tp in assigned])
 
         async def conclude(scoring: Scoring, next_events: list[Any] | None) -> Scoring | None:
             """Finishes ``scoring``; starts ``next_events`` (if any) before waiting for the broker.
