@@ -128,6 +128,7 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: 
     finally:
         stream.enable_acks = stream_enable_acks
         stream._processors.remove(add_to_buffer)
+        _gathering.pop(stream, None)
         buffer_taken.set()
 
 

@@ -21,6 +21,7 @@ from .artifacts import ModelArtifact
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Scores:
     scores: np.ndarray  # (B,) float32
@@ -111,13 +112,10 @@ class ModelRunner:
             else:
                 x = host
             if self.chunk is None or batch <= self.chunk:
-                out = self._score(x).cpu().numpy()
+                out = self.forward(x).cpu().numpy()
             else:
-                out = torch.cat([self._score(x[i:i + self.chunk]) for i in range(0, batch, self.chunk)]).numpy()
+                out = torch.cat([self.forward(x[i:i + self.chunk]) for i in range(0, batch, self.chunk)]).numpy()
         return Scores(out[:, 0].copy(), out[:, 1:].copy())
-
-    def _score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x)
 
     def _trace(self) -> None:
         """Swaps the eager model for a traced, frozen TorchScript graph when it gives the same scores.

@@ -184,6 +184,19 @@ def run_agent(batches_of, feed) -> list[tuple[float, list[int]]]:
     return out
 
 
+def put_then_wait(agent, n: int, settle_s: float) -> None:
+    """Runs a Faust agent (in memory): puts 0..n-1 at once, then lets it work ``settle_s`` seconds."""
+    import asyncio
+
+    async def main():
+        async with agent.test_context() as running:
+            for i in range(n):
+                await running.put(i)
+            await asyncio.sleep(settle_s)
+
+    asyncio.run(main())
+
+
 def test_adaptive_batches_take_the_backlog_up_to_batch_max_and_do_not_wait_for_the_timer():
     import asyncio
 
@@ -226,13 +239,7 @@ def test_adaptive_batches_gather_the_next_batch_while_one_is_handled():
             await asyncio.sleep(0.2)  # "scoring" the batch, off the event loop
             taken_by_stream.append(streamed[-1])
 
-    async def main():
-        async with agent.test_context() as running:
-            for i in range(40):
-                await running.put(i)
-            await asyncio.sleep(1.0)
-
-    asyncio.run(main())
+    put_then_wait(agent, 40, settle_s=1.0)
     assert sizes == [16, 16, 8]
     # While the first batch (0..15) was handled, the stream went on and took the next 16 (and one
     # more, held until they are taken): it did not stand still at event 15.
@@ -267,7 +274,6 @@ def test_faust_take_events_waits_for_its_timer_below_batch_max():
 
 
 def test_deferred_acks_wait_for_the_consumer_and_idle_yields_give_it_a_batch_boundary():
-    import asyncio
     import time
 
     import faust
@@ -296,13 +302,7 @@ def test_deferred_acks_wait_for_the_consumer_and_idle_yields_give_it_a_batch_bou
             seen.extend(e.value for e in events)
             held.extend(events)
 
-    async def main():
-        async with agent.test_context() as running:
-            for i in range(20):
-                await running.put(i)
-            await asyncio.sleep(0.5)
-
-    asyncio.run(main())
+    put_then_wait(agent, 20, settle_s=0.5)
     assert seen == list(range(20))
     assert acked_while_held and not any(acked_while_held)
     assert len(acked_after) == 20 and all(acked_after)

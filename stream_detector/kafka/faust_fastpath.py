@@ -20,6 +20,9 @@ events/s with Faust as it is, ~23,500 with all three (and the detector: 3,700 ->
    before looking again. The fetcher now wakes when a partition is resumed.
 3. **Fetch wait** (:func:`set_fetch_max_wait`): see there.
 
+Separately, :func:`skip_unused_per_event_work` drops two per-event steps (Faust's monitor sensor,
+the producer-buffer check) that a worker producing nothing through Faust does not need.
+
 The stream buffer size (``stream_buffer_max``) matters as much: Faust's fetches return up to
 1 MiB per partition (~12,000 events on the benchmark), and a buffer smaller than that pauses and
 refetches on every fetch.

@@ -104,7 +104,6 @@ class OutputProducer:
         })
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self.failed = 0  # messages sent without a group (tombstones) that were not delivered
 
     def start(self) -> None:
         if self._thread is None:
@@ -124,10 +123,10 @@ class OutputProducer:
         self.start()
         return Deliveries(self, asyncio.get_running_loop())
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
-                headers: Sequence[tuple[str, bytes]] | None = None, on_delivery: Any = None) -> None:
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                headers: Sequence[tuple[str, bytes]] | None, on_delivery: Any) -> None:
         """Queues one message; blocks briefly (backpressure) while librdkafka's queue is full."""
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery or self._count_failure}
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
@@ -138,11 +137,6 @@ class OutputProducer:
                 return
             except BufferError:  # the poll thread drains the queue as the broker acknowledges
                 time.sleep(0.005)
-
-    def _count_failure(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
-            self.failed += 1
-            log.error("message to %s[%s] not delivered: %s", msg.topic(), msg.partition(), err)
 
     def in_flight(self) -> int:
         """Messages queued or sent and not yet acknowledged."""
