@@ -11,7 +11,8 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
 4. the batch's offsets are acked (and later committed by Faust) once the window state it
    changed is in the changelog (below).
 
-Under a backlog (the next batch is already there) batches are pipelined: batch k is windowed and
+With ``batch_pipeline`` (off by default), under a backlog (the next batch is already there)
+batches are pipelined: batch k is windowed and
 its scoring started before batch k-1's alerts are awaited, so the model thread and the broker
 round trips overlap the loop's own work. The window snapshots of batch k-1 are taken before batch
 k's events enter the windows, and sent once k-1's alerts are acknowledged. A batch with nothing
@@ -300,8 +301,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
 
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
-        """Micro-batches, pipelined under a backlog: while batch k is scored on the inference thread,
-        the loop publishes batch k-1's alerts, waits for the broker, and sends its snapshots.
+        """Micro-batches; with ``batch_pipeline``, pipelined under a backlog: while batch k is scored on
+        the inference thread, the loop publishes batch k-1's alerts, waits for the broker, and sends
+        its snapshots.
 
         Per batch: its scores are awaited and judged (thresholds, incidents), its alerts sent, and
         the touched keys' snapshots taken at that point (before the next batch's events enter the
@@ -314,6 +316,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         # written (every `state_flush_s`). Faust's take_events acks each batch itself, so with it
         # snapshots are written after every batch and batches are not pipelined.
         deferred = settings.batch_adaptive
+        pipelined = deferred and settings.batch_pipeline
         batches = (adaptive_batches(stream, settings.batch_max, settings.batch_within_s, defer_acks=True,
                                     idle_s=min(max(settings.state_flush_s, 0.1), 1.0)) if deferred
                    else stream.take_events(settings.batch_max, within=settings.batch_within_s))
@@ -387,9 +390,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     scoring = start(events)
                 elif deferred and (unacked or writing):
                     await flush_idle()
-                # Kept in flight only when the next batch is already there to overlap it with (and
-                # only with deferred acks: take_events acks a batch as soon as the next is asked for).
-                while scoring is not None and not (deferred and pending_events(stream)):
+                # Kept in flight only when pipelining and the next batch is already there to overlap it
+                # with (and only with deferred acks: take_events acks a batch once the next is asked for).
+                while scoring is not None and not (pipelined and pending_events(stream)):
                     scoring = await conclude(scoring, None)
         finally:
             async def wind_down() -> None:
