@@ -290,17 +290,25 @@ class Detector:
         if threshold is not None:
             self.threshold = threshold
 
-    def prepare(self, records: Sequence[RawRecord]) -> PreparedBatch:
-        if self._pending_model is not None:
+    def prepare(self, records: Sequence[RawRecord], first_row: int = 0) -> PreparedBatch:
+        """Decodes, validates and windows ``records``; their ready windows are copied into the batch
+        buffer from row ``first_row`` on.
+
+        A micro-batch may be prepared in parts (each from the row where the previous one ended) so
+        that one part is scored while the next is prepared; a model swap is applied only at the
+        first part, never between the parts of one micro-batch.
+        """
+        if self._pending_model is not None and first_row == 0:
             self._apply_pending_model()
         now = self.clock()
         if now >= self._next_idle_sweep:
             self.windows.evict_idle(now)
             self._next_idle_sweep = now + 1.0
-        if len(records) > len(self._batch):
-            self._batch = np.zeros((len(records),) + self._batch.shape[1:], dtype=np.float32)
+        if first_row + len(records) > len(self._batch):
+            # Earlier parts keep their views of the old buffer (still being scored, maybe).
+            self._batch = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
         batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
-        n = 0
+        n = first_row
         windows = self.windows
         for record in records:
             decoded = self.decoder.decode(record.value)
@@ -314,7 +322,7 @@ class Detector:
                 continue
             n = self._add_event(decoded, record, batch, n, now)
         self.stats.consumed += len(records)
-        batch.windows = self._batch[:n]
+        batch.windows = self._batch[first_row:n]
         return batch
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:

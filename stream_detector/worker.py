@@ -4,7 +4,9 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
 :mod:`~stream_detector.batching`; or Faust's ``stream.take_events(batch_max, within)``):
 
 1. decode and window the batch on the event loop (fast, per event);
-2. score it in one model call on a dedicated thread, so heartbeats and commits never stall;
+2. score it on a dedicated thread, so heartbeats and commits never stall: on CPU in parts of 256
+   events, each scored while the loop windows the next, and judged while the last are scored;
+   on CUDA in one model call;
 3. judge it (thresholds, incidents) and publish its alerts and dead letters (through
    :mod:`~stream_detector.kafka.output`'s producer, not Faust's), then wait until the broker has
    acknowledged them;
@@ -56,6 +58,7 @@ import orjson
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_version_dir
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, PreparedBatch, RawRecord
+from .events import Invalid
 from .kafka import faust_fastpath
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.output import Deliveries, OutputProducer
@@ -75,12 +78,12 @@ WRITES_IN_FLIGHT = 4
 
 @dataclass(slots=True)
 class Scoring:
-    """A micro-batch windowed and being scored on the inference thread."""
+    """A micro-batch windowed and being scored on the inference thread, in parts (in order)."""
 
     events: list[Any]  # Faust events, acked once the batch's snapshots are written
-    batch: PreparedBatch
-    scores: asyncio.Future | None  # None when nothing in the batch is scored
+    parts: list[tuple[PreparedBatch, asyncio.Future | None]]  # each part's scores; None: none scored
     sent: Deliveries  # its dead letters, then its alerts
+    invalid: int  # dead letters among its events
 
 
 @dataclass(slots=True)
@@ -188,7 +191,6 @@ class DetectorService:
             started = time.perf_counter()
             scores = runner.score(windows)
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
-            self.metrics.batch_size.observe(len(windows))
             return scores
 
         return timed_score
@@ -409,6 +411,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                          len(unacked) + sum(len(covered) for _, covered in writing)
                          + (len(scoring.events) if scoring is not None else 0))
 
+    # A micro-batch is windowed and scored in parts of this many events: the inference thread scores
+    # one part while the loop windows the next, and the loop judges the first parts while it scores
+    # the last (on CPU the model takes 256 windows per call anyway; on CUDA a micro-batch stays one
+    # host-to-device copy and one call).
+    part_size = service.runner.chunk or max(settings.batch_max, 1)
+
     def start(events: list[Any]) -> Scoring:
         """Decodes and windows a batch, sends its dead letters, and starts scoring it off the loop."""
         records = [
@@ -416,36 +424,49 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                       e.message.offset, tuple(e.message.headers or ()))
             for e in events
         ]
-        batch = detector.prepare(records)
         metrics.events_consumed.inc(len(records))
+        loop = asyncio.get_running_loop()
+        parts: list[tuple[PreparedBatch, asyncio.Future | None]] = []
         sent = out.group()
-        for record, invalid in batch.invalid:
-            metrics.events_invalid.labels(reason=invalid.reason).inc()
-            log.warning("invalid event at %s[%d]@%d: %s (%s)", settings.input_topic, record.partition,
-                        record.offset, invalid.reason, invalid.detail)
-            headers = list(record.headers) + [
-                ("x-dlq-reason", invalid.reason.encode()),
-                ("x-dlq-detail", invalid.detail.encode("utf-8", "replace")),
-                ("x-dlq-source", f"{settings.input_topic}:{record.partition}:{record.offset}".encode()),
-            ]
-            sent.send(dead_letter_topic, record.key, record.value or b"", headers=headers)
-        if batch.warming_up:
-            metrics.events_warming_up.inc(batch.warming_up)
-        if batch.replayed:
-            metrics.events_replayed.inc(batch.replayed)
-        if batch.unscored:
-            metrics.events_unscored.inc(batch.unscored)
-        scores = (asyncio.get_running_loop().run_in_executor(service.executor, detector.score, batch)
-                  if len(batch) else None)
-        return Scoring(events, batch, scores, sent)
+        invalid = warming_up = replayed = unscored = scored = 0
+        for first in range(0, len(records), part_size):
+            batch = detector.prepare(records[first:first + part_size], first_row=scored)
+            scored += len(batch)
+            parts.append((batch, loop.run_in_executor(service.executor, detector.score, batch) if len(batch) else None))
+            warming_up, replayed, unscored = (warming_up + batch.warming_up, replayed + batch.replayed,
+                                              unscored + batch.unscored)
+            invalid += len(batch.invalid)
+            for record, reason in batch.invalid:
+                dead_letter(sent, record, reason)
+        if scored:
+            metrics.batch_size.observe(scored)
+        if warming_up:
+            metrics.events_warming_up.inc(warming_up)
+        if replayed:
+            metrics.events_replayed.inc(replayed)
+        if unscored:
+            metrics.events_unscored.inc(unscored)
+        return Scoring(events, parts, sent, invalid)
+
+    def dead_letter(sent: Deliveries, record: RawRecord, invalid: Invalid) -> None:
+        metrics.events_invalid.labels(reason=invalid.reason).inc()
+        log.warning("invalid event at %s[%d]@%d: %s (%s)", settings.input_topic, record.partition,
+                    record.offset, invalid.reason, invalid.detail)
+        headers = list(record.headers) + [
+            ("x-dlq-reason", invalid.reason.encode()),
+            ("x-dlq-detail", invalid.detail.encode("utf-8", "replace")),
+            ("x-dlq-source", f"{settings.input_topic}:{record.partition}:{record.offset}".encode()),
+        ]
+        sent.send(dead_letter_topic, record.key, record.value or b"", headers=headers)
 
     async def judge(scoring: Scoring) -> Published:
         """Thresholds and incidents for a scored batch; its alerts (and scores) are sent."""
-        batch, sent = scoring.batch, scoring.sent
+        sent = scoring.sent
         decisions = []
-        if scoring.scores is not None:
-            decisions = detector.finish(batch, await scoring.scores)
-            metrics.windows_scored.inc(len(decisions))
+        for batch, scores in scoring.parts:  # judging the first parts while the last are scored
+            if scores is not None:
+                decisions.extend(detector.finish(batch, await scores))
+        metrics.windows_scored.inc(len(decisions))
         # Incident closes of evicted keys and idle incidents go first: a key's old incident is
         # closed before a new one of the same key opens.
         messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
@@ -471,7 +492,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         metrics.incidents_open.set(lifecycle.open_count)
         metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
         metrics.active_keys.set(len(detector.windows))
-        return Published(sent, messages, len(batch.invalid))
+        return Published(sent, messages, scoring.invalid)
 
     async def publish(published: Published) -> None:
         """Waits for the broker to acknowledge a batch's alerts and dead letters."""

@@ -268,6 +268,38 @@ def test_process_large_batch_grows_buffer(artifact):
     np.testing.assert_array_equal(batch.windows[-1], np.float32([values("k", j) for j in range(5, 9)]))
 
 
+def test_a_batch_prepared_in_parts_scores_and_judges_like_one_prepared_whole(artifact):
+    records = [record(key, i) for i in range(WINDOW + 6) for key in ("p", "q", "r")]
+    whole, _ = make_detector(artifact, max_batch=4)
+    expected, _ = whole.process(records)
+    parted, _ = make_detector(artifact, max_batch=4)
+    parts, row = [], 0
+    for first in range(0, len(records), 7):  # the worker's order: every part prepared, then judged
+        part = parted.prepare(records[first:first + 7], first_row=row)
+        row += len(part)
+        parts.append(part)
+    # A later part (growing the buffer, too) never overwrites an earlier one still being scored.
+    windows = np.concatenate([part.windows for part in parts])
+    reference, _ = make_detector(artifact)
+    np.testing.assert_array_equal(windows, reference.prepare(records).windows)
+    decisions = [d for part in parts for d in parted.finish(part, parted.score(part))]
+    assert [(d.event.event_id, d.score, d.threshold, d.over) for d in decisions] == \
+        [(d.event.event_id, d.score, d.threshold, d.over) for d in expected]
+
+
+def test_a_model_swap_waits_for_the_next_batch_not_the_next_part(artifact):
+    detector, first_scorer = make_detector(artifact)
+    second_scorer = RecordingScorer(artifact)
+    detector.prepare([record("s", i) for i in range(WINDOW)])
+    detector.swap_model(artifact, second_scorer)
+    part = detector.prepare([record("s", WINDOW)], first_row=1)  # the same micro-batch
+    assert detector.scorer is first_scorer
+    detector.score(part)
+    assert len(first_scorer.calls) == 1 and not second_scorer.calls
+    detector.prepare([record("s", WINDOW + 1)])  # the next micro-batch
+    assert detector.scorer is second_scorer
+
+
 def test_redelivered_records_already_in_a_restored_window_are_not_applied_twice(artifact):
     first, _ = make_detector(artifact)
     records = [record("k", i, offset=100 + i) for i in range(6)]
