@@ -775,6 +775,8 @@ FAST_PATH = [
     ("detector_buffer_4096", "`stream_buffer_max=65536` (Faust: 4,096)", "before"),
     ("detector_fetch_wait_1500", "`fetch_max_wait_ms=20` (Faust: 1,500)", "before"),
     ("detector_stride4", "opt-in `score_stride=4` for every key (`hot_key_rate=0`)", "option"),
+    ("detector_flush_each_batch", "`state_flush_s=0.5` (was 0): window snapshots at most every 0.5 s under a "
+                                  "backlog instead of after every batch, offsets acked after", "before"),
     ("detector_flush_1s", "opt-in `state_flush_s=1`: window snapshots at most once a second under a backlog, "
                           "offsets acked after", "option"),
     ("detector_no_changelog", "not a change: what the window-state changelog costs (no snapshot writes)", "option"),
@@ -834,6 +836,7 @@ PIPELINE_LABELS = [
     ("detector_faust_delivery", "(b) with Faust's per-event delivery tasks (`consumer_fast_path=false`): before"),
     ("detector_buffer_4096", "(b) with Faust's 4,096-event stream buffer: before"),
     ("detector_fetch_wait_1500", "(b) with Faust's 1.5 s fetch wait: before"),
+    ("detector_flush_each_batch", "(b) writing window snapshots after every micro-batch (`state_flush_s=0`): before"),
     ("detector_flush_1s", "(b) writing window snapshots at most once a second under a backlog (`state_flush_s=1`)"),
     ("detector_flush_250ms", "(b) writing window snapshots at most every 250 ms under a backlog "
                              "(`state_flush_s=0.25`)"),
@@ -846,6 +849,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_full_decoder": {"variant": "full-decoder"},
     "detector_threads2": {"settings": {"torch_threads": "2"}},
     "detector_no_changelog": {"settings": {"state_min_events": "1000000000"}},
+    "detector_flush_each_batch": {"settings": {"state_flush_s": "0"}},
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
     "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},

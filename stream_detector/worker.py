@@ -29,10 +29,10 @@ than one fetch.
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), each key touched since the last write is written to a compacted
 changelog (a Faust table's changelog topic, partitioned like the input), and only once the broker
-has those snapshots are the input events acked. By default that happens after every batch (under
-a backlog the next batches are handled meanwhile, up to ``WRITES_IN_FLIGHT``);
-``state_flush_s`` > 0 coalesces the writes under a backlog (one per hot key per interval), at the
-cost of latency. A crash re-delivers the events not yet acked, which the restored windows take
+has those snapshots are the input events acked. Under a backlog that happens every
+``state_flush_s`` (0.5 s by default: one write per hot key per interval, not per batch; the next
+batches are handled while the writes are in flight, up to ``WRITES_IN_FLIGHT``); once the input
+is drained, at once. A crash re-delivers the events not yet acked, which the restored windows take
 again. Faust restores the changelog of newly assigned partitions before the agent resumes,
 and a key's window is taken from it the first time the key is seen. Each snapshot records the
 offset of the key's last event, so records redelivered after a crash are recognised and not
