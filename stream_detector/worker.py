@@ -227,7 +227,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
     if settings.consumer_fast_path:
         faust_fastpath.skip_unused_per_event_work(app)
-    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
+    # The worker reads each event's message bytes itself; with the fast path Faust does not decode them.
+    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw",
+                       schema=faust_fastpath.RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
     out = app.output = OutputProducer(settings.bootstrap_servers, confluent_config(settings))
     alerts_topic, dead_letter_topic, scores_topic = (settings.alerts_topic, settings.dead_letter_topic,

@@ -250,3 +250,22 @@ def test_fetch_max_wait_applies_to_the_configured_app_only():
         return waits
 
     assert run(main()) == [20, 1500]  # 1,500: Faust's own
+
+
+def test_raw_events_carry_the_message_bytes_undecoded_even_when_they_are_not_json():
+    import time
+
+    import faust
+    from faust.types import TP
+    from faust.types.tuples import Message
+
+    app = faust.App(f"raw-events-{time.time_ns()}", store="memory://", web_enabled=False)
+    topic = app.topic("input", key_serializer="raw", value_serializer="raw", schema=faust_fastpath.RawEvents())
+    message = Message("input", 0, 7, 1.0, 0, [("h", b"1")], b"\xff key", b"{not json", None, tp=TP("input", 0))
+
+    event = asyncio.run(topic.decode(message, propagate=True))
+    assert event.message is message and event.key == b"\xff key" and event.value == b"{not json"
+    assert event.headers == {"h": b"1"} and event.message.headers == [("h", b"1")]
+    empty = Message("input", 0, 8, 1.0, 0, None, None, None, None, tp=TP("input", 0))
+    event = asyncio.run(topic.decode(empty, propagate=True))
+    assert event.key is None and event.value is None and event.message is empty
