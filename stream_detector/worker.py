@@ -29,10 +29,10 @@ than one fetch.
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), each key touched since the last write is written to a compacted
 changelog (a Faust table's changelog topic, partitioned like the input), and only once the broker
-has those snapshots are the input events acked. Under a backlog that happens every
-``state_flush_s`` (0.5 s by default: one write per hot key per interval, not per batch; the next
-batches are handled while the writes are in flight, up to ``WRITES_IN_FLIGHT``); once the input
-is drained, at once. A crash re-delivers the events not yet acked, which the restored windows take
+has those snapshots are the input events acked. Under a backlog (a full batch or more waiting)
+that happens every ``state_flush_s`` (0.5 s by default: one write per hot key per interval, not
+per batch; the next batches are handled while the writes are in flight, up to
+``WRITES_IN_FLIGHT``); below that, after every batch. A crash re-delivers the events not yet acked, which the restored windows take
 again. Faust restores the changelog of newly assigned partitions before the agent resumes,
 and a key's window is taken from it the first time the key is seen. Each snapshot records the
 offset of the key's last event, so records redelivered after a crash are recognised and not
@@ -352,8 +352,14 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             Returns the started batch."""
             nonlocal last_flush
             published = await judge(scoring)
-            drained = not next_events and not pending_events(stream)
-            flush = deferred and (drained or settings.state_flush_s == 0
+            waiting = len(next_events or ()) + pending_events(stream)
+            drained = not waiting
+            # Writes are coalesced only under a backlog: a full micro-batch or more already waiting.
+            # Below that each batch writes its own (measured at 7,800 events/s: p99 event-to-alert 83 ms
+            # writing per batch, 135 to 161 ms coalescing every 0.5 s, whose flushes of every key
+            # touched in the interval stall the loop).
+            backlog = waiting >= settings.batch_max
+            flush = deferred and (not backlog or settings.state_flush_s == 0
                                   or loop.time() - last_flush >= settings.state_flush_s
                                   or len(unacked) + len(scoring.events) >= flush_at_most)
             snapshots = collect_snapshots() if flush or not deferred else None
