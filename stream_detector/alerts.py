@@ -40,8 +40,16 @@ def _iso(timestamp: float) -> str:
 def top_features(feature_names: Sequence[str], feature_errors: np.ndarray,
                  top_k: int = 3) -> tuple[tuple[str, float], ...]:
     """The ``top_k`` largest per-feature errors of one window, largest first, as (feature, error)."""
-    order = np.argsort(-np.asarray(feature_errors))[: max(top_k, 0)]
-    return tuple((feature_names[i], float(feature_errors[i])) for i in order)
+    return top_features_of_rows(feature_names, np.asarray(feature_errors)[None, :], top_k)[0]
+
+
+def top_features_of_rows(feature_names: Sequence[str], feature_errors: np.ndarray,
+                         top_k: int = 3) -> list[tuple[tuple[str, float], ...]]:
+    """:func:`top_features` of each row of a (windows, features) array, sorted in one call."""
+    errors = np.asarray(feature_errors)
+    order = np.argsort(-errors, axis=1)[:, : max(top_k, 0)]
+    values = np.take_along_axis(errors, order, axis=1).tolist()
+    return [tuple((feature_names[i], v) for i, v in zip(row, vals)) for row, vals in zip(order.tolist(), values)]
 
 
 def build_incident_alert(

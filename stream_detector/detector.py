@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import orjson
 
-from .alerts import top_features as top_feature_list
+from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .events import Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
@@ -381,14 +381,15 @@ class Detector:
             over = np.asarray(self.threshold.exceeds(keys, values), dtype=bool)
             limits = np.array([self.threshold.value_for(k) for k in keys], dtype=np.float64)
         decisions: list[Decision] = []
-        names = self.profile.feature_names
+        over_rows = np.flatnonzero(over)
+        tops = dict(zip(over_rows.tolist(), top_features_of_rows(
+            self.profile.feature_names, scores.feature_errors[over_rows], self.top_features)))
         observe = self.incidents.observe
         for i, event in enumerate(batch.events):
             score, limit, is_over = float(values[i]), float(limits[i]), bool(over[i])
             info = None
             if is_over:
-                info = WindowInfo(event.event_id, event.timestamp, score, limit,
-                                  top_feature_list(names, scores.feature_errors[i], self.top_features))
+                info = WindowInfo(event.event_id, event.timestamp, score, limit, tops[i])
             alert = observe(event.key, is_over, info, now, context)
             if alert is not None:
                 self.stats.alerts += 1
