@@ -309,8 +309,14 @@ class Worker:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> "Worker":
+        return self.launch().wait_up(timeout)
+
+    def launch(self) -> "Worker":
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        return self
+
+    def wait_up(self, timeout: float = 180.0) -> "Worker":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.check()
@@ -395,17 +401,30 @@ def histogram(metrics: dict[str, float], name: str) -> dict[str, Any]:
 
 def run_backlog(bootstrap: str, model_dir: Path, topic: str, n: int, lo: float, hi: float, log_path: Path,
                 settings: dict[str, str] | None = None, variant: str | None = None,
-                time_box: float | None = None, timeout: float = 900.0) -> dict[str, Any]:
-    """A worker drains a pre-filled topic; sustained rate, CPU and peak RSS over [lo, hi] of it."""
-    worker = Worker(bootstrap, model_dir, topic, log_path, settings, variant).start()
+                time_box: float | None = None, timeout: float = 900.0, processes: int = 1) -> dict[str, Any]:
+    """Worker(s) drain a pre-filled topic; sustained rate, CPU and peak RSS over [lo, hi] of it.
+
+    With ``processes`` > 1, that many worker processes in one consumer group (launched together, so
+    they share the partitions from the start); rates, CPU and RSS are their sums."""
+    if processes > 1:
+        settings = dict(settings or {}, consumer_group=f"bench-{uuid.uuid4().hex[:8]}")
+    workers = [Worker(bootstrap, model_dir, topic, log_path.with_name(f"{log_path.stem}-p{i}{log_path.suffix}")
+                      if processes > 1 else log_path, settings, variant) for i in range(processes)]
+    for worker in workers:
+        worker.launch()
     n_lo, n_hi = n * lo, n * hi
     try:
+        for worker in workers:
+            worker.wait_up()
         samples: list[tuple[float, float, float]] = []  # (time, consumed, cpu seconds)
         mark_lo = None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            worker.check()
-            now, consumed, cpu = time.perf_counter(), worker.consumed(), cpu_seconds(worker.pid)
+            for worker in workers:
+                worker.check()
+            now = time.perf_counter()
+            consumed = sum(worker.consumed() for worker in workers)
+            cpu = sum(cpu_seconds(worker.pid) for worker in workers)
             samples.append((now, consumed, cpu))
             if mark_lo is None and consumed >= n_lo:
                 mark_lo = _interpolate(samples, n_lo)
@@ -418,11 +437,13 @@ def run_backlog(bootstrap: str, model_dir: Path, topic: str, n: int, lo: float, 
             mark_hi = _interpolate(samples, n_hi)
         else:
             mark_hi = samples[-1]
-        final = worker.metrics()
-        rss = peak_rss_mib(worker.pid)
+        finals = [worker.metrics() for worker in workers]
+        rss = sum(peak_rss_mib(worker.pid) for worker in workers)
     finally:
-        worker.stop()
+        for worker in workers:
+            worker.stop()
     dt = mark_hi[0] - mark_lo[0]
+    final = {name: sum(f.get(name, 0.0) for f in finals) for name in set().union(*finals)}
     batches = histogram(final, "stream_detector_batch_windows")
     inference = histogram(final, "stream_detector_inference_seconds")
     return {
@@ -837,6 +858,8 @@ PIPELINE_LABELS = [
     ("detector_buffer_4096", "(b) with Faust's 4,096-event stream buffer: before"),
     ("detector_fetch_wait_1500", "(b) with Faust's 1.5 s fetch wait: before"),
     ("detector_flush_each_batch", "(b) writing window snapshots after every micro-batch (`state_flush_s=0`): before"),
+    ("detector_two_processes", "(b) as two worker processes in one consumer group (sums)"),
+    ("per_event_two_processes", "(c) as two worker processes in one consumer group (sums)"),
     ("detector_flush_1s", "(b) writing window snapshots at most once a second under a backlog (`state_flush_s=1`)"),
     ("detector_flush_250ms", "(b) writing window snapshots at most every 250 ms under a backlog "
                              "(`state_flush_s=0.25`)"),
@@ -850,6 +873,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_threads2": {"settings": {"torch_threads": "2"}},
     "detector_no_changelog": {"settings": {"state_min_events": "1000000000"}},
     "detector_flush_each_batch": {"settings": {"state_flush_s": "0"}},
+    "detector_two_processes": {"processes": 2},
+    "per_event_two_processes": {"settings": {"batch_max": "1"}, "processes": 2, "backlog": "c"},
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
     "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
@@ -1010,9 +1035,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "variants" in parts:
                 for name in [v for v in args.variants.split(",") if v]:
                     spec = VARIANTS[name]
-                    plan.append((name, lambda i, name=name, spec=spec: run_backlog(
-                        bootstrap, model_dir, backlog, n, lo, hi, logs / f"{name}{i}.log", spec.get("settings"),
-                        spec.get("variant"), time_box=args.time_box)))
+                    if spec.get("backlog") == "c" and "c" not in parts:
+                        raise SystemExit(f"variant {name} runs on (c)'s topic: add c to --parts")
+                    topic, n_v, lo_v = (c_backlog, c_n, c_lo) if spec.get("backlog") == "c" else (backlog, n, lo)
+                    plan.append((name, lambda i, name=name, spec=spec, topic=topic, n_v=n_v, lo_v=lo_v: run_backlog(
+                        bootstrap, model_dir, topic, n_v, lo_v, hi, logs / f"{name}{i}.log", spec.get("settings"),
+                        spec.get("variant"), time_box=args.time_box, processes=spec.get("processes", 1))))
             runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in plan}
             for i in range(args.repeats):  # interleaved, so slow drifts of the machine hit every pipeline alike
                 for name, fn in plan:
