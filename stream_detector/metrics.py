@@ -35,8 +35,9 @@ class WorkerMetrics:
         self.alerts_published = Counter(p + "alerts_published", "Alerts acknowledged by the broker.", registry=r)
         self.batch_size = Histogram(p + "batch_windows", "Windows scored per micro-batch.",
                                     buckets=_BATCH_BUCKETS, registry=r)
-        self.inference_seconds = Histogram(p + "inference_seconds", "Model call duration (a micro-batch; on CPU, a part of one of up to 256 windows).",
-                                           buckets=_INFERENCE_BUCKETS, registry=r)
+        self.inference_seconds = Histogram(
+            p + "inference_seconds", "Model call duration (a micro-batch; on CPU, a part of one of up to 256 windows).",
+            buckets=_INFERENCE_BUCKETS, registry=r)
         self.event_to_alert_seconds = Histogram(
             p + "event_to_alert_seconds",
             "From the input message's broker timestamp to the alert's acknowledgement.",

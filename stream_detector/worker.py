@@ -83,7 +83,6 @@ class Scoring:
     events: list[Any]  # Faust events, acked once the batch's snapshots are written
     parts: list[tuple[PreparedBatch, asyncio.Future | None]]  # each part's scores; None: none scored
     sent: Deliveries  # its dead letters, then its alerts
-    invalid: int  # dead letters among its events
 
 
 @dataclass(slots=True)
@@ -436,16 +435,16 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         loop = asyncio.get_running_loop()
         parts: list[tuple[PreparedBatch, asyncio.Future | None]] = []
         sent = out.group()
-        invalid = warming_up = replayed = unscored = scored = 0
+        scored = 0
         for first in range(0, len(records), part_size):
             batch = detector.prepare(records[first:first + part_size], first_row=scored)
             scored += len(batch)
             parts.append((batch, loop.run_in_executor(service.executor, detector.score, batch) if len(batch) else None))
-            warming_up, replayed, unscored = (warming_up + batch.warming_up, replayed + batch.replayed,
-                                              unscored + batch.unscored)
-            invalid += len(batch.invalid)
-            for record, reason in batch.invalid:
-                dead_letter(sent, record, reason)
+            for record, invalid in batch.invalid:
+                dead_letter(sent, record, invalid)
+        warming_up = sum(batch.warming_up for batch, _ in parts)
+        replayed = sum(batch.replayed for batch, _ in parts)
+        unscored = sum(batch.unscored for batch, _ in parts)
         if scored:
             metrics.batch_size.observe(scored)
         if warming_up:
@@ -454,7 +453,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             metrics.events_replayed.inc(replayed)
         if unscored:
             metrics.events_unscored.inc(unscored)
-        return Scoring(events, parts, sent, invalid)
+        return Scoring(events, parts, sent)
 
     def dead_letter(sent: Deliveries, record: RawRecord, invalid: Invalid) -> None:
         metrics.events_invalid.labels(reason=invalid.reason).inc()
@@ -500,7 +499,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         metrics.incidents_open.set(lifecycle.open_count)
         metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
         metrics.active_keys.set(len(detector.windows))
-        return Published(sent, messages, scoring.invalid)
+        return Published(sent, messages, sum(len(batch.invalid) for batch, _ in scoring.parts))
 
     async def publish(published: Published) -> None:
         """Waits for the broker to acknowledge a batch's alerts and dead letters."""

@@ -39,9 +39,9 @@ import asyncio
 import logging
 import types
 import weakref
+from typing import Any, Coroutine, Generator
 
 import faust
-from typing import Any, Coroutine, Generator
 
 log = logging.getLogger(__name__)
 
