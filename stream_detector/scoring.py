@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,18 @@ def worker_threads(threads: int = 0) -> int:
     project's 2-core benchmark machine one thread beats two end to end (benchmarks/results/throughput.md).
     """
     return configure_threads(threads if threads > 0 else max(available_cores() - 1, 1))
+
+
+def inference_executor(threads: int = 0) -> ThreadPoolExecutor:
+    """The single thread the worker scores on, with its intra-op thread count set in that thread.
+
+    Why there: the count torch.set_num_threads sets on the main thread does not carry over to a
+    new thread, whose small model calls then run on a team of one thread per core. On the 2-core
+    benchmark machine that team's idle member spun a whole core between calls (batch 1, about
+    1,000 calls/s: 1.0 core; none with the count set in the thread, at the same call rate).
+    """
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference", initializer=worker_threads,
+                              initargs=(threads,))
 
 
 # On CPU a micro-batch is scored in chunks of this many windows: the LSTM's per-step activations

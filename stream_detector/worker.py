@@ -49,7 +49,6 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable
 
 import faust
@@ -64,7 +63,7 @@ from .kafka.admin import ensure_topics, partition_count
 from .kafka.output import Deliveries, OutputProducer
 from .kafka.security import confluent_config, faust_credentials
 from .metrics import WorkerMetrics
-from .scoring import ModelRunner, worker_threads
+from .scoring import ModelRunner, inference_executor, worker_threads
 from .settings import Settings
 from .incidents import AlertPolicy
 from .thresholds import ThresholdConfig, build_threshold_policy
@@ -133,7 +132,7 @@ class DetectorService:
         )
         self.detector.windows.store.on_evict = self._on_evict
         self.suppressed_seen = 0  # incidents_suppressed already counted in metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.executor = inference_executor(settings.torch_threads)
         self._announce(artifact, threshold.value)
 
     def _announce(self, artifact: ModelArtifact, threshold: float) -> None:

@@ -4,6 +4,7 @@ path, the window store's event-time rate (README: "Performance")."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,44 @@ def test_deferred_acks_wait_for_the_consumer_and_idle_yields_give_it_a_batch_bou
     assert len(acked_after) == 20 and all(acked_after)
     assert idle_yields >= 1
     assert not held  # the idle batch boundary acked everything
+
+
+# --- inference thread -----------------------------------------------------------------------------
+
+_THREADS_AFTER_SMALL_CALLS = """
+import os, sys, torch
+from concurrent.futures import ThreadPoolExecutor
+from stream_detector.scoring import inference_executor, worker_threads
+worker_threads(1)  # what the worker does on its main thread
+executor = inference_executor(1) if sys.argv[1] == "inference_executor" else ThreadPoolExecutor(1)
+lstm = torch.nn.LSTM(8, 64, batch_first=True)
+def score():
+    with torch.inference_mode():
+        for _ in range(3):
+            lstm(torch.randn(1, 32, 8))
+executor.submit(lambda: None).result()
+before = len(os.listdir("/proc/self/task"))
+executor.submit(score).result()
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+def _threads_started_by_small_model_calls(kind: str) -> int:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_SMALL_CALLS, kind], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_inference_thread_runs_small_model_calls_on_itself_not_on_a_spinning_team():
+    from stream_detector.scoring import available_cores
+
+    if available_cores() < 2 or not Path("/proc/self/task").exists():
+        pytest.skip("needs 2 cores and /proc")
+    # A plain thread gets a team of one thread per core for the same calls (whose idle member spun a
+    # core on the benchmark machine); the worker's inference thread stays alone.
+    assert _threads_started_by_small_model_calls("plain") >= 1
+    assert _threads_started_by_small_model_calls("inference_executor") == 0
