@@ -17,8 +17,9 @@ import operator
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
+import msgspec
 import orjson
 
 from .profiles import FieldSpec
@@ -48,6 +49,8 @@ REASONS = (
 
 MAX_ID_LENGTH = 256
 _NUMBER_TYPES = {int, float}
+# The integers orjson reads as integers; beyond them it gives floats, which are not identifiers.
+_MIN_INT, _MAX_INT = -(2 ** 63), 2 ** 64 - 1
 # Timestamps above this are read as milliseconds since the epoch (year 5138 in seconds).
 _MILLIS_CUTOFF = 1e11
 # What a datetime (and so an alert's ``event_timestamp``) can represent: 0001-01-01 to 9999-12-31 UTC.
@@ -84,12 +87,28 @@ class EventDecoder:
         if names and all(spec.kind == "number" for spec in self.fields):
             get = operator.itemgetter(*names)
             self._numbers = get if len(names) > 1 else (lambda payload: (get(payload),))
+        self._all_numbers = self._numbers is not None
+        # Where a typed read finds the key: the top-level `key` (None), or an index into its fields.
+        self._key_index: int | None = None
+        if key_field:
+            self._key_index = names.index(key_field) if key_field in names else len(names)
+        self._typed = _typed_decoder(self.fields, key_field)
 
     def decode(self, raw: bytes | None) -> Event | Invalid:
         if raw is None or len(raw) == 0:
             return Invalid(EMPTY, "message has no value")
         if len(raw) > self.max_bytes:
             return Invalid(OVERSIZED, f"{len(raw)} bytes > limit {self.max_bytes}")
+        try:
+            typed = self._typed.decode(raw) if self._typed is not None else None
+        except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8
+            typed = None
+        if typed is not None:
+            event = self._accept(typed)
+            if event is not None:
+                return event
+        # Not a well-formed event (or an edge case the typed read leaves to this path): the checks
+        # below find the reason.
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -107,6 +126,36 @@ class EventDecoder:
         if not isinstance(doc, dict):
             return Invalid(NOT_AN_OBJECT, f"top level is {type(doc).__name__}")
         return self.from_mapping(doc)
+
+    def _accept(self, typed: Any) -> Event | None:
+        """The event from a typed read (every field present, of its type), or None when a value
+        still fails a check: the generic path then names the reason."""
+        values = msgspec.structs.astuple(typed.fields)
+        key_index = self._key_index
+        key = _fast_identifier(typed.key if key_index is None else values[key_index])
+        event_id = _fast_identifier(typed.event_id)
+        if key is None or event_id is None:
+            return None
+        timestamp = parse_timestamp(typed.timestamp)
+        if timestamp is None or (self.max_future_s is not None and timestamp > self.clock() + self.max_future_s):
+            return None
+        if len(values) > len(self.fields):  # the key field, read after the profile's
+            values = values[:-1]
+        if self._all_numbers:
+            if not math.isfinite(sum(values)):  # a sum is finite only if every term is
+                return None
+            return Event(key, event_id, timestamp, values)
+        checked: list[Any] = []
+        for spec, value in zip(self.fields, values):
+            if spec.kind == "number":
+                if not math.isfinite(value):
+                    return None
+            else:
+                value = _fast_identifier(value)
+                if value is None:
+                    return None
+            checked.append(value)
+        return Event(key, event_id, timestamp, tuple(checked))
 
     def from_mapping(self, doc: dict[str, Any]) -> Event | Invalid:
         """Validates an already-parsed event (the trainer's CSV rows come this way too)."""
@@ -172,6 +221,36 @@ class EventDecoder:
                     return Invalid(BAD_IDENTIFIER, f"field {spec.name!r} must be a string or integer")
             values.append(value)
         return Event(key, event_id, timestamp, tuple(values))
+
+
+def _typed_decoder(fields: Sequence[FieldSpec], key_field: str) -> msgspec.json.Decoder | None:
+    """A decoder that parses and type-checks a well-formed event in one C pass (msgspec): about
+    1 us per sensor event, against 4 to 5 us for orjson plus the checks in Python. None when the
+    key is a numeric field (its identifier would need the JSON integer, which a float read loses).
+
+    Numbers are read as floats (integers included; booleans, strings and nulls refused), identifiers
+    as strings or integers. Unknown keys are ignored, as on the generic path.
+    """
+    if any(spec.name == key_field and spec.kind == "number" for spec in fields):
+        return None
+    specs = [(f"f{i}", float if spec.kind == "number" else Union[str, int]) for i, spec in enumerate(fields)]
+    rename = {f"f{i}": spec.name for i, spec in enumerate(fields)}
+    if key_field and key_field not in rename.values():
+        specs.append(("key_field", Union[str, int]))
+        rename["key_field"] = key_field
+    fields_type = msgspec.defstruct("Fields", specs, rename=rename)
+    top: list[Any] = [("event_id", Union[str, int]), ("timestamp", Union[float, str]), ("fields", fields_type)]
+    if not key_field:
+        top.insert(0, ("key", Union[str, int]))
+    return msgspec.json.Decoder(msgspec.defstruct("TypedEvent", top))
+
+
+def _fast_identifier(value: Any) -> str | None:
+    if type(value) is str:
+        return value if 0 < len(value) <= MAX_ID_LENGTH else None
+    if type(value) is int and _MIN_INT <= value <= _MAX_INT:
+        return str(value)
+    return None
 
 
 class _NonFiniteLiteral(ValueError):

@@ -352,3 +352,62 @@ def test_json_orjson_refuses_is_not_accepted_by_a_fallback(decoder, data):
     decoded = decoder.decode(data)
     assert isinstance(decoded, Invalid)
     assert decoded.reason == ev.MALFORMED_JSON
+
+
+# --- the typed read (msgspec) and the generic checks agree ----------------------------------------
+
+_ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e308, -1e308, 0.0, -0.0, 1e11, 2e11]),
+    st.text(max_size=4), st.sampled_from(["", "x" * 256, "x" * 257, "2026-01-01T00:00:00Z", "2026-01-01"]),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+def _maybe(value_strategy):
+    # Mostly valid, so that documents with every member valid (or one off) are common.
+    choices = {"valid": value_strategy, "dropped": st.just(_DROP), "odd": _ODD_VALUES}
+    return st.sampled_from(["valid"] * 6 + ["dropped", "odd"]).flatmap(choices.__getitem__)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=_maybe(st.text(min_size=1, max_size=8)), event_id=_maybe(st.integers(0, 10 ** 6)),
+       timestamp=_maybe(st.floats(0, 2e12)), amount=_maybe(st.floats(-1e6, 1e6)),
+       terminal=_maybe(st.text(min_size=1, max_size=5)), account=_maybe(st.text(min_size=1, max_size=5)),
+       extra=st.booleans(), key_field=st.sampled_from(["", "terminal_id", "account"]))
+def test_the_typed_read_accepts_and_refuses_exactly_what_the_generic_checks_do(
+        key, event_id, timestamp, amount, terminal, account, extra, key_field):
+    fields = {"amount": amount, "terminal_id": terminal, "account": account}
+    document = doc(key=key, event_id=event_id, timestamp=timestamp,
+                   fields={k: v for k, v in fields.items() if v is not _DROP})
+    if extra:
+        document["unexpected"] = {"nested": [1, 2]}
+    message = json.dumps(document).encode()  # orjson writes no integers beyond 64 bits
+    typed = EventDecoder(FIELDS, key_field=key_field)
+    generic = EventDecoder(FIELDS, key_field=key_field)
+    generic._typed = None
+    assert typed._typed is not None  # the typed read is in use for these fields
+    got, want = typed.decode(message), generic.decode(message)
+    event("accepted" if isinstance(want, Event) else want.reason)
+    assert got == want
+    if isinstance(got, Event):
+        assert [type(v) for v in got.values] == [type(v) for v in want.values]
+
+
+def test_a_numeric_key_field_is_left_to_the_generic_checks():
+    decoder = EventDecoder(FIELDS, key_field="amount")
+    assert decoder._typed is None
+    assert decoder.decode(raw(fields={"amount": 12, "terminal_id": "T1"})).key == "12"
+
+
+@pytest.mark.parametrize("message", [
+    b'{"key":"a","event_id":"e","timestamp":1,"fields":{"amount":1,"terminal_id":"\\ud800"}}',
+    b'{"key":"\xff","event_id":"e","timestamp":1,"fields":{"amount":1,"terminal_id":"t"}}',
+    b'{"key":99999999999999999999999,"event_id":"e","timestamp":1,"fields":{"amount":1,"terminal_id":"t"}}',
+    b'{"key":"a","event_id":"e","timestamp":1,"fields":{"amount":1e400,"terminal_id":"t"}}',
+    b'{"key":"a","key":"b","event_id":"e","timestamp":1,"fields":{"amount":1,"terminal_id":"t"}}',
+])
+def test_bytes_the_typed_read_sees_differently_decode_as_the_generic_checks_say(message):
+    generic = EventDecoder(FIELDS)
+    generic._typed = None
+    assert EventDecoder(FIELDS).decode(message) == generic.decode(message)
