@@ -58,7 +58,7 @@ from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_vers
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, PreparedBatch, RawRecord
 from .events import Invalid
-from .kafka import faust_fastpath
+from .kafka import faust_fastpath, faust_fixes
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.output import Deliveries, OutputProducer
 from .kafka.security import confluent_config, faust_credentials
@@ -196,6 +196,7 @@ class DetectorService:
 
 def create_app(settings: Settings, service: DetectorService, input_partitions: int = 1) -> faust.App:
     """The Faust app; its ``output`` attribute is the producer to close once the worker stops."""
+    faust_fixes.install()  # a rebalance race that loses events (always: it is a fix, not a speed-up)
     if settings.consumer_fast_path:
         faust_fastpath.install()
     else:
