@@ -24,7 +24,8 @@ Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead o
 events (faust-streaming issue #606). Faust's consumer itself is kept up by
 :mod:`~stream_detector.kafka.faust_fastpath` (per-event delivery without tasks, a fetcher that
 wakes when a paused partition resumes, a short broker fetch wait) and a stream buffer larger
-than one fetch.
+than one fetch. :mod:`~stream_detector.kafka.faust_fixes` fixes a race in Faust's rebalance
+recovery that dropped the first events fetched for a new assignment.
 
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), each key touched since the last write is written to a compacted
