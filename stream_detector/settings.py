@@ -173,9 +173,10 @@ class Settings:
     batch_pipeline: bool = field(
         default=False, metadata=_doc("With adaptive batches, under a backlog: window and start scoring the next "
                                      "batch before this one's alerts are awaited (the model thread overlaps the "
-                                     "broker round trips). Off by default: on the benchmark it gained nothing "
-                                     "measurable (10,030 vs 10,075 events/s without it), and with it a worker "
-                                     "stalled after a rebalance in 2 of 3 runs of the rebalance test.")
+                                     "broker round trips). Off by default: it gained nothing measurable on the "
+                                     "benchmark (10,030 vs 10,075 events/s without it) nor on the p99 at half "
+                                     "load (within the run-to-run noise). The rebalance stalls once seen with it "
+                                     "were a Faust race, fixed since (kafka/faust_fixes.py).")
     )
     consumer_fast_path: bool = field(
         default=True, metadata=_doc("Faust's fetcher hands each event to the stream without the four tasks per "
