@@ -89,6 +89,9 @@ class DetectorStats:
     evicted: Counter = field(default_factory=Counter)
 
 
+REPLAYED = -1  # FeatureWindows.add's answer for a record the key's window already holds
+
+
 class FeatureWindows:
     """Profile features appended to per-key windows: the one path from an event to model input.
 
@@ -133,19 +136,18 @@ class FeatureWindows:
         if slot is not None:
             self.touched[key] = slot
 
-    def already_applied(self, key: str, partition: int, offset: int, now: float) -> bool:
-        """True for a replayed record whose event the key's (restored) window already holds."""
-        self._restore_if_known(key, now)
-        if key not in self.store:
-            return False
-        last_partition, last_offset = self.store.position(self.store.slot(key, now))
-        return last_partition == partition and offset <= last_offset
-
     def add(self, event: Event, now: float, partition: int = -1, offset: int = -1) -> int | None:
-        """Appends the event's features; returns the key's slot once its window is full."""
+        """Appends the event's features; returns the key's slot once its window is full, else None.
+
+        For a Kafka record (``offset >= 0``) that the key's (restored) window already holds, a
+        redelivery after a crash or a rebalance, nothing is appended and :data:`REPLAYED` is
+        returned: the check and the append share one lookup of the key.
+        """
         store = self.store
         self._restore_if_known(event.key, now)
         slot = store.slot(event.key, now)
+        if offset >= 0 and store.holds(slot, partition, offset):
+            return REPLAYED
         if not store.observe_time(slot, event.timestamp):
             self.out_of_order += 1
         self.profile.featurize(event.values, event.timestamp, store.state(slot), store.next_row(slot))
@@ -309,16 +311,11 @@ class Detector:
             self._batch = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
         batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
         n = first_row
-        windows = self.windows
         for record in records:
             decoded = self.decoder.decode(record.value)
             if isinstance(decoded, Invalid):
                 batch.invalid.append((record, decoded))
                 self.stats.invalid[decoded.reason] += 1
-                continue
-            if record.offset >= 0 and windows.already_applied(decoded.key, record.partition, record.offset, now):
-                batch.replayed += 1
-                self.stats.replayed += 1
                 continue
             n = self._add_event(decoded, record, batch, n, now)
         self.stats.consumed += len(records)
@@ -344,6 +341,10 @@ class Detector:
         if slot is None:
             batch.warming_up += 1
             self.stats.warming_up += 1
+            return n
+        if slot == REPLAYED:
+            batch.replayed += 1
+            self.stats.replayed += 1
             return n
         store = self.windows.store
         if (self.score_stride > 1 and (store.count(slot) - self.window) % self.score_stride

@@ -134,6 +134,10 @@ class WindowStore:
         out[: w - pos] = data[pos:]
         out[w - pos :] = data[:pos]
 
+    def holds(self, slot: int, partition: int, offset: int) -> bool:
+        """True when the record at (partition, offset) is at or before the key's last applied one."""
+        return self._partition[slot] == partition and offset <= self._offset[slot]
+
     def position(self, slot: int) -> tuple[int, int]:
         """(partition, offset) of the last event applied to the key; (-1, -1) when unknown."""
         return int(self._partition[slot]), int(self._offset[slot])
