@@ -87,7 +87,6 @@ class EventDecoder:
         if names and all(spec.kind == "number" for spec in self.fields):
             get = operator.itemgetter(*names)
             self._numbers = get if len(names) > 1 else (lambda payload: (get(payload),))
-        self._all_numbers = self._numbers is not None
         # Where a typed read finds the key: the top-level `key` (None), or an index into its fields.
         self._key_index: int | None = None
         if key_field:
@@ -141,7 +140,7 @@ class EventDecoder:
             return None
         if len(values) > len(self.fields):  # the key field, read after the profile's
             values = values[:-1]
-        if self._all_numbers:
+        if self._numbers is not None:  # every field a number
             if not math.isfinite(sum(values)):  # a sum is finite only if every term is
                 return None
             return Event(key, event_id, timestamp, values)
@@ -224,9 +223,10 @@ class EventDecoder:
 
 
 def _typed_decoder(fields: Sequence[FieldSpec], key_field: str) -> msgspec.json.Decoder | None:
-    """A decoder that parses and type-checks a well-formed event in one C pass (msgspec): about
-    1 us per sensor event, against 4 to 5 us for orjson plus the checks in Python. None when the
-    key is a numeric field (its identifier would need the JSON integer, which a float read loses).
+    """A decoder that parses and type-checks a well-formed event in one C pass (msgspec): with the
+    checks after it, 1.7 us per sensor event against 3.3 us for orjson plus the checks in Python.
+    None when the key is a numeric field (its identifier would need the JSON integer, which a float
+    read loses).
 
     Numbers are read as floats (integers included; booleans, strings and nulls refused), identifiers
     as strings or integers. Unknown keys are ignored, as on the generic path.

@@ -336,7 +336,6 @@ print(len(os.listdir("/proc/self/task")) - before)
 def _threads_started_by_small_model_calls(kind: str) -> int:
     import subprocess
     import sys
-    from pathlib import Path
 
     out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_SMALL_CALLS, kind], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent)
