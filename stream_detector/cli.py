@@ -202,14 +202,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         producer.start()
         started = time.monotonic()
         alerts = {}
-        for alert in iter_messages(bootstrap, "alerts", idle_timeout=None):
-            alerts[alert["alert_id"]] = alert
-            print(format_alert(alert, labels), flush=True)
-            if not producer.is_alive() and time.monotonic() - started > 5:
-                break
+
+        def done() -> bool:
+            """Checked after each alert and whenever the alerts topic is quiet: had it been checked
+            only on alerts, a stream whose last alert came before its last event waited forever."""
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited with code {worker.returncode}")
-            if args.max_seconds and time.monotonic() - started > args.max_seconds:
+            return bool((not producer.is_alive() and time.monotonic() - started > 5)
+                        or (args.max_seconds and time.monotonic() - started > args.max_seconds))
+
+        for alert in iter_messages(bootstrap, "alerts", stop=done):
+            alerts[alert["alert_id"]] = alert
+            print(format_alert(alert, labels), flush=True)
+            if done():
                 break
         # Drain what is still in flight.
         for alert in iter_messages(bootstrap, "alerts", idle_timeout=5.0):

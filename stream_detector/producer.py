@@ -53,8 +53,10 @@ def produce_events(bootstrap_servers: str, topic: str, events: Iterable[Labelled
 
 
 def iter_messages(bootstrap_servers: str, topic: str, group: str | None = None, from_beginning: bool = True,
-                  idle_timeout: float | None = None, extra_config: dict | None = None) -> Iterator[dict]:
-    """Yields JSON messages of a topic; stops after ``idle_timeout`` seconds without one (None = never)."""
+                  idle_timeout: float | None = None, extra_config: dict | None = None,
+                  stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+    """Yields JSON messages of a topic; stops after ``idle_timeout`` seconds without one (None = never),
+    or at a quiet moment (no message within 0.2 s) once ``stop()`` says so."""
     consumer = Consumer({
         "bootstrap.servers": bootstrap_servers,
         "group.id": group or f"reader-{time.time_ns()}",
@@ -69,6 +71,8 @@ def iter_messages(bootstrap_servers: str, topic: str, group: str | None = None, 
             msg = consumer.poll(0.2)
             if msg is None:
                 if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                    return
+                if stop is not None and stop():
                     return
                 continue
             if msg.error():

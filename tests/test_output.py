@@ -90,3 +90,29 @@ def test_a_failed_delivery_fails_its_group(kafka_broker, unique_topic):
             asyncio.run(main())
     finally:
         out.close(timeout=5)
+
+
+def test_reading_without_an_idle_timeout_ends_at_a_quiet_moment_once_told_to(kafka_broker, unique_topic):
+    """The demo's reader: it must end after its last message even when none follows (it used to
+    check its end condition only when a message arrived, and then waited forever)."""
+    import time
+
+    out = OutputProducer(kafka_broker.bootstrap_servers)
+
+    async def send() -> None:
+        group = out.group()
+        group.send(unique_topic, b"k", b'{"n": 1}')
+        await asyncio.wait_for(group.wait(), timeout=30)
+
+    try:
+        asyncio.run(send())
+    finally:
+        out.close()
+    seen: list[dict] = []
+    stop_after = time.monotonic() + 3.0
+    started = time.monotonic()
+    for message in iter_messages(kafka_broker.bootstrap_servers, unique_topic,
+                                 stop=lambda: bool(seen) and time.monotonic() > stop_after):
+        seen.append(message)
+    assert seen == [{"n": 1}]
+    assert time.monotonic() - started < 30
