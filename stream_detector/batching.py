@@ -1,45 +1,53 @@
-"""Adaptive micro-batches from a Faust stream: as large as the backlog, as soon as it is taken.
+"""Adaptive micro-batches from a Faust stream: as large as the backlog, taken in bulk.
 
 Faust's ``Stream.take_events(max_, within)`` yields a batch when it holds ``max_`` events or
-when ``within`` seconds have passed, so below saturation every event waits for the timer. This
-variant yields as soon as the events delivered so far are all in the batch:
+when ``within`` seconds have passed, so below saturation every event waits for the timer. Here a
+batch is yielded as soon as the events delivered so far are all in it:
 
-- a batch starts with its first event, then takes every event already waiting in the stream's
-  queue, lingering ``linger_s`` (1 ms) between looks;
-- it is yielded when nothing is left waiting, when it holds ``batch_max`` events, or when its
-  first event has waited ``within_s`` (the cap of a batch's gathering time);
+- a batch starts with the first event waiting (or the next to arrive), takes every event already
+  waiting in the stream's queue, and lingers ``linger_s`` (1 ms) for more, as long as more come;
+- it is yielded when nothing more arrived during a linger, when it holds ``batch_max`` events, or
+  when its first event has waited ``within_s`` (the cap of a batch's gathering time);
 - so its size follows the load: one or a few events when the worker is idle (latency is the
   processing time plus the linger), growing with the backlog that builds up while the previous
   batch is being scored, up to ``batch_max`` under saturation (the model call amortised).
 
-Unlike Faust's ``take_events``, the next batches are gathered while the consumer handles this one:
-the buffer is filled by a stream processor that blocks only once it holds ``ahead`` batches
-(``ahead * batch_max`` events) not yet taken; the stream's bounded queue,
-``stream_buffer_maxsize``, pauses fetching beyond that. Two batches ahead rather than one: with
-one, the stream stood still once it was full, for most of each model call (measured: blocked 60 %
-of the time under a backlog, the event loop idle 28 %), and then the consumer waited for the
-next batch to fill. As there, the batch's events are
-acknowledged only when the consumer asks for the next batch, i.e. after it has finished with this
-one. It relies on the same ``Stream`` internals as ``take_events``
-(faust-streaming is pinned in pyproject.toml).
+**In bulk.** Faust's stream iterator hands events over one at a time: per event it yields to the
+event loop (``sleep(0)``, a whole loop iteration), awaits the queue, runs the stream's processors
+(``take_events`` is one of them) and its sensors. Here the waiting events are taken from the
+stream's queue in one synchronous sweep, doing per event only what that iterator does for the
+consumer's sake: events fetched before the current rebalance (an older consumer generation), or
+delivered while flow is suspended, are skipped, not handed over; the others are tracked as
+unacknowledged by the consumer (a rebalance waits for them) and reported to Faust's sensors, if
+any. Acks go the same way in bulk (:func:`ack_events`). Measured on the throughput benchmark's
+worker (main thread CPU per event, same run): see ``benchmarks/results/fast_path.md``.
 
-With ``defer_acks`` the consumer acknowledges the events itself (:func:`ack_events`), later: the
-worker acks a batch only once the window snapshots covering it are in the changelog, and writes
-those once a second rather than once per batch. With ``idle_s`` an empty batch is yielded after
-that long without events, so such deferred work still happens at a batch boundary when the
-input goes quiet (and Faust's rebalance, which waits for every started event to be acked, is not
-held up).
+The next events are gathered while the consumer handles this batch all the same: the fetcher
+delivers them to the stream's queue, bounded by ``stream_buffer_maxsize`` (Faust pauses fetching a
+partition beyond 80 % of it). Stream processors (``stream.add_processor``), if any, are called
+with each taken event's value after the sweep (their results are not used: batches hand over
+events); the worker's stream has none.
+
+The batch's events are acknowledged once the consumer asks for the next batch, i.e. after it has
+finished with this one. With ``defer_acks`` the consumer acknowledges them itself
+(:func:`ack_events`), later: the worker acks a batch only once the window snapshots covering it
+are in the changelog, and writes those once a second rather than once per batch. With ``idle_s``
+an empty batch is yielded after that long without events, so such deferred work still happens at
+a batch boundary when the input goes quiet (and Faust's rebalance, which waits for every taken
+event to be acked, is not held up). This relies on the stream, queue and consumer internals that
+Faust's own iterator uses (faust-streaming is pinned in pyproject.toml).
 """
 
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Any, AsyncGenerator, AsyncIterator, List
 
+from faust.types import EventT
+from faust.types.tuples import ack_lock
+from mode.utils.futures import maybe_async
 
 LINGER_S = 0.001
-AHEAD = 2  # batches gathered ahead of the one being handled
 
 
 def waiting_events(stream: Any) -> int:
@@ -48,105 +56,142 @@ def waiting_events(stream: Any) -> int:
     return queue.qsize() if queue is not None else 0
 
 
-_gathering: "weakref.WeakKeyDictionary[Any, List[Any]]" = weakref.WeakKeyDictionary()
-
-
 def pending_events(stream: Any) -> int:
-    """Events delivered and not handed to the consumer yet: waiting in the stream's queue, or
-    gathered into the next adaptive batch."""
-    gathered = _gathering.get(stream)
-    return waiting_events(stream) + (len(gathered) if gathered is not None else 0)
+    """Events delivered and not handed to the consumer yet (taken in bulk: those still queued)."""
+    return waiting_events(stream)
+
+
+class _Taker:
+    """Moves waiting events from a stream's queue into a batch, as Faust's stream iterator would."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.processors = stream._processors
+        self.app = stream.app
+        self.queue = stream.channel.queue
+        self.consumer = self.app.consumer
+        self.sensors = self.app.sensors
+
+    async def take(self, batch: List[Any], limit: int) -> int:
+        """Appends up to ``limit - len(batch)`` waiting events to ``batch`` (without waiting for
+        more); how many."""
+        before = len(batch)
+        self._sweep(batch, limit)
+        taken = len(batch) - before
+        if taken and self.processors:
+            for event in batch[before:]:
+                value = event.value
+                for processor in self.processors:
+                    value = await maybe_async(processor(value))
+        return taken
+
+    def _sweep(self, batch: List[Any], limit: int) -> None:
+        queue = self.queue
+        if queue.empty():
+            if queue._errors:  # a channel error is raised to the consumer, as Faust's iterator does
+                raise queue._errors.popleft()
+            return
+        app = self.app
+        # Synchronous from here: flow and generation cannot change during the sweep.
+        active = app.flow_control.is_active()
+        generation = app.consumer_generation_id
+        acking_topics = app.topics.acking_topics
+        track = self.consumer.unacked.add
+        has_sensors = bool(self.sensors._sensors)
+        stream = self.stream
+        get = queue.get_nowait
+        qsize = queue.qsize
+        append = batch.append
+        taken = 0
+        while len(batch) < limit and qsize():
+            event = get()
+            if not isinstance(event, EventT):
+                raise TypeError(f"bulk batches take events from a topic's stream, got {type(event).__name__}")
+            message = event.message
+            if not active or message.generation_id != generation:
+                continue  # fetched for an earlier assignment: Faust's iterator skips it too (unacked)
+            if message.topic in acking_topics and not message.tracked:
+                message.tracked = True
+                track(message)
+                if has_sensors:
+                    self.sensors.on_message_in(message.tp, message.offset, message)
+            if has_sensors:
+                self.sensors.on_stream_event_in(message.tp, message.offset, stream, event)
+            append(event)
+            taken += 1
+        stream.events_total += taken
+
+    async def wait(self, timeout: float) -> Any | None:
+        """The next event to arrive (None after ``timeout``), taken off the queue."""
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
 
 
 async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: float = LINGER_S,
-                        defer_acks: bool = False, idle_s: float | None = None,
-                        ahead: int = AHEAD) -> AsyncIterator[List[Any]]:
+                        defer_acks: bool = False, idle_s: float | None = None) -> AsyncIterator[List[Any]]:
     """Yields lists of events (``faust.EventT``), acked once the next list is asked for (or, with
-    ``defer_acks``, when the consumer calls :func:`ack_events`); ``[]`` after ``idle_s`` idle.
-
-    While the consumer handles one list, the next are gathered (up to ``ahead * batch_max`` events,
-    then the stream waits): Faust's per-event stream work overlaps the consumer's waits (model calls
-    on another thread, broker acknowledgements) instead of following them.
-    """
-    if ahead < 1:
-        raise ValueError("ahead must be at least 1")
-    hold = ahead * batch_max
-    events: List[Any] = []  # the events gathered and not taken yet, oldest first
-    buffer_full = asyncio.Event()
-    buffer_started = asyncio.Event()
-    buffer_taken = asyncio.Event()
-    stream_enable_acks: bool = stream.enable_acks
-    channel_it = stream.channel.__aiter__()
-
-    async def add_to_buffer(value: Any) -> Any:
-        try:
-            while len(events) >= hold:  # full and not taken yet: hold the stream here
-                buffer_taken.clear()
-                await stream.wait(buffer_taken)
-                if stream.should_stop:
-                    return value
-            event = stream.current_event
-            if event is None:
-                raise RuntimeError("Take buffer found current_event is None")
-            events.append(event)
-            buffer_started.set()
-            if len(events) >= batch_max:
-                buffer_full.set()
-        except asyncio.CancelledError:  # pragma: no cover
-            raise
-        except Exception as exc:
-            stream.log.exception("Error adding to take buffer: %r", exc)
-            await stream.crash(exc)
-        return value
-
-    stream.enable_acks = False  # events are acked here, after the consumer is done with them
-    _gathering[stream] = events
-    stream.add_processor(add_to_buffer)
-    stream._enable_passive(channel_it)
+    ``defer_acks``, when the consumer calls :func:`ack_events`); ``[]`` after ``idle_s`` idle."""
+    if batch_max < 1:
+        raise ValueError("batch_max must be at least 1")
+    taker = _Taker(stream)
+    started_here = await stream.maybe_start()
     loop = asyncio.get_running_loop()
     idle_since = loop.time()
     try:
         while not stream.should_stop:
-            await stream.wait_for_stopped(buffer_started, timeout=min(idle_s or 1.0, 1.0))
-            if not events:
-                if idle_s is not None and loop.time() - idle_since >= idle_s:
-                    idle_since = loop.time()
-                    yield []
-                continue
+            batch: List[Any] = []
+            await taker.take(batch, batch_max)
+            if not batch:
+                first = await taker.wait(min(idle_s or 1.0, 1.0))
+                if first is None:
+                    if idle_s is not None and loop.time() - idle_since >= idle_s:
+                        idle_since = loop.time()
+                        yield []
+                    continue
+                # The one event taken by waiting goes through the same sweep as the rest: put it back
+                # at the head of the queue (nothing can have been queued before it since).
+                taker.queue._queue.appendleft(first)
+                await taker.take(batch, batch_max)
+                if not batch:
+                    continue  # it was stale
             started = loop.time()
-            while not buffer_full.is_set() and not stream.should_stop:
+            while len(batch) < batch_max and not stream.should_stop:
                 left = within_s - (loop.time() - started)
                 if left <= 0:
                     break
-                await stream.wait_for_stopped(buffer_full, timeout=min(linger_s, left))
-                if not waiting_events(stream):
+                await asyncio.sleep(min(linger_s, left))
+                if not await taker.take(batch, batch_max):
                     break
-            taken = events[:batch_max]
-            del events[:batch_max]
-            if len(events) < batch_max:
-                buffer_full.clear()
-            if not events:
-                buffer_started.clear()
-            buffer_taken.set()  # a stream held on a full buffer goes on gathering
             try:
-                yield taken
+                yield batch
             finally:
                 if not defer_acks:
-                    for event in taken:
-                        await stream.ack(event)
+                    await ack_events(stream, batch)
                 idle_since = loop.time()
+    except StopAsyncIteration:  # the channel was ended (thrown in): so is the iteration, as in Faust's
+        return
     finally:
-        stream.enable_acks = stream_enable_acks
-        stream._processors.remove(add_to_buffer)
-        _gathering.pop(stream, None)
-        buffer_taken.set()
+        stream._channel_stop_iteration(stream.channel)
+        if started_here:
+            await stream.stop()
+            stream.service_reset()
 
 
 async def ack_events(stream: Any, events: List[Any]) -> None:
-    """Acknowledges events taken with ``defer_acks``: Faust may then commit their offsets."""
-    ack = stream.ack
-    for event in events:
-        await ack(event)
+    """Acknowledges taken events: Faust may then commit their offsets (``Stream.ack``, in bulk)."""
+    consumer = stream.app.consumer
+    sensors = stream.app.sensors
+    has_sensors = bool(sensors._sensors)
+    with ack_lock:  # held once for the batch (it is re-entrant; each message's ack takes it too)
+        for event in events:
+            message = event.message
+            final = message.ack(consumer)
+            if has_sensors:
+                sensors.on_stream_event_out(message.tp, message.offset, stream, event)
+                if final:
+                    sensors.on_message_out(message.tp, message.offset, message)
 
 
 def adaptive_batches(stream: Any, batch_max: int, within_s: float, defer_acks: bool = False,

@@ -192,7 +192,7 @@ def put_then_wait(agent, n: int, settle_s: float) -> None:
     async def main():
         async with agent.test_context() as running:
             for i in range(n):
-                await running.put(i)
+                await running.put(i, wait=False)  # as the fetcher delivers: not waiting for each
             await asyncio.sleep(settle_s)
 
     asyncio.run(main())
@@ -205,7 +205,7 @@ def test_adaptive_batches_take_the_backlog_up_to_batch_max_and_do_not_wait_for_t
 
     async def burst(agent):
         for i in range(40):
-            await agent.put(i)
+            await agent.put(i, wait=False)
         await asyncio.sleep(0.5)
 
     # A linger longer than the default 1 ms: on a loaded machine the puts themselves can be further
@@ -216,37 +216,69 @@ def test_adaptive_batches_take_the_backlog_up_to_batch_max_and_do_not_wait_for_t
     assert out[-1][0] < 1.0  # the last, partial batch did not wait for the 5 s cap
 
 
-def test_adaptive_batches_gather_two_batches_ahead_while_one_is_handled():
+def test_events_delivered_while_a_batch_is_handled_are_taken_together_by_the_next():
     import asyncio
     import time
 
     import faust
 
-    from stream_detector.batching import adaptive_batches
+    from stream_detector.batching import adaptive_batches, pending_events
 
     app = faust.App(f"overlap-test-{time.time_ns()}", store="memory://", web_enabled=False)
-    taken_by_stream: list[int] = []
     sizes: list[int] = []
+    waiting_after_first: list[int] = []
 
     @app.agent()
     async def agent(stream):
-        streamed: list[int] = []
-
-        def record(value: int) -> int:
-            streamed.append(value)
-            return value
-
-        stream.add_processor(record)  # runs before the batching processor, for every event taken
         async for events in adaptive_batches(stream, 16, within_s=5.0):
             sizes.append(len(events))
-            await asyncio.sleep(0.2)  # "scoring" the batch, off the event loop
-            taken_by_stream.append(streamed[-1])
+            if len(sizes) == 1:
+                await asyncio.sleep(0.2)  # "scoring" the first batch while the rest is delivered
+                waiting_after_first.append(pending_events(stream))
 
-    put_then_wait(agent, 60, settle_s=1.5)
+    put_then_wait(agent, 60, settle_s=1.0)
+    assert waiting_after_first == [44]  # delivered meanwhile, not blocked behind the batch in hand
     assert sizes == [16, 16, 16, 12]
-    # While the first batch (0..15) was handled, the stream went on and took the next two batches
-    # (and one more event, held until they are taken): it did not stand still at event 15 or 31.
-    assert taken_by_stream[0] >= 47
+
+
+def test_bulk_batches_skip_events_of_an_earlier_consumer_generation_and_track_the_rest():
+    import asyncio
+    import time
+
+    import faust
+
+    from stream_detector.batching import ack_events, take_adaptive
+
+    app = faust.App(f"generation-test-{time.time_ns()}", store="memory://", web_enabled=False)
+    seen: list[int] = []
+    unacked_while_held: list[int] = []
+    acked: list[bool] = []
+
+    @app.agent()
+    async def agent(stream):
+        async for events in take_adaptive(stream, 64, within_s=5.0, linger_s=0.05, defer_acks=True):
+            seen.extend(e.value for e in events)
+            unacked_while_held.append(len(app.consumer.unacked))  # a rebalance waits for these
+            await ack_events(stream, events)
+            acked.extend(e.message.acked for e in events)
+
+    async def main():
+        async with agent.test_context() as running:
+            stale = []
+            for i in range(5):
+                stale.append(await running.put(i, wait=False))
+            for event in stale:
+                event.message.generation_id = app.consumer_generation_id - 1  # fetched before a rebalance
+            fresh = [await running.put(i, wait=False) for i in range(5, 12)]
+            for event in stale + fresh:  # as for records from Kafka: acks tracked by the consumer
+                event.message.tracked = False
+            app.topics._acking_topics.add(stale[0].message.topic)
+            await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert seen == list(range(5, 12))
+    assert unacked_while_held == [7]  # the stale ones are not tracked: Faust never acks them either
+    assert acked == [True] * 7
 
 
 def test_adaptive_batches_hand_over_a_lone_event_at_once():
@@ -256,7 +288,7 @@ def test_adaptive_batches_hand_over_a_lone_event_at_once():
 
     async def trickle(agent):
         for i in range(3):
-            await agent.put(i)
+            await agent.put(i, wait=False)
             await asyncio.sleep(0.1)
 
     out = run_agent(lambda stream: adaptive_batches(stream, 1024, within_s=5.0), trickle)
