@@ -795,6 +795,8 @@ FAST_PATH = [
      "before"),
     ("detector_buffer_4096", "`stream_buffer_max=65536` (Faust: 4,096)", "before"),
     ("detector_fetch_wait_1500", "`fetch_max_wait_ms=20` (Faust: 1,500)", "before"),
+    ("detector_unpipelined", "pipelined micro-batches (`batch_pipeline`): the next batch windowed and scored while "
+                             "this one is judged and its alerts awaited", "before"),
     ("detector_stride4", "opt-in `score_stride=4` for every key (`hot_key_rate=0`)", "option"),
     ("detector_flush_each_batch", "`state_flush_s=0.5` (was 0): window snapshots at most every 0.5 s under a "
                                   "backlog instead of after every batch, offsets acked after", "before"),
@@ -864,6 +866,8 @@ PIPELINE_LABELS = [
     ("detector_flush_250ms", "(b) writing window snapshots at most every 250 ms under a backlog "
                              "(`state_flush_s=0.25`)"),
     ("detector_stride4", "(b) with `score_stride=4` on every key (`hot_key_rate=0`)"),
+    ("detector_unpipelined", "(b) finishing each micro-batch before windowing the next (`batch_pipeline=false`): "
+                             "before"),
 ]
 
 FAUST_CONSUMER = {"consumer_fast_path": "false", "stream_buffer_max": "4096", "fetch_max_wait_ms": "1500"}
@@ -878,6 +882,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
     "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
+    "detector_unpipelined": {"settings": {"batch_pipeline": "false"}},
     # Faust's consumer as it comes: its per-event delivery tasks, 4,096-event stream buffer, 1.5 s fetch wait.
     "detector_faust_consumer": {"settings": FAUST_CONSUMER},
     "faust_ceiling_faust_consumer": {"variant": "faust-ceiling", "settings": FAUST_CONSUMER},

@@ -210,7 +210,11 @@ class Detector:
                                       restore=restore)
         self.windows.restore_extra = self._restore_key_state
         self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
-        self._batch = np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
+        # Two row buffers, a micro-batch's windows in one, the next batch's in the other: a pipelined
+        # worker prepares batch k+1 while the model still reads batch k's rows.
+        self._buffers = [np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
+                         for _ in range(2)]
+        self._batch = self._buffers[0]
         self._next_idle_sweep = 0.0
         self.windows.store.drop_listeners.append(self._drop_key_state)
 
@@ -220,16 +224,27 @@ class Detector:
         Written only at a batch boundary, after the alerts of the events it covers are acked: a
         restarted worker then resumes the key's open incident (publishing the over-threshold windows
         it had not published yet, under the same incident id) and keeps its calibrated threshold.
+        It is ``windows.store.snapshot(slot) + key_state(key)``: a pipelined worker takes the window
+        part before the next batch enters the windows and adds the key state once this batch is judged.
         """
+        return self.windows.store.snapshot(slot, self.key_state(key))
+
+    def key_state(self, key: str) -> bytes:
+        """The key's incident and threshold calibration as the trailing bytes of its snapshot."""
         incident = self.incidents.export_key(key)
         export = getattr(self.threshold, "export_key", None)
         calibration = export(key) if export is not None else None
         if incident is None and calibration is None:
-            return self.windows.store.snapshot(slot)
+            return b""
         incident_bytes = orjson.dumps(incident) if incident is not None else b""
         calibration = calibration or b""
-        extra = _KEY_STATE.pack(_KEY_STATE_VERSION, len(incident_bytes), len(calibration))
-        return self.windows.store.snapshot(slot, extra + incident_bytes + calibration)
+        return _KEY_STATE.pack(_KEY_STATE_VERSION, len(incident_bytes), len(calibration)) + incident_bytes + calibration
+
+    @property
+    def model_swap_pending(self) -> bool:
+        """A model swap waits for the next micro-batch (which must not be prepared before the last is
+        judged: that one is judged against its own model's thresholds)."""
+        return self._pending_model is not None
 
     def _restore_key_state(self, key: str, extra: bytes) -> None:
         try:
@@ -300,15 +315,18 @@ class Detector:
         that one part is scored while the next is prepared; a model swap is applied only at the
         first part, never between the parts of one micro-batch.
         """
-        if self._pending_model is not None and first_row == 0:
-            self._apply_pending_model()
+        if first_row == 0:
+            if self._pending_model is not None:
+                self._apply_pending_model()
+            self._flip_buffer()
         now = self.clock()
         if now >= self._next_idle_sweep:
             self.windows.evict_idle(now)
             self._next_idle_sweep = now + 1.0
         if first_row + len(records) > len(self._batch):
             # Earlier parts keep their views of the old buffer (still being scored, maybe).
-            self._batch = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
+            self._batch = self._buffers[0] = np.zeros((first_row + len(records),) + self._batch.shape[1:],
+                                                      dtype=np.float32)
         batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
         n = first_row
         for record in records:
@@ -325,8 +343,9 @@ class Detector:
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
         """Already-decoded events (the replay evaluator's path)."""
         now = self.clock()
+        self._flip_buffer()
         if len(events) > len(self._batch):
-            self._batch = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
+            self._batch = self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
         batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
         n = 0
         empty = RawRecord(None)
@@ -335,6 +354,11 @@ class Detector:
         self.stats.consumed += len(events)
         batch.windows = self._batch[:n]
         return batch
+
+    def _flip_buffer(self) -> None:
+        """A new micro-batch takes the other row buffer (the previous batch's may still be scored)."""
+        self._buffers.reverse()
+        self._batch = self._buffers[0]
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, n: int, now: float) -> int:
         slot = self.windows.add(event, now, record.partition, record.offset)

@@ -13,12 +13,14 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
 4. the batch's offsets are acked (and later committed by Faust) once the window state it
    changed is in the changelog (below).
 
-With ``batch_pipeline`` (off by default), under a backlog (the next batch is already there)
-batches are pipelined: batch k is windowed and
-its scoring started before batch k-1's alerts are awaited, so the model thread and the broker
-round trips overlap the loop's own work. The window snapshots of batch k-1 are taken before batch
-k's events enter the windows, and sent once k-1's alerts are acknowledged. A batch with nothing
-behind it is finished at once.
+With ``batch_pipeline`` (the default), under a backlog (the next batch is already there)
+batches are pipelined: batch k is windowed and queued for the model before batch k-1 is judged
+and its alerts awaited, so the model thread scores k while the loop judges k-1, publishes its
+alerts and waits for the broker: neither waits for the other. The window part of batch k-1's
+snapshots is taken before batch k's events enter the windows, the incident and threshold part
+once k-1 is judged, and both are sent once k-1's alerts are acknowledged. A batch with nothing
+behind it is finished at once. (Two row buffers in the detector keep k-1's windows intact while
+k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606). Faust's consumer itself is kept up by
@@ -98,6 +100,7 @@ class Snapshots:
 
     items: list[tuple[bytes, bytes | None, int]]
     revocations: int  # revocations seen when they were taken
+    keys: list[str]  # keys whose item is a window part still to be completed (the last items), in order
 
 
 def _broker_url(bootstrap_servers: str) -> str:
@@ -261,20 +264,39 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     detector.windows.restore = restore
     store.on_evict_key = tombstone
 
-    def collect_snapshots() -> Snapshots:
-        """The snapshots of the keys touched since the last call, as they stand now (a batch
-        boundary: after the batch's thresholds and incidents, before the next batch's events)."""
+    def collect_windows() -> Snapshots:
+        """The window part of the snapshots of the keys touched since the last call, as they stand now:
+        at a batch boundary, before the next batch's events enter the windows. :func:`complete`
+        adds each key's incident and threshold state once the batch is judged."""
         items: list[tuple[bytes, bytes | None, int]] = [(key, None, partition) for key, partition in tombstones]
         tombstones.clear()
+        keys: list[str] = []
         min_events = settings.state_min_events
-        snapshot, position = detector.snapshot, store.position
+        window_snapshot, position = store.snapshot, store.position
         for key, slot in detector.windows.drain_touched().items():
             # Not evicted since; and a key's very first event is not worth a changelog write (a flood
             # of one-off keys would double the traffic): at worst one event is missing from its window.
             if store.slot_of(key) == slot and store.count(slot) >= min_events:
-                items.append((key.encode(), snapshot(key, slot), position(slot)[0]))
+                keys.append(key)
+                items.append((key.encode(), window_snapshot(slot), position(slot)[0]))
                 store.mark_persisted(slot)
-        return Snapshots(items, len(revocations))
+        return Snapshots(items, len(revocations), keys)
+
+    def complete(snapshots: Snapshots) -> Snapshots:
+        """Adds the key state (after the batch's thresholds and incidents) to collected windows."""
+        key_state = detector.key_state
+        items = snapshots.items
+        first = len(items) - len(snapshots.keys)  # the tombstones come first
+        for i, key in enumerate(snapshots.keys, first):
+            name, body, partition = items[i]
+            items[i] = (name, body + key_state(key), partition)  # type: ignore[operator]
+        snapshots.keys = []
+        return snapshots
+
+    def collect_snapshots() -> Snapshots:
+        """Whole snapshots of the keys touched since the last call (a batch boundary: after the batch's
+        thresholds and incidents, before the next batch's events)."""
+        return complete(collect_windows())
 
     def send_snapshots(snapshots: Snapshots) -> Awaitable[Any] | None:
         """Sends snapshots once the alerts they follow are acknowledged; None if there were none."""
@@ -306,14 +328,15 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
         """Micro-batches; with ``batch_pipeline``, pipelined under a backlog: while batch k is scored on
-        the inference thread, the loop publishes batch k-1's alerts, waits for the broker, and sends
-        its snapshots.
+        the inference thread, the loop judges batch k-1, publishes its alerts, waits for the broker,
+        and sends its snapshots.
 
-        Per batch: its scores are awaited and judged (thresholds, incidents), its alerts sent, and
-        the touched keys' snapshots taken at that point (before the next batch's events enter the
-        windows). Then the next batch, if one is already there, is windowed and its scoring
-        started; only then are the alerts awaited, and the snapshots sent after them. When no
-        batch is waiting the batch is finished at once, so a lone event never waits for another.
+        Per batch: the touched keys' windows are snapshotted (before the next batch's events enter
+        them); the next batch, if one is already there, is windowed and queued for the model; this
+        batch's scores are awaited and judged (thresholds, incidents), its snapshots completed with
+        the keys' incident and threshold state, its alerts sent and awaited, and the snapshots sent
+        after them. When no batch is waiting the batch is finished at once, so a lone event never
+        waits for another.
         """
         loop = asyncio.get_running_loop()
         # Adaptive batches leave acks to us: a batch is acked once the snapshots covering it are
@@ -330,6 +353,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
         last_flush = loop.time()
         flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
+        # Windowing the next batch before this one is judged could evict a key of this batch (least
+        # recently used) only when the key limit is within two batches of keys.
+        overlap_keys = settings.max_keys >= 4 * settings.batch_max
 
         async def settle_writes(wait: bool) -> None:
             """Acks, in order, the events of every flush whose snapshots are in the changelog (all
@@ -348,10 +374,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     await ack_events(stream, [e for e in covered if e.message.tp in assigned])
 
         async def conclude(scoring: Scoring, next_events: list[Any] | None) -> Scoring | None:
-            """Finishes ``scoring``; starts ``next_events`` (if any) before waiting for the broker.
-            Returns the started batch."""
+            """Finishes ``scoring``; starts ``next_events`` (if any) before waiting for the model and the
+            broker. Returns the started batch."""
             nonlocal last_flush
-            published = await judge(scoring)
             waiting = len(next_events or ()) + pending_events(stream)
             drained = not waiting
             # Writes are coalesced only under a backlog: a full micro-batch or more already waiting.
@@ -362,8 +387,19 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             flush = deferred and (not backlog or settings.state_flush_s == 0
                                   or loop.time() - last_flush >= settings.state_flush_s
                                   or len(unacked) + len(scoring.events) >= flush_at_most)
-            snapshots = collect_snapshots() if flush or not deferred else None
-            started = start(next_events) if next_events else None
+            # The windows as this batch left them, before the next batch enters them.
+            snapshots = collect_windows() if flush or not deferred else None
+            started = None
+            if next_events and not detector.model_swap_pending and overlap_keys:
+                # The next batch is windowed and queued for the model now, so the model thread goes on
+                # scoring while this batch is judged and its alerts are awaited. Not across a model
+                # swap: this batch is judged against its own model's thresholds.
+                started = start(next_events)
+            published = await judge(scoring)
+            if snapshots is not None:
+                complete(snapshots)
+            if next_events and started is None:
+                started = start(next_events)
             await publish(published)
             if not deferred:
                 send_snapshots(snapshots)  # after the alerts: a snapshot never runs ahead of them

@@ -287,6 +287,27 @@ def test_a_batch_prepared_in_parts_scores_and_judges_like_one_prepared_whole(art
         [(d.event.event_id, d.score, d.threshold, d.over) for d in expected]
 
 
+def test_the_next_batch_is_windowed_without_touching_the_rows_of_the_batch_still_being_scored(artifact):
+    detector, _ = make_detector(artifact, max_batch=4)
+    first = detector.prepare([record(key, i) for i in range(WINDOW + 1) for key in ("u", "v")])
+    rows = first.windows.copy()
+    second = detector.prepare([record(key, i) for i in range(WINDOW + 1, WINDOW + 9) for key in ("u", "v")])
+    np.testing.assert_array_equal(first.windows, rows)  # a pipelined worker scores these meanwhile
+    assert not np.shares_memory(first.windows, second.windows)
+    np.testing.assert_array_equal(second.windows[-1], np.float32([values("v", j) for j in range(WINDOW + 5, WINDOW + 9)]))
+
+
+def test_a_snapshot_is_its_window_part_followed_by_the_keys_incident_and_threshold_state(artifact):
+    detector, _ = make_detector(artifact, threshold=GlobalThreshold(value=-1), alerting=EVERY_WINDOW)
+    decisions, _ = detector.process([record("w", i) for i in range(WINDOW + 1)])
+    assert any(d.alert for d in decisions)
+    slot = detector.windows.store.slot_of("w")
+    state = detector.key_state("w")
+    assert state  # the open incident (every window is over a threshold of -1)
+    assert detector.snapshot("w", slot) == detector.windows.store.snapshot(slot) + state
+    assert detector.key_state("never-seen") == b""
+
+
 def test_a_model_swap_waits_for_the_next_batch_not_the_next_part(artifact):
     detector, first_scorer = make_detector(artifact)
     second_scorer = RecordingScorer(artifact)
