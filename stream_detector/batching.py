@@ -50,15 +50,10 @@ from mode.utils.futures import maybe_async
 LINGER_S = 0.001
 
 
-def waiting_events(stream: Any) -> int:
-    """Events delivered to the stream's queue and not taken yet."""
+def pending_events(stream: Any) -> int:
+    """Events delivered to the stream's queue and not handed to the consumer yet."""
     queue = getattr(stream.channel, "queue", None)
     return queue.qsize() if queue is not None else 0
-
-
-def pending_events(stream: Any) -> int:
-    """Events delivered and not handed to the consumer yet (taken in bulk: those still queued)."""
-    return waiting_events(stream)
 
 
 class _Taker:
@@ -78,6 +73,7 @@ class _Taker:
         before = len(batch)
         self._sweep(batch, limit)
         taken = len(batch) - before
+        self.stream.events_total += taken
         if taken and self.processors:
             for event in batch[before:]:
                 value = event.value
@@ -102,7 +98,6 @@ class _Taker:
         get = queue.get_nowait
         qsize = queue.qsize
         append = batch.append
-        taken = 0
         while len(batch) < limit and qsize():
             event = get()
             if not isinstance(event, EventT):
@@ -118,8 +113,6 @@ class _Taker:
             if has_sensors:
                 self.sensors.on_stream_event_in(message.tp, message.offset, stream, event)
             append(event)
-            taken += 1
-        stream.events_total += taken
 
     async def wait(self, timeout: float) -> Any | None:
         """The next event to arrive (None after ``timeout``), taken off the queue."""

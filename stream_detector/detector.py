@@ -214,7 +214,6 @@ class Detector:
         # worker prepares batch k+1 while the model still reads batch k's rows.
         self._buffers = [np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
                          for _ in range(2)]
-        self._batch = self._buffers[0]
         self._next_idle_sweep = 0.0
         self.windows.store.drop_listeners.append(self._drop_key_state)
 
@@ -325,9 +324,9 @@ class Detector:
             self._next_idle_sweep = now + 1.0
         if first_row + len(records) > len(self._batch):
             # Earlier parts keep their views of the old buffer (still being scored, maybe).
-            self._batch = self._buffers[0] = np.zeros((first_row + len(records),) + self._batch.shape[1:],
-                                                      dtype=np.float32)
-        batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
+            self._buffers[0] = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
+        rows = self._batch
+        batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
             decoded = self.decoder.decode(record.value)
@@ -335,9 +334,9 @@ class Detector:
                 batch.invalid.append((record, decoded))
                 self.stats.invalid[decoded.reason] += 1
                 continue
-            n = self._add_event(decoded, record, batch, n, now)
+            n = self._add_event(decoded, record, batch, rows, n, now)
         self.stats.consumed += len(records)
-        batch.windows = self._batch[first_row:n]
+        batch.windows = rows[first_row:n]
         return batch
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
@@ -345,22 +344,28 @@ class Detector:
         now = self.clock()
         self._flip_buffer()
         if len(events) > len(self._batch):
-            self._batch = self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
-        batch = PreparedBatch(windows=self._batch[:0], events=[], records=[])
+            self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
+        rows = self._batch
+        batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = 0
         empty = RawRecord(None)
         for event in events:
-            n = self._add_event(event, empty, batch, n, now)
+            n = self._add_event(event, empty, batch, rows, n, now)
         self.stats.consumed += len(events)
-        batch.windows = self._batch[:n]
+        batch.windows = rows[:n]
         return batch
+
+    @property
+    def _batch(self) -> np.ndarray:
+        """The row buffer of the micro-batch being prepared."""
+        return self._buffers[0]
 
     def _flip_buffer(self) -> None:
         """A new micro-batch takes the other row buffer (the previous batch's may still be scored)."""
         self._buffers.reverse()
-        self._batch = self._buffers[0]
 
-    def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, n: int, now: float) -> int:
+    def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
+                   now: float) -> int:
         slot = self.windows.add(event, now, record.partition, record.offset)
         if slot is None:
             batch.warming_up += 1
@@ -376,7 +381,7 @@ class Detector:
             batch.unscored += 1
             self.stats.unscored += 1
             return n
-        store.copy_window(slot, self._batch[n])
+        store.copy_window(slot, rows[n])
         batch.events.append(event)
         batch.records.append(record)
         return n + 1
