@@ -269,3 +269,49 @@ def test_raw_events_carry_the_message_bytes_undecoded_even_when_they_are_not_jso
     empty = Message("input", 0, 8, 1.0, 0, None, None, None, None, tp=TP("input", 0))
     event = asyncio.run(topic.decode(empty, propagate=True))
     assert event.key is None and event.value is None and event.message is empty
+
+
+def _direct_delivery_setup(schema):
+    import time
+
+    import faust
+    from faust.types import TP
+
+    app = faust.App(f"direct-{time.time_ns()}", store="memory://", web_enabled=False,
+                    stream_buffer_maxsize=4)
+    faust_fastpath.skip_unused_per_event_work(app)
+    topic = app.topic("input", key_serializer="raw", value_serializer="raw", schema=schema)
+    tp = TP("input", 0)
+    app.topics._tp_index[tp].add(topic)
+    app.topics._tp_to_callback[tp] = app.topics._build_handler(tp, app.topics._tp_index[tp])
+    return app, topic, tp
+
+
+def test_a_raw_events_partition_is_delivered_straight_to_its_queue_with_the_reference_counted():
+    from faust.types.tuples import Message
+
+    async def main():
+        app, topic, tp = _direct_delivery_setup(faust_fastpath.RawEvents())
+        deliver = faust_fastpath._direct_delivery(app.consumer, tp, {})
+        assert deliver is not None
+        message = Message("input", 0, 7, 1.0, 0, [], b"k", b"v", None, tp=tp)
+        assert deliver(message)
+        event = topic.queue.get_nowait()
+        assert event.message is message and event.value == b"v" and message.refcount == 1
+        for offset in range(5):  # a full queue is left to the conductor, which waits for room
+            delivered = deliver(Message("input", 0, offset, 1.0, 0, [], b"k", b"v", None, tp=tp))
+        assert not delivered and topic.queue.qsize() == 4
+
+    run(main())
+
+
+def test_the_conductor_delivers_when_the_topic_decodes_or_its_handler_map_is_being_updated():
+    async def main():
+        app, topic, tp = _direct_delivery_setup(None)
+        assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is None  # Faust decodes: its path
+        app, topic, tp = _direct_delivery_setup(faust_fastpath.RawEvents())
+        async with app.topics._tp_to_callback_lock:
+            assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is None
+        assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is not None
+
+    run(main())

@@ -13,8 +13,16 @@ events/s with Faust as it is, ~23,500 with all three (and the detector: 3,700 ->
    callback's first step directly; when it finishes there no task is created at all. When it does
    have to wait, the rest of the same coroutine, resumed where it stopped, goes through
    ``wait_first`` exactly as before: abandoned when flow is suspended for a rebalance, or when the
-   consumer stops or crashes. When flow is already suspended nothing changes. Everything else in
-   the loop is Faust 0.15's own, line for line.
+   consumer stops or crashes. When flow is already suspended nothing changes.
+
+   Going one step further, a partition read by one :class:`RawEvents` topic (the worker's input)
+   skips the conductor altogether (:func:`_direct_delivery`): its records are counted, made into
+   events and queued without the conductor's two coroutines, its lock and its flow-control and
+   producer-buffer awaits, and the fetch's records are taken partition by partition (Faust goes
+   round-robin between partitions record by record, and looks up each record's partition high
+   watermark: here once per partition per fetch). Whenever a delivery could wait (flow suspended,
+   a full queue, the handler map being updated) the record goes the conductor's way instead.
+   Everything else in the loop is Faust 0.15's own.
 2. **Paused partitions.** When a stream's buffer is 80 % full Faust stops fetching its partition
    until the buffer is down to 40 %; if every partition is paused its fetcher sleeps a whole second
    before looking again. The fetcher now wakes when a partition is resumed.
@@ -92,17 +100,74 @@ async def _rest(coro: Coroutine[Any, Any, Any], pending: Any) -> Any:
     return await _resume(coro, pending)
 
 
+def _direct_delivery(consumer: Any, tp: Any, pressure: dict) -> Any:
+    """A synchronous delivery of ``tp``'s records to its stream, or None where the conductor's is needed.
+
+    The conductor delivers a record through two coroutines (its lock around the handler lookup,
+    then the partition's handler: flow control, the producer-buffer check, the topic's decode,
+    the queue). For a partition read by exactly one topic whose schema is :class:`RawEvents`, with
+    Faust's producer buffer check gone (:func:`skip_unused_per_event_work`) and nobody updating
+    the handler map, that comes down to: count the reference, make the event, queue it, with the
+    same back-pressure callbacks. The caller falls back to the conductor whenever flow is
+    suspended or the queue is full (a delivery that would wait).
+    """
+    app = consumer.app
+    conductor = app.topics
+    if conductor._tp_to_callback_lock.locked():
+        return None
+    if getattr(app.producer.buffer, "wait_until_ebb", None) is not _nothing_to_produce:
+        return None
+    channels = conductor._tp_index.get(tp)
+    if not channels or len(channels) != 1:
+        return None
+    (channel,) = channels
+    make_event = getattr(channel.decode, "event_class", None)
+    if make_event is None:
+        return None
+    handler = conductor._tp_to_callback.get(tp)
+    if hasattr(handler, "on_pressure_high") and hasattr(handler, "on_pressure_drop"):
+        # Faust's compiled handler: its own callbacks (equal each time), so either path registers one.
+        callbacks = (handler.on_pressure_high, handler.on_pressure_drop)
+    else:
+        callbacks = pressure.get(tp)
+    if callbacks is None:  # the same two callables every time: the queue keeps them in a set
+        on_topic_buffer_full, on_full, on_drop = (app.sensors.on_topic_buffer_full, consumer.on_buffer_full,
+                                                  consumer.on_buffer_drop)
+
+        def on_pressure_high() -> None:
+            on_topic_buffer_full(tp)
+            on_full(tp)
+
+        def on_pressure_drop() -> None:
+            on_drop(tp)
+
+        callbacks = pressure[tp] = (on_pressure_high, on_pressure_drop)
+    queue = channel.queue
+    high, drop = callbacks
+    full, put = queue.full, queue.put_nowait_enhanced
+
+    def deliver(message: Any) -> bool:
+        if full():
+            return False
+        message.refcount += 1  # as Faust's compiled handler counts it
+        put(make_event(app, message.key, message.value, message.headers, message),
+            on_pressure_high=high, on_pressure_drop=drop)
+        return True
+
+    return deliver
+
+
 def _fast_drain_messages(original: Any) -> Any:
-    from typing import AsyncIterator, cast
+    from typing import cast
 
     from mode import Service
 
     from faust.transport.consumer import CONSUMER_FETCHING
 
     async def _drain_messages(self: Any, fetcher: Any) -> None:
-        # Faust 0.15.3's Consumer._drain_messages; only the delivery differs (see the module docstring).
+        # Faust 0.15.3's Consumer._drain_messages with Consumer.getmany inlined; the delivery and the
+        # per-partition steps differ (see the module docstring).
         callback = self.callback
-        getmany = self.getmany
         consumer_should_stop = cast(Service, self)._stopped.is_set
         fetcher_should_stop = cast(Service, fetcher)._stopped.is_set
 
@@ -114,26 +179,55 @@ def _fast_drain_messages(original: Any) -> Any:
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
         suspended = self.suspend_flow.is_set
+        flow_control_active = self.app.flow_control.is_active
+        to_message = self._to_message
+        buffered = self._buffered_partitions
+        track_end_offset = self.app.monitor.track_tp_end_offset
+        pressure: dict = {}
 
         yield_every = 100
-        num_since_yield = 0
         sleep = asyncio.sleep
 
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(flag_consumer_fetching)
-                ait = cast(AsyncIterator, getmany(timeout=1.0))
-
                 # Sleeping because sometimes getmany is called in a loop
                 # never releasing to the event loop
                 await self.sleep(0)
-                if not self.should_stop:
-                    async for tp, message in ait:
-                        num_since_yield += 1
-                        if num_since_yield > yield_every:
+                if self.should_stop:
+                    continue
+                records, active_partitions = await self._wait_next_records(1.0)
+                generation_id = self.app.consumer_generation_id
+                if records is None or self.should_stop:
+                    continue
+                if not self.flow_active:
+                    self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+                    try:
+                        await self.perform_seek()
+                    except Exception as ex:
+                        self.log.warning(f"exception performing seek when flow not active {ex}")
+                    continue
+                # Partition by partition (Faust goes round-robin between them record by record: the
+                # order within a partition, the only one Kafka has, is the same).
+                for tp, tp_records in records.items():
+                    if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                        break
+                    if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                        continue
+                    track_end_offset(tp, self.highwater(tp))  # once per fetch, not per record
+                    deliver = None
+                    since_yield = 0
+                    for record in tp_records:
+                        since_yield += 1
+                        if since_yield > yield_every:
                             await sleep(0)
-                            num_since_yield = 0
-
+                            since_yield = 0
+                            deliver = None  # anything may have changed meanwhile
+                            if not self.flow_active or self.app.consumer_generation_id != generation_id:
+                                break
+                            if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                                break
+                        message = to_message(tp, record)
                         offset = message.offset
                         r_offset = get_read_offset(tp)
                         if r_offset is None or offset >= r_offset:
@@ -143,16 +237,23 @@ def _fast_drain_messages(original: Any) -> Any:
                                 acks_enabled = acks_enabled_for(message.topic)
                                 if acks_enabled:
                                     await self._add_gap(tp, r_offset + 1, offset)
+                                    deliver = None
                             if commit_every is not None:
                                 if self._n_acked >= commit_every:
                                     self._n_acked = 0
                                     await self.commit()
-                            if suspended():
+                                    deliver = None
+                            if suspended() or not flow_control_active():
+                                deliver = None
                                 await self.wait_first(callback(message), self.suspend_flow.wait())
                             else:
-                                done, rest = start(callback(message))
-                                if not done:
-                                    await self.wait_first(rest, self.suspend_flow.wait())
+                                if deliver is None:
+                                    deliver = _direct_delivery(self, tp, pressure) or _conductor
+                                if deliver is _conductor or not deliver(message):
+                                    done, rest = start(callback(message))
+                                    if not done:
+                                        deliver = None
+                                        await self.wait_first(rest, self.suspend_flow.wait())
                             set_read_offset(tp, offset)
                         else:
                             self.log.dev(
@@ -161,7 +262,7 @@ def _fast_drain_messages(original: Any) -> Any:
                                 message.key,
                                 message.value,
                             )
-                    unset_flag(flag_consumer_fetching)
+                unset_flag(flag_consumer_fetching)
 
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -184,6 +285,11 @@ def _fast_drain_messages(original: Any) -> Any:
     _drain_messages.__doc__ = original.__doc__
     _drain_messages.__wrapped__ = original  # type: ignore[attr-defined]
     return _drain_messages
+
+
+def _conductor(message: Any) -> bool:
+    """Marks a partition whose records go through the conductor (see :func:`_direct_delivery`)."""
+    return False
 
 
 def _resumable_wait_next_records(original: Any) -> Any:
@@ -340,4 +446,5 @@ class RawEvents(faust.Schema):
         async def decode(message: Any, *, propagate: bool = default_propagate) -> Any:
             return event_class(app, message.key, message.value, message.headers, message)
 
+        decode.event_class = event_class  # type: ignore[attr-defined]  # for the fetcher's direct delivery
         return decode
