@@ -25,7 +25,7 @@ import orjson
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .events import Event, EventDecoder, Invalid
-from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
+from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo
 from .profiles import Profile
 from .scoring import Scores
 from .thresholds import ThresholdConfig, ThresholdPolicy, build_threshold_policy
@@ -65,7 +65,7 @@ class PreparedBatch:
         return len(self.events)
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     event: Event
     record: RawRecord
@@ -415,15 +415,20 @@ class Detector:
         tops = dict(zip(over_rows.tolist(), top_features_of_rows(
             self.profile.feature_names, scores.feature_errors[over_rows], self.top_features)))
         observe = self.incidents.observe
-        for i, event in enumerate(batch.events):
-            score, limit, is_over = float(values[i]), float(limits[i]), bool(over[i])
-            info = None
-            if is_over:
-                info = WindowInfo(event.event_id, event.timestamp, score, limit, tops[i])
+        tracked = self.incidents.tracking  # keys with an incident (open or pending)
+        append, records = decisions.append, batch.records
+        # Plain floats and bools, converted once for the batch (a numpy scalar per event costs more).
+        for i, (event, score, limit, is_over) in enumerate(zip(batch.events, values.tolist(), limits.tolist(),
+                                                              over.tolist())):
+            ratio = score / limit if limit > 0 else None
+            if not is_over and event.key not in tracked:  # the common case: nothing going on for the key
+                append(Decision(event, records[i], score, limit, None, False, ratio))
+                continue
+            info = WindowInfo(event.event_id, event.timestamp, score, limit, tops[i]) if is_over else None
             alert = observe(event.key, is_over, info, now, context)
             if alert is not None:
                 self.stats.alerts += 1
-            decisions.append(Decision(event, batch.records[i], score, limit, alert, is_over, severity(score, limit)))
+            append(Decision(event, records[i], score, limit, alert, is_over, ratio))
         self.stats.over_threshold += int(over.sum())
         self.stats.scored += len(batch.events)
         return decisions

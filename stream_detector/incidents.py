@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from .alerts import build_incident_alert, incident_id as make_incident_id
 
@@ -143,6 +143,11 @@ class IncidentTracker:
 
     def __contains__(self, key: str) -> bool:
         return key in self._incidents
+
+    @property
+    def tracking(self) -> Mapping[str, Incident]:
+        """The keys with an incident, open or pending (for membership tests; not to be modified)."""
+        return self._incidents
 
     def get(self, key: str) -> Incident | None:
         return self._incidents.get(key)

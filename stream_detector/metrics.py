@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client import disable_created_metrics
 
@@ -14,6 +17,32 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _INFERENCE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SCORE_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe`` of every value, counted bucket by bucket rather than value by value.
+
+    Per scored window ``observe`` takes the bucket's lock and the sum's once each (about 1 us), a
+    cost per event on the event loop; here each bucket a micro-batch reaches is incremented once.
+    Reads the histogram's bucket bounds and counters (``_upper_bounds``, ``_buckets``, ``_sum``):
+    where a prometheus-client version lacks them it falls back to ``observe``.
+    """
+    if not len(values):
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(buckets) != len(bounds):
+        for value in values:
+            histogram.observe(value)
+        return
+    array = np.asarray(values, dtype=np.float64)
+    # The first bound >= the value: the bucket `observe` picks (`value <= bound`; +Inf is the last).
+    index = np.searchsorted(np.asarray(bounds, dtype=np.float64), array, side="left")
+    counts = np.bincount(index[index < len(bounds)], minlength=len(bounds))  # NaN: in no bucket, as there
+    total.inc(float(array.sum()))
+    for index in np.flatnonzero(counts).tolist():
+        buckets[index].inc(int(counts[index]))
 
 
 class WorkerMetrics:

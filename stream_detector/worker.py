@@ -7,20 +7,20 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
 2. score it on a dedicated thread, so heartbeats and commits never stall: on CPU in parts of 256
    events, each scored while the loop windows the next, and judged while the last are scored;
    on CUDA in one model call;
-3. judge it (thresholds, incidents) and publish its alerts and dead letters (through
-   :mod:`~stream_detector.kafka.output`'s producer, not Faust's), then wait until the broker has
-   acknowledged them;
-4. the batch's offsets are acked (and later committed by Faust) once the window state it
-   changed is in the changelog (below).
+3. judge it (thresholds, incidents) and send its alerts and dead letters (through
+   :mod:`~stream_detector.kafka.output`'s producer, not Faust's);
+4. hand it to the :class:`Settler`, which, on a task of its own and in batch order, waits until the
+   broker has acknowledged them, writes the window state the batch changed to the changelog
+   (below), and acks the batch's offsets (Faust commits them later) once that is written. The
+   loop does not wait for the broker: it goes on with the next batch at once.
 
 With ``batch_pipeline`` (the default), under a backlog (the next batch is already there)
-batches are pipelined: batch k is windowed and queued for the model before batch k-1 is judged
-and its alerts awaited, so the model thread scores k while the loop judges k-1, publishes its
-alerts and waits for the broker: neither waits for the other. The window part of batch k-1's
-snapshots is taken before batch k's events enter the windows, the incident and threshold part
-once k-1 is judged, and both are sent once k-1's alerts are acknowledged. A batch with nothing
-behind it is finished at once. (Two row buffers in the detector keep k-1's windows intact while
-k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
+batches are pipelined: batch k is windowed and queued for the model before batch k-1 is judged,
+so the model thread scores k while the loop judges k-1 and sends its alerts. The window part of
+batch k-1's snapshots is taken before batch k's events enter the windows, the incident and
+threshold part once k-1 is judged, and both are sent once k-1's alerts are acknowledged. A batch
+with nothing behind it is finished at once. (Two row buffers in the detector keep k-1's windows
+intact while k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606). Faust's consumer itself is kept up by
@@ -52,7 +52,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Awaitable
+from typing import Any, Awaitable, Callable
 
 import faust
 import orjson
@@ -65,7 +65,7 @@ from .kafka import faust_fastpath, faust_fixes
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.output import Deliveries, OutputProducer
 from .kafka.security import confluent_config, faust_credentials
-from .metrics import WorkerMetrics
+from .metrics import WorkerMetrics, observe_many
 from .scoring import ModelRunner, inference_executor, worker_threads
 from .settings import Settings
 from .incidents import AlertPolicy
@@ -76,6 +76,8 @@ log = logging.getLogger("stream_detector.worker")
 # Batches whose window snapshots may be on their way to the changelog while the next is handled
 # (under a backlog): the worker does not wait a broker round trip per batch; offsets still wait.
 WRITES_IN_FLIGHT = 4
+# Judged batches waiting for their alerts to be acknowledged before the loop waits too.
+SETTLING_MAX = 32
 
 
 @dataclass(slots=True)
@@ -101,6 +103,98 @@ class Snapshots:
     items: list[tuple[bytes, bytes | None, int]]
     revocations: int  # revocations seen when they were taken
     keys: list[str]  # keys whose item is a window part still to be completed (the last items), in order
+
+
+class Settler:
+    """Finishes micro-batches in order on a task of its own, so the loop never waits for the broker.
+
+    Per batch, in the order the batches were judged: its alerts and dead letters are awaited (the
+    broker has them), then its window snapshots, if it carries any, are sent (so a snapshot never
+    runs ahead of the alerts it follows, and a key's snapshots reach the changelog in order), and
+    once the broker has those, the input events they cover are acked (Faust may commit them). The
+    loop meanwhile takes, windows and judges the next batches: a slow acknowledgement (the broker
+    occasionally takes 50 to 100 ms) delays commits, not the alerts of the events behind it.
+    Bounded: the loop waits once ``SETTLING_MAX`` batches are waiting to be settled.
+    """
+
+    def __init__(self, publish: Callable[[Published], Awaitable[None]],
+                 send_snapshots: Callable[[Snapshots], Awaitable[Any] | None],
+                 ack: Callable[[list[Any]], Awaitable[None]], assignment: Callable[[], Any]):
+        self._publish, self._send_snapshots, self._ack, self._assignment = publish, send_snapshots, ack, assignment
+        self._queue: asyncio.Queue[tuple[Published | None, Snapshots | None, list[Any]] | None] = \
+            asyncio.Queue(maxsize=SETTLING_MAX)
+        self._unacked: list[Any] = []  # settled events not covered by a written snapshot yet
+        # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
+        # covers: under a backlog up to WRITES_IN_FLIGHT stay out while the next batches settle.
+        self._writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
+        self._task = asyncio.ensure_future(self._run())
+
+    def check(self) -> None:
+        """Raises what stopped the settler (an undeliverable alert or snapshot), if anything did."""
+        if self._task.done() and not self._task.cancelled():
+            self._task.result()
+
+    async def put(self, published: Published | None, snapshots: Snapshots | None, events: list[Any]) -> None:
+        """Hands over a judged batch (its alerts sent), its snapshots (if collected) and its events."""
+        self.check()
+        if self._queue.full():  # the broker is behind: wait, but not past the settler's failure
+            put = asyncio.ensure_future(self._queue.put((published, snapshots, events)))
+            await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            if not put.done():
+                put.cancel()
+                self.check()
+            return
+        self._queue.put_nowait((published, snapshots, events))
+
+    def unsettled(self) -> int:
+        """Events handed over and not acked yet."""
+        return (sum(len(item[2]) for item in self._queue._queue if item is not None)  # type: ignore[attr-defined]
+                + len(self._unacked) + sum(len(covered) for _, covered in self._writing))
+
+    async def close(self) -> None:
+        """Settles everything handed over (raises if that fails) and stops."""
+        self.check()
+        await self._queue.put(None)
+        await self._task
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            if item is None:
+                await self._settle_writes(wait=True)
+                return
+            published, snapshots, events = item
+            self._unacked.extend(events)
+            if published is not None:
+                await self._publish(published)
+            if snapshots is not None:
+                sent = self._send_snapshots(snapshots)
+                if sent is not None or self._unacked:
+                    self._writing.append((sent, self._unacked))
+                    self._unacked = []
+            # Nothing behind: wait for the writes now, so that the offsets are committed soon.
+            await self._settle_writes(wait=queue.empty())
+
+    async def _settle_writes(self, wait: bool) -> None:
+        """Acks, in order, the events of every write that is in the changelog (all of them when
+        ``wait``; else at most ``WRITES_IN_FLIGHT`` writes stay out)."""
+        writing = self._writing
+        while writing:
+            written, covered = writing[0]
+            if written is not None:
+                if not written.done() and not wait and len(writing) <= WRITES_IN_FLIGHT:
+                    break
+                await written  # in the changelog before the offsets may be committed (raises if not)
+            writing.popleft()
+            if covered:
+                # Not events of partitions revoked since: Faust forgot their acks at the revocation,
+                # and a late ack would bring back a stale committable offset for them.
+                assigned = self._assignment()
+                await self._ack([e for e in covered if e.message.tp in assigned])
 
 
 def _broker_url(bootstrap_servers: str) -> str:
@@ -328,15 +422,14 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
         """Micro-batches; with ``batch_pipeline``, pipelined under a backlog: while batch k is scored on
-        the inference thread, the loop judges batch k-1, publishes its alerts, waits for the broker,
-        and sends its snapshots.
+        the inference thread, the loop judges batch k-1 and sends its alerts.
 
         Per batch: the touched keys' windows are snapshotted (before the next batch's events enter
         them); the next batch, if one is already there, is windowed and queued for the model; this
         batch's scores are awaited and judged (thresholds, incidents), its snapshots completed with
-        the keys' incident and threshold state, its alerts sent and awaited, and the snapshots sent
-        after them. When no batch is waiting the batch is finished at once, so a lone event never
-        waits for another.
+        the keys' incident and threshold state, and its alerts sent. The settler then awaits them,
+        sends the snapshots and acks the events, while the loop goes on with the next batch. When no
+        batch is waiting the batch is finished at once, so a lone event never waits for another.
         """
         loop = asyncio.get_running_loop()
         # Adaptive batches leave acks to us: a batch is acked once the snapshots covering it are
@@ -347,38 +440,22 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         batches = (adaptive_batches(stream, settings.batch_max, settings.batch_within_s, defer_acks=True,
                                     idle_s=min(max(settings.state_flush_s, 0.1), 1.0)) if deferred
                    else stream.take_events(settings.batch_max, within=settings.batch_within_s))
-        unacked: list[Any] = []
-        # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
-        # covers: under a backlog the next batches are handled while they are in flight.
-        writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
+        # Events of batches whose alerts and snapshots are settled in order on the settler's task, off
+        # the loop's path (see `Settler`); the loop counts those not covered by a snapshot yet.
+        settler = Settler(publish, send_snapshots, lambda events: ack_events(stream, events),
+                          lambda: app.consumer.assignment())
+        unflushed = 0
         last_flush = loop.time()
         flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
         # Windowing the next batch before this one is judged could evict a key of this batch (least
         # recently used) only when the key limit is within two batches of keys.
         overlap_keys = settings.max_keys >= 4 * settings.batch_max
 
-        async def settle_writes(wait: bool) -> None:
-            """Acks, in order, the events of every flush whose snapshots are in the changelog (all
-            of them when ``wait``; else at most ``WRITES_IN_FLIGHT`` flushes stay out)."""
-            while writing:
-                written, covered = writing[0]
-                if written is not None:
-                    if not written.done() and not wait and len(writing) <= WRITES_IN_FLIGHT:
-                        break
-                    await written  # in the changelog before the offsets may be committed (raises if not)
-                writing.popleft()
-                if covered:
-                    # Not events of partitions revoked since: Faust forgot their acks at the revocation,
-                    # and a late ack would bring back a stale committable offset for them.
-                    assigned = app.consumer.assignment()
-                    await ack_events(stream, [e for e in covered if e.message.tp in assigned])
-
         async def conclude(scoring: Scoring, next_events: list[Any] | None) -> Scoring | None:
-            """Finishes ``scoring``; starts ``next_events`` (if any) before waiting for the model and the
-            broker. Returns the started batch."""
-            nonlocal last_flush
+            """Finishes ``scoring`` and hands it to the settler; starts ``next_events`` (if any) before
+            waiting for the model. Returns the started batch."""
+            nonlocal last_flush, unflushed
             waiting = len(next_events or ()) + pending_events(stream)
-            drained = not waiting
             # Writes are coalesced only under a backlog: a full micro-batch or more already waiting.
             # Below that each batch writes its own (measured at 7,800 events/s: p99 event-to-alert 83 ms
             # writing per batch, 135 to 161 ms coalescing every 0.5 s, whose flushes of every key
@@ -386,46 +463,30 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             backlog = waiting >= settings.batch_max
             flush = deferred and (not backlog or settings.state_flush_s == 0
                                   or loop.time() - last_flush >= settings.state_flush_s
-                                  or len(unacked) + len(scoring.events) >= flush_at_most)
+                                  or unflushed + len(scoring.events) >= flush_at_most)
             # The windows as this batch left them, before the next batch enters them.
             snapshots = collect_windows() if flush or not deferred else None
             started = None
             if next_events and not detector.model_swap_pending and overlap_keys:
                 # The next batch is windowed and queued for the model now, so the model thread goes on
-                # scoring while this batch is judged and its alerts are awaited. Not across a model
-                # swap: this batch is judged against its own model's thresholds.
+                # scoring while this batch is judged. Not across a model swap: this batch is judged
+                # against its own model's thresholds.
                 started = start(next_events)
             published = await judge(scoring)
             if snapshots is not None:
                 complete(snapshots)
             if next_events and started is None:
                 started = start(next_events)
-            await publish(published)
             if not deferred:
+                await publish(published)
                 send_snapshots(snapshots)  # after the alerts: a snapshot never runs ahead of them
                 return started
-            unacked.extend(scoring.events)
             if snapshots is not None:
-                # Under a backlog the writes stay in flight while the next batches are handled; as
-                # soon as the input is drained they are waited for: Faust hands the agent new events
-                # late while earlier ones wait unacked (measured: p50 event-to-alert 430 ms at 1,000
-                # events/s with 1 s flushes, 15 ms flushing at once).
-                await write(snapshots, wait=drained and started is None)
+                last_flush, unflushed = loop.time(), 0
+            else:
+                unflushed += len(scoring.events)
+            await settler.put(published, snapshots, scoring.events)
             return started
-
-        async def write(snapshots: Snapshots, wait: bool) -> None:
-            """Sends snapshots covering every unacked event, then settles the writes in flight."""
-            nonlocal last_flush
-            sent = send_snapshots(snapshots)
-            if sent is not None or unacked:
-                writing.append((sent, list(unacked)))
-                unacked.clear()
-            last_flush = loop.time()
-            await settle_writes(wait=wait)
-
-        async def flush_idle() -> None:
-            """A batch boundary with nothing in hand: writes what is touched, acks what it covers."""
-            await write(collect_snapshots(), wait=True)
 
         scoring: Scoring | None = None
         try:
@@ -434,8 +495,11 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     scoring = await conclude(scoring, events)  # and starts this batch
                 elif events:
                     scoring = start(events)
-                elif deferred and (unacked or writing):
-                    await flush_idle()
+                elif deferred and unflushed:  # gone quiet: write what is touched, ack what it covers
+                    last_flush, unflushed = loop.time(), 0
+                    await settler.put(None, collect_snapshots(), [])
+                elif deferred:
+                    settler.check()
                 # Kept in flight only when pipelining and the next batch is already there to overlap it
                 # with (and only with deferred acks: take_events acks a batch once the next is asked for).
                 while scoring is not None and not (pipelined and pending_events(stream)):
@@ -445,15 +509,17 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 nonlocal scoring
                 while scoring is not None:
                     scoring = await conclude(scoring, None)
-                if deferred and (unacked or writing):
-                    await flush_idle()
+                if deferred and unflushed:
+                    await settler.put(None, collect_snapshots(), [])
+                await settler.close()
 
             try:  # a clean stop: leave nothing to re-deliver
                 await asyncio.wait_for(wind_down(), timeout=5.0)
             except Exception as exc:  # stopping anyway; the events are re-delivered and re-applied
                 log.info("window state not flushed at stop (%s): %d events will be re-delivered", exc,
-                         len(unacked) + sum(len(covered) for _, covered in writing)
-                         + (len(scoring.events) if scoring is not None else 0))
+                         settler.unsettled() + (len(scoring.events) if scoring is not None else 0))
+            finally:
+                settler.cancel()
 
     # A micro-batch is windowed and scored in parts of this many events: the inference thread scores
     # one part while the loop windows the next, and the loop judges the first parts while it scores
@@ -515,11 +581,13 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         # closed before a new one of the same key opens.
         messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
         over = 0
+        ratios = []
         for d in decisions:
-            metrics.score_ratio.observe(d.score / d.threshold if d.threshold > 0 else d.score)
+            ratios.append(d.severity if d.severity is not None else d.score)  # score / threshold
             over += d.over
             if d.alert is not None:
                 messages.append((d.alert, d.record))
+        observe_many(metrics.score_ratio, ratios)
         for message, _ in messages:
             sent.send(alerts_topic, message["key"].encode(), encode_alert(message))
         if scores_topic:
