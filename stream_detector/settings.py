@@ -171,7 +171,7 @@ class Settings:
                                     "events come first (Faust's `take_events`).")
     )
     batch_pipeline: bool = field(
-        default=True, metadata=_doc("With adaptive batches, under a backlog (the next batch already waiting): window "
+        default=True, metadata=_doc("With adaptive batches, under a backlog (a full batch or more waiting): window "
                                     "the next batch and queue it for the model before this one is judged, so the "
                                     "model thread never waits for the loop nor the loop for the model. Off: each batch is finished before the next is windowed (measured "
                                     "on the benchmark's backlog: 22,037 and 22,358 events/s on, 18,893 and 18,760 "

@@ -14,12 +14,13 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
    (below), and acks the batch's offsets (Faust commits them later) once that is written. The
    loop does not wait for the broker: it goes on with the next batch at once.
 
-With ``batch_pipeline`` (the default), under a backlog (the next batch is already there)
-batches are pipelined: batch k is windowed and queued for the model before batch k-1 is judged,
+With ``batch_pipeline`` (the default), under a backlog (a full micro-batch or more already
+waiting) batches are pipelined: batch k is windowed and queued for the model before batch k-1 is judged,
 so the model thread scores k while the loop judges k-1 and sends its alerts. The window part of
 batch k-1's snapshots is taken before batch k's events enter the windows, the incident and
-threshold part once k-1 is judged, and both are sent once k-1's alerts are acknowledged. A batch
-with nothing behind it is finished at once. (Two row buffers in the detector keep k-1's windows
+threshold part once k-1 is judged, and both are sent once k-1's alerts are acknowledged. Below a
+backlog a batch is finished at once: overlapping it with the next would hold its alerts back
+while the next is windowed. (Two row buffers in the detector keep k-1's windows
 intact while k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
@@ -421,15 +422,16 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
 
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
-        """Micro-batches; with ``batch_pipeline``, pipelined under a backlog: while batch k is scored on
-        the inference thread, the loop judges batch k-1 and sends its alerts.
+        """Micro-batches; with ``batch_pipeline``, pipelined under a backlog (a full batch or more
+        waiting): while batch k is scored on the inference thread, the loop judges batch k-1 and
+        sends its alerts.
 
         Per batch: the touched keys' windows are snapshotted (before the next batch's events enter
         them); the next batch, if one is already there, is windowed and queued for the model; this
         batch's scores are awaited and judged (thresholds, incidents), its snapshots completed with
         the keys' incident and threshold state, and its alerts sent. The settler then awaits them,
-        sends the snapshots and acks the events, while the loop goes on with the next batch. When no
-        batch is waiting the batch is finished at once, so a lone event never waits for another.
+        sends the snapshots and acks the events, while the loop goes on with the next batch. Below a
+        backlog the batch is finished at once, so a lone event never waits for another.
         """
         loop = asyncio.get_running_loop()
         # Adaptive batches leave acks to us: a batch is acked once the snapshots covering it are
@@ -500,9 +502,11 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     await settler.put(None, collect_snapshots(), [])
                 elif deferred:
                     settler.check()
-                # Kept in flight only when pipelining and the next batch is already there to overlap it
-                # with (and only with deferred acks: take_events acks a batch once the next is asked for).
-                while scoring is not None and not (pipelined and pending_events(stream)):
+                # Kept in flight only when pipelining under a backlog: a full batch already there to overlap
+                # it with (and only with deferred acks: take_events acks a batch once the next is asked
+                # for). Below that the batch is finished first: pipelining would hold its alerts back for
+                # as long as the next batch takes to window.
+                while scoring is not None and not (pipelined and pending_events(stream) >= settings.batch_max):
                     scoring = await conclude(scoring, None)
         finally:
             async def wind_down() -> None:
