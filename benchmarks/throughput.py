@@ -796,7 +796,7 @@ FAST_PATH = [
     ("detector_buffer_4096", "`stream_buffer_max=65536` (Faust: 4,096)", "before"),
     ("detector_fetch_wait_1500", "`fetch_max_wait_ms=20` (Faust: 1,500)", "before"),
     ("detector_unpipelined", "pipelined micro-batches (`batch_pipeline`): the next batch windowed and scored while "
-                             "this one is judged and its alerts awaited", "before"),
+                             "this one is judged", "before"),
     ("detector_stride4", "opt-in `score_stride=4` for every key (`hot_key_rate=0`)", "option"),
     ("detector_flush_each_batch", "`state_flush_s=0.5` (was 0): window snapshots at most every 0.5 s under a "
                                   "backlog instead of after every batch, offsets acked after", "before"),
