@@ -25,7 +25,7 @@ import orjson
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .events import Event, EventDecoder, Invalid
-from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo
+from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
 from .scoring import Scores
 from .thresholds import ThresholdConfig, ThresholdPolicy, build_threshold_policy
@@ -420,7 +420,7 @@ class Detector:
         # Plain floats and bools, converted once for the batch (a numpy scalar per event costs more).
         for i, (event, score, limit, is_over) in enumerate(zip(batch.events, values.tolist(), limits.tolist(),
                                                               over.tolist())):
-            ratio = score / limit if limit > 0 else None
+            ratio = severity(score, limit)
             if not is_over and event.key not in tracked:  # the common case: nothing going on for the key
                 append(Decision(event, records[i], score, limit, None, False, ratio))
                 continue
