@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -110,7 +110,12 @@ class FeatureWindows:
         self.restore = restore
         self.restore_failures = 0
         self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
+        # Keys changed since their last snapshot (-> slot). Each becomes due to be written a while
+        # after it first changed: the keys first changed by one micro-batch are sealed into that batch's
+        # generation, and generations are drained oldest first (see :meth:`drain_touched`).
         self.touched: dict[str, int] = {}
+        self._fresh: list[str] = []  # keys first changed since the last seal, in order
+        self._generations: deque[tuple[float, Any, list[str]]] = deque()  # (sealed at, tag, keys)
         # Given the trailing bytes of a restored snapshot (the owner's per-key state), if any.
         self.restore_extra: Callable[[str, bytes], None] | None = None
 
@@ -134,6 +139,8 @@ class FeatureWindows:
         """The key's state changed without an event (e.g. its incident closed idle): persist it again."""
         slot = self.store.slot_of(key)
         if slot is not None:
+            if key not in self.touched:
+                self._fresh.append(key)
             self.touched[key] = slot
 
     def add(self, event: Event, now: float, partition: int = -1, offset: int = -1) -> int | None:
@@ -154,12 +161,49 @@ class FeatureWindows:
         full = store.commit(slot) >= self.window
         if offset >= 0:
             store.set_position(slot, partition, offset)
-            self.touched[event.key] = slot
+            touched = self.touched
+            if event.key not in touched:
+                self._fresh.append(event.key)
+            touched[event.key] = slot
         return slot if full else None
 
+    def seal(self, tag: Any, now: float) -> None:
+        """Closes a generation: the keys first changed since the last seal (by the micro-batch
+        ``tag``) become due together, once the generation is old enough."""
+        self._generations.append((now, tag, self._fresh))
+        self._fresh = []
+
+    @property
+    def newest_sealed(self) -> Any:
+        """The tag of the newest generation sealed and not drained yet (None if there is none)."""
+        return self._generations[-1][1] if self._generations else None
+
     def drain_touched(self) -> dict[str, int]:
-        touched, self.touched = self.touched, {}
+        """Every changed key (-> slot), sealed or not."""
+        touched, self.touched, self._fresh = self.touched, {}, []
+        self._generations.clear()
         return touched
+
+    def drain_sealed(self, sealed_by: float) -> tuple[dict[str, int], Any]:
+        """The keys (-> slot) of the generations sealed at or before ``sealed_by``, oldest first, and
+        the tag of the newest of those generations (None if none was).
+
+        So a key is written once in a while however often it changes, and the writes of a steady
+        flow are spread over the batches instead of coming in one burst. Each key is written in the
+        state it has now, so every event of the drained generations' micro-batches is covered: a key
+        of a later generation was first changed later, after its last write.
+        """
+        touched, generations = self.touched, self._generations
+        drained: dict[str, int] = {}
+        tag = None
+        pop = touched.pop
+        while generations and generations[0][0] <= sealed_by:
+            _, tag, keys = generations.popleft()
+            for key in keys:
+                slot = pop(key, None)
+                if slot is not None:
+                    drained[key] = slot
+        return drained, tag
 
     def evict_idle(self, now: float) -> int:
         return self.store.evict_idle(now)

@@ -92,11 +92,11 @@ class Settings:
     )
     state_flush_s: float = field(
         default=0.5,
-        metadata=_doc("While a backlog lasts (a full micro-batch or more waiting), window snapshots go to the state "
-                      "changelog at most this often (input offsets are acked after them); below that, after every "
-                      "micro-batch. "
-                      "0: after every micro-batch, one write per touched key per batch (probe under a backlog: "
-                      "about 12,500 events/s against 15,000 at 0.5 s). A crash re-delivers at most about this "
+        metadata=_doc("A changed key's window snapshot goes to the state changelog this long after the key first "
+                      "changed (at the next micro-batch boundary; at once when the flow goes quiet), so a busy "
+                      "key is written once per interval, not once per micro-batch, and the writes are spread over "
+                      "the batches. Input offsets are acked once the snapshots covering them are written. "
+                      "0: after every micro-batch, every key it changed. A crash re-delivers at most about this "
                       "much more (offsets are committed every second anyway); restored windows take it again."),
     )
     max_message_bytes: int = field(

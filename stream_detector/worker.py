@@ -31,14 +31,13 @@ than one fetch. :mod:`~stream_detector.kafka.faust_fixes` fixes a race in Faust'
 recovery that dropped the first events fetched for a new assignment.
 
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
-event it covers are acknowledged), each key touched since the last write is written to a compacted
-changelog (a Faust table's changelog topic, partitioned like the input), and only once the broker
-has those snapshots are the input events acked. Under a backlog (a full batch or more waiting)
-that happens every ``state_flush_s`` (0.5 s by default: one write per hot key per interval, not
-per batch; the next batches are handled while the writes are in flight, up to
-``WRITES_IN_FLIGHT``); below that, after every batch. A crash re-delivers the events not yet acked, which the restored windows take
-again. Faust restores the changelog of newly assigned partitions before the agent resumes,
-and a key's window is taken from it the first time the key is seen. Each snapshot records the
+event it covers are acknowledged), the keys that first changed ``state_flush_s`` ago or more (0.5 s
+by default) are written to a compacted changelog (a Faust table's changelog topic, partitioned like
+the input): one write per busy key per interval, not per batch, spread over the batches. Once the
+broker has the snapshots covering a batch (every key changed up to its end), its input events are
+acked; the next batches are handled while the writes are in flight, up to ``WRITES_IN_FLIGHT``.
+A crash re-delivers the events not yet acked, which the restored windows take again. Faust
+restores the changelog of newly assigned partitions before the agent resumes, and a key's window is taken from it the first time the key is seen. Each snapshot records the
 offset of the key's last event, so records redelivered after a crash are recognised and not
 appended twice; since snapshots are written only after the alerts they follow, a recognised record
 has already been scored and alerted.
@@ -104,6 +103,7 @@ class Snapshots:
     items: list[tuple[bytes, bytes | None, int]]
     revocations: int  # revocations seen when they were taken
     keys: list[str]  # keys whose item is a window part still to be completed (the last items), in order
+    covers: int | None  # once written, the events of micro-batches up to this one are covered
 
 
 class Settler:
@@ -122,9 +122,10 @@ class Settler:
                  send_snapshots: Callable[[Snapshots], Awaitable[Any] | None],
                  ack: Callable[[list[Any]], Awaitable[None]], assignment: Callable[[], Any]):
         self._publish, self._send_snapshots, self._ack, self._assignment = publish, send_snapshots, ack, assignment
-        self._queue: asyncio.Queue[tuple[Published | None, Snapshots | None, list[Any]] | None] = \
+        self._queue: asyncio.Queue[tuple[Published | None, Snapshots | None, list[Any], int] | None] = \
             asyncio.Queue(maxsize=SETTLING_MAX)
-        self._unacked: list[Any] = []  # settled events not covered by a written snapshot yet
+        # Settled micro-batches (number, events) whose events no written snapshot covers yet.
+        self._unacked: deque[tuple[int, list[Any]]] = deque()
         # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
         # covers: under a backlog up to WRITES_IN_FLIGHT stay out while the next batches settle.
         self._writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
@@ -135,22 +136,25 @@ class Settler:
         if self._task.done() and not self._task.cancelled():
             self._task.result()
 
-    async def put(self, published: Published | None, snapshots: Snapshots | None, events: list[Any]) -> None:
-        """Hands over a judged batch (its alerts sent), its snapshots (if collected) and its events."""
+    async def put(self, published: Published | None, snapshots: Snapshots | None, events: list[Any],
+                  batch: int = -1) -> None:
+        """Hands over a judged micro-batch (its alerts sent) numbered ``batch``, with its events, and
+        the snapshots collected at its end (if any)."""
         self.check()
         if self._queue.full():  # the broker is behind: wait, but not past the settler's failure
-            put = asyncio.ensure_future(self._queue.put((published, snapshots, events)))
+            put = asyncio.ensure_future(self._queue.put((published, snapshots, events, batch)))
             await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
             if not put.done():
                 put.cancel()
                 self.check()
             return
-        self._queue.put_nowait((published, snapshots, events))
+        self._queue.put_nowait((published, snapshots, events, batch))
 
     def unsettled(self) -> int:
         """Events handed over and not acked yet."""
         return (sum(len(item[2]) for item in self._queue._queue if item is not None)  # type: ignore[attr-defined]
-                + len(self._unacked) + sum(len(covered) for _, covered in self._writing))
+                + sum(len(events) for _, events in self._unacked)
+                + sum(len(covered) for _, covered in self._writing))
 
     async def close(self) -> None:
         """Settles everything handed over (raises if that fails) and stops."""
@@ -168,15 +172,19 @@ class Settler:
             if item is None:
                 await self._settle_writes(wait=True)
                 return
-            published, snapshots, events = item
-            self._unacked.extend(events)
+            published, snapshots, events, batch = item
+            unacked = self._unacked
+            if events:
+                unacked.append((batch, events))
             if published is not None:
                 await self._publish(published)
             if snapshots is not None:
                 sent = self._send_snapshots(snapshots)
-                if sent is not None or self._unacked:
-                    self._writing.append((sent, self._unacked))
-                    self._unacked = []
+                covered: list[Any] = []
+                while unacked and snapshots.covers is not None and unacked[0][0] <= snapshots.covers:
+                    covered.extend(unacked.popleft()[1])
+                if sent is not None or covered:
+                    self._writing.append((sent, covered))
             # Nothing behind: wait for the writes now, so that the offsets are committed soon.
             await self._settle_writes(wait=queue.empty())
 
@@ -359,26 +367,37 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     detector.windows.restore = restore
     store.on_evict_key = tombstone
 
-    def collect_windows() -> Snapshots:
-        """The window part of the snapshots of the keys touched since the last call, as they stand now:
-        at a batch boundary, before the next batch's events enter the windows. :func:`complete`
-        adds each key's incident and threshold state once the batch is judged."""
+    def collect_windows(sealed_by: float | None = None) -> Snapshots | None:
+        """The window part of the snapshots of the changed keys that are due (those first changed by
+        micro-batches sealed by ``sealed_by``; all with None), as they stand now: at a batch boundary,
+        before the next batch's events enter the windows. :func:`complete` adds each key's incident
+        and threshold state once the batch is judged. None when nothing is due."""
+        windows = detector.windows
+        if sealed_by is None:
+            covers = windows.newest_sealed
+            touched = windows.drain_touched()
+        else:
+            touched, covers = windows.drain_sealed(sealed_by)
+        if not touched and covers is None and not tombstones:
+            return None
         items: list[tuple[bytes, bytes | None, int]] = [(key, None, partition) for key, partition in tombstones]
         tombstones.clear()
         keys: list[str] = []
         min_events = settings.state_min_events
         window_snapshot, position = store.snapshot, store.position
-        for key, slot in detector.windows.drain_touched().items():
+        for key, slot in touched.items():
             # Not evicted since; and a key's very first event is not worth a changelog write (a flood
             # of one-off keys would double the traffic): at worst one event is missing from its window.
             if store.slot_of(key) == slot and store.count(slot) >= min_events:
                 keys.append(key)
                 items.append((key.encode(), window_snapshot(slot), position(slot)[0]))
                 store.mark_persisted(slot)
-        return Snapshots(items, len(revocations), keys)
+        return Snapshots(items, len(revocations), keys, covers)
 
-    def complete(snapshots: Snapshots) -> Snapshots:
+    def complete(snapshots: Snapshots | None) -> Snapshots | None:
         """Adds the key state (after the batch's thresholds and incidents) to collected windows."""
+        if snapshots is None:
+            return None
         key_state = detector.key_state
         items = snapshots.items
         first = len(items) - len(snapshots.keys)  # the tombstones come first
@@ -388,13 +407,15 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         snapshots.keys = []
         return snapshots
 
-    def collect_snapshots() -> Snapshots:
-        """Whole snapshots of the keys touched since the last call (a batch boundary: after the batch's
-        thresholds and incidents, before the next batch's events)."""
+    def collect_snapshots() -> Snapshots | None:
+        """Whole snapshots of every changed key (at a batch boundary: after the batch's thresholds and
+        incidents, before the next batch's events)."""
         return complete(collect_windows())
 
-    def send_snapshots(snapshots: Snapshots) -> Awaitable[Any] | None:
+    def send_snapshots(snapshots: Snapshots | None) -> Awaitable[Any] | None:
         """Sends snapshots once the alerts they follow are acknowledged; None if there were none."""
+        if snapshots is None:
+            return None
         revoked = set().union(*revocations[snapshots.revocations:])
         sent = out.group()
         for key, value, partition in snapshots.items:
@@ -426,7 +447,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         waiting): while batch k is scored on the inference thread, the loop judges batch k-1 and
         sends its alerts.
 
-        Per batch: the touched keys' windows are snapshotted (before the next batch's events enter
+        Per batch: the due keys' windows are snapshotted (before the next batch's events enter
         them); the next batch, if one is already there, is windowed and queued for the model; this
         batch's scores are awaited and judged (thresholds, incidents), its snapshots completed with
         the keys' incident and threshold state, and its alerts sent. The settler then awaits them,
@@ -435,7 +456,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         """
         loop = asyncio.get_running_loop()
         # Adaptive batches leave acks to us: a batch is acked once the snapshots covering it are
-        # written (every `state_flush_s`). Faust's take_events acks each batch itself, so with it
+        # written (its keys `state_flush_s` after they first changed). Faust's take_events acks each batch itself, so with it
         # snapshots are written after every batch and batches are not pipelined.
         deferred = settings.batch_adaptive
         pipelined = deferred and settings.batch_pipeline
@@ -446,9 +467,18 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         # the loop's path (see `Settler`); the loop counts those not covered by a snapshot yet.
         settler = Settler(publish, send_snapshots, lambda events: ack_events(stream, events),
                           lambda: app.consumer.assignment())
+        concluded = 0  # micro-batches concluded so far: each one's number
+        # (number, events) of concluded batches no collected snapshot covers yet, and their events.
+        uncovered: deque[tuple[int, int]] = deque()
         unflushed = 0
-        last_flush = loop.time()
         flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
+
+        def covered(snapshots: Snapshots | None) -> Snapshots | None:
+            nonlocal unflushed
+            if snapshots is not None and snapshots.covers is not None:
+                while uncovered and uncovered[0][0] <= snapshots.covers:
+                    unflushed -= uncovered.popleft()[1]
+            return snapshots
         # Windowing the next batch before this one is judged could evict a key of this batch (least
         # recently used) only when the key limit is within two batches of keys.
         overlap_keys = settings.max_keys >= 4 * settings.batch_max
@@ -456,18 +486,21 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         async def conclude(scoring: Scoring, next_events: list[Any] | None) -> Scoring | None:
             """Finishes ``scoring`` and hands it to the settler; starts ``next_events`` (if any) before
             waiting for the model. Returns the started batch."""
-            nonlocal last_flush, unflushed
-            waiting = len(next_events or ()) + pending_events(stream)
-            # Writes are coalesced only under a backlog: a full micro-batch or more already waiting.
-            # Below that each batch writes its own (measured at 7,800 events/s: p99 event-to-alert 83 ms
-            # writing per batch, 135 to 161 ms coalescing every 0.5 s, whose flushes of every key
-            # touched in the interval stall the loop).
-            backlog = waiting >= settings.batch_max
-            flush = deferred and (not backlog or settings.state_flush_s == 0
-                                  or loop.time() - last_flush >= settings.state_flush_s
-                                  or unflushed + len(scoring.events) >= flush_at_most)
-            # The windows as this batch left them, before the next batch enters them.
-            snapshots = collect_windows() if flush or not deferred else None
+            nonlocal concluded, unflushed
+            concluded += 1
+            number = concluded
+            now = loop.time()
+            detector.windows.seal(number, now)  # the keys this batch changed first
+            uncovered.append((number, len(scoring.events)))
+            unflushed += len(scoring.events)
+            # The windows as this batch left them, before the next batch enters them: those of the keys
+            # first changed `state_flush_s` ago or more (each changed key is written once per interval,
+            # and the writes are spread over the batches; see `FeatureWindows.drain_touched`), or of
+            # every changed key.
+            if not deferred or settings.state_flush_s == 0 or unflushed >= flush_at_most:
+                snapshots = covered(collect_windows())
+            else:
+                snapshots = covered(collect_windows(now - settings.state_flush_s))
             started = None
             if next_events and not detector.model_swap_pending and overlap_keys:
                 # The next batch is windowed and queued for the model now, so the model thread goes on
@@ -483,11 +516,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 await publish(published)
                 send_snapshots(snapshots)  # after the alerts: a snapshot never runs ahead of them
                 return started
-            if snapshots is not None:
-                last_flush, unflushed = loop.time(), 0
-            else:
-                unflushed += len(scoring.events)
-            await settler.put(published, snapshots, scoring.events)
+            await settler.put(published, snapshots, scoring.events, number)
             return started
 
         scoring: Scoring | None = None
@@ -497,9 +526,8 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     scoring = await conclude(scoring, events)  # and starts this batch
                 elif events:
                     scoring = start(events)
-                elif deferred and unflushed:  # gone quiet: write what is touched, ack what it covers
-                    last_flush, unflushed = loop.time(), 0
-                    await settler.put(None, collect_snapshots(), [])
+                elif deferred and unflushed:  # gone quiet: write every changed key, ack what it covers
+                    await settler.put(None, covered(collect_snapshots()), [])
                 elif deferred:
                     settler.check()
                 # Kept in flight only when pipelining under a backlog: a full batch already there to overlap
@@ -514,7 +542,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 while scoring is not None:
                     scoring = await conclude(scoring, None)
                 if deferred and unflushed:
-                    await settler.put(None, collect_snapshots(), [])
+                    await settler.put(None, covered(collect_snapshots()), [])
                 await settler.close()
 
             try:  # a clean stop: leave nothing to re-deliver

@@ -334,3 +334,23 @@ def test_redelivered_records_already_in_a_restored_window_are_not_applied_twice(
     assert [d.event.event_id for d in decisions] == ["k-6"]
     expected = [values("k", j) for j in range(3, 7)]
     np.testing.assert_array_equal(scorer.calls[0][0], np.float32(expected))
+
+
+def test_changed_keys_are_due_by_the_generation_they_first_changed_in(artifact):
+    detector, _ = make_detector(artifact)
+    windows = detector.windows
+    detector.prepare([record("a", 0), record("b", 0)])
+    windows.seal(1, now=10.0)
+    detector.prepare([record("c", 0), record("a", 1)])  # a is still due with batch 1's keys
+    windows.seal(2, now=11.0)
+    assert windows.newest_sealed == 2
+
+    due, through = windows.drain_sealed(10.5)
+    assert (sorted(due), through) == (["a", "b"], 1)
+    assert windows.drain_sealed(10.5) == ({}, None)  # nothing else sealed by then
+    detector.prepare([record("a", 2)])  # written already: a changes again, in the open generation
+    due, through = windows.drain_sealed(11.0)
+    assert (sorted(due), through) == (["c"], 2)
+    assert windows.newest_sealed is None
+    assert sorted(windows.drain_touched()) == ["a"]  # every changed key, sealed or not
+    assert windows.drain_touched() == {}

@@ -57,8 +57,8 @@ def _published(name: str) -> Published:
     return Published(sent=None, messages=[name], dead_letters=0)  # type: ignore[arg-type]
 
 
-def _snapshots(name: str) -> Snapshots:
-    return Snapshots(items=[(name.encode(), b"w", 0)], revocations=0, keys=[])
+def _snapshots(name: str, covers: int | None) -> Snapshots:
+    return Snapshots(items=[(name.encode(), b"w", 0)], revocations=0, keys=[], covers=covers)
 
 
 async def _settle() -> None:
@@ -70,8 +70,8 @@ def test_snapshots_wait_for_the_alerts_before_them_and_events_for_the_snapshots_
     async def main() -> list[str]:
         broker = Broker()
         settler = broker.settler()
-        await settler.put(_published("b1"), None, [_event(0, 1)])
-        await settler.put(_published("b2"), _snapshots("s2"), [_event(0, 2)])
+        await settler.put(_published("b1"), None, [_event(0, 1)], 1)
+        await settler.put(_published("b2"), _snapshots("s2", 2), [_event(0, 2)], 2)
         await _settle()
         assert broker.log == ["awaiting alerts b1"]  # the loop was not held up: both handed over
         broker.ack("alerts b1")
@@ -97,8 +97,8 @@ def test_a_batch_whose_alerts_are_acknowledged_first_still_settles_after_the_one
     async def main() -> list[str]:
         broker = Broker()
         settler = broker.settler()
-        await settler.put(_published("b1"), _snapshots("s1"), [_event(0, 1)])
-        await settler.put(_published("b2"), _snapshots("s2"), [_event(0, 2)])
+        await settler.put(_published("b1"), _snapshots("s1", 1), [_event(0, 1)], 1)
+        await settler.put(_published("b2"), _snapshots("s2", 2), [_event(0, 2)], 2)
         await _settle()
         assert "alerts b2" not in broker.pending  # not looked at before b1 is settled
         broker.ack("alerts b1")
@@ -115,11 +115,32 @@ def test_a_batch_whose_alerts_are_acknowledged_first_still_settles_after_the_one
     assert log.index("acked events 1") < log.index("acked events 2")
 
 
+def test_a_write_covering_only_earlier_batches_leaves_the_later_batches_events_unacked():
+    async def main() -> list[str]:
+        broker = Broker()
+        settler = broker.settler()
+        await settler.put(None, None, [_event(0, 1)], 1)
+        await settler.put(None, _snapshots("s2", 1), [_event(0, 2)], 2)  # written at batch 2's end, due: batch 1's keys
+        await _settle()
+        broker.ack("snapshots s2")
+        await _settle()
+        assert broker.log[-1] == "acked events 1"
+        assert settler.unsettled() == 1  # batch 2's keys are not written yet
+        await settler.put(None, _snapshots("s3", 3), [_event(0, 3)], 3)
+        await _settle()
+        broker.ack("snapshots s3")
+        await settler.close()
+        assert settler.unsettled() == 0
+        return broker.log
+
+    assert asyncio.run(main())[-1] == "acked events 2,3"
+
+
 def test_events_of_partitions_revoked_before_they_are_acked_are_not_acked():
     async def main() -> list[str]:
         broker = Broker()
         settler = broker.settler()
-        await settler.put(None, _snapshots("s1"), [_event(0, 1), _event(1, 7)])
+        await settler.put(None, _snapshots("s1", 1), [_event(0, 1), _event(1, 7)], 1)
         await _settle()
         broker.assigned = {("in", 0)}
         broker.ack("snapshots s1")
@@ -136,9 +157,9 @@ def test_the_loop_waits_only_once_the_settling_limit_is_reached(monkeypatch):
         broker = Broker()
         settler = broker.settler()
         for i in range(3):  # one being settled, two waiting
-            await settler.put(_published(f"b{i}"), None, [_event(0, i)])
+            await settler.put(_published(f"b{i}"), None, [_event(0, i)], i)
             await _settle()
-        blocked = asyncio.ensure_future(settler.put(_published("b3"), None, [_event(0, 3)]))
+        blocked = asyncio.ensure_future(settler.put(_published("b3"), None, [_event(0, 3)], 3))
         await _settle()
         assert not blocked.done()
         broker.ack("alerts b0")
@@ -156,13 +177,13 @@ def test_an_alert_the_broker_refuses_stops_the_settler_and_reaches_the_loop():
     async def main() -> None:
         broker = Broker()
         settler = broker.settler()
-        await settler.put(_published("b1"), _snapshots("s1"), [_event(0, 1)])
+        await settler.put(_published("b1"), _snapshots("s1", 1), [_event(0, 1)], 1)
         await _settle()
         broker.ack("alerts b1", RuntimeError("alert not delivered"))
         await _settle()
         assert "sent snapshots s1" not in broker.log  # nothing written past an alert that is not there
         with pytest.raises(RuntimeError, match="alert not delivered"):
-            await settler.put(_published("b2"), None, [_event(0, 2)])
+            await settler.put(_published("b2"), None, [_event(0, 2)], 2)
         assert settler.unsettled() == 1
 
     asyncio.run(main())
@@ -174,10 +195,10 @@ def test_a_full_settler_whose_alert_is_refused_does_not_leave_the_loop_waiting(m
     async def main() -> None:
         broker = Broker()
         settler = broker.settler()
-        await settler.put(_published("b1"), None, [_event(0, 1)])
+        await settler.put(_published("b1"), None, [_event(0, 1)], 1)
         await _settle()
-        await settler.put(_published("b2"), None, [_event(0, 2)])
-        blocked = asyncio.ensure_future(settler.put(_published("b3"), None, [_event(0, 3)]))
+        await settler.put(_published("b2"), None, [_event(0, 2)], 2)
+        blocked = asyncio.ensure_future(settler.put(_published("b3"), None, [_event(0, 3)], 3))
         await _settle()
         broker.ack("alerts b1", RuntimeError("alert not delivered"))
         with pytest.raises(RuntimeError, match="alert not delivered"):
