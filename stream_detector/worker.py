@@ -37,10 +37,11 @@ the input): one write per busy key per interval, not per batch, spread over the 
 broker has the snapshots covering a batch (every key changed up to its end), its input events are
 acked; the next batches are handled while the writes are in flight, up to ``WRITES_IN_FLIGHT``.
 A crash re-delivers the events not yet acked, which the restored windows take again. Faust
-restores the changelog of newly assigned partitions before the agent resumes, and a key's window is taken from it the first time the key is seen. Each snapshot records the
-offset of the key's last event, so records redelivered after a crash are recognised and not
-appended twice; since snapshots are written only after the alerts they follow, a recognised record
-has already been scored and alerted.
+restores the changelog of newly assigned partitions before the agent resumes, and a key's window
+is taken from it the first time the key is seen. Each snapshot records the offset of the key's
+last event, so records redelivered after a crash are recognised and not appended twice; since
+snapshots are written only after the alerts they follow, a recognised record has already been
+scored and alerted.
 """
 
 from __future__ import annotations
