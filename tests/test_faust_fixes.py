@@ -70,3 +70,60 @@ def test_install_is_idempotent_and_uninstall_restores_modes_resume():
     assert FlowControlEvent.resume is patched is not original
     faust_fixes.uninstall()
     assert FlowControlEvent.resume is original
+
+
+class _Recovery:
+    def __init__(self, started: float):
+        self.in_recovery = True
+        self._recovery_started_at = started
+        self._active_events_received_at: dict = {}
+        self.active_tps = {("log", 0), ("log", 1), ("log", 2), ("log", 3)}
+        # Last offsets on the broker and last offsets applied: 0 is restored, 3 is empty.
+        self.active_highwaters = {("log", 0): 9, ("log", 1): 12, ("log", 2): 40, ("log", 3): -1}
+        self.active_offsets = {("log", 0): 9, ("log", 2): 17}
+
+
+class _Consumer:
+    def __init__(self):
+        self.resumed: set = set()
+        self.sought: dict = {}
+
+    def assignment(self) -> set:
+        return {("log", 0), ("log", 1), ("log", 2), ("log", 3)}
+
+    def resume_partitions(self, tps: set) -> None:
+        self.resumed |= tps
+
+    async def seek_wait(self, offsets: dict) -> None:
+        self.sought.update(offsets)
+
+
+def _app(started: float):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(tables=SimpleNamespace(recovery=_Recovery(started)), consumer=_Consumer())
+
+
+def test_a_changelog_partition_whose_restore_stalls_is_read_again_from_its_next_unread_offset():
+    app = _app(started=100.0)
+    app.tables.recovery._active_events_received_at[("log", 2)] = 101.0  # then nothing more
+    reread = asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=105.0, stall_s=10.0))
+    assert reread == [] and app.consumer.sought == {}  # not stalled for long enough yet
+
+    reread = asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=111.5, stall_s=10.0))
+    # 1 never got a record (from its start), 2 stopped after offset 17; 0 is restored, 3 is empty.
+    assert sorted(reread) == [("log", 1), ("log", 2)]
+    assert app.consumer.sought == {("log", 1): 0, ("log", 2): 18}
+    assert app.consumer.resumed == {("log", 1), ("log", 2)}
+
+    app.consumer.sought.clear()
+    assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=115.0, stall_s=10.0)) == []  # just retried
+    assert sorted(asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=122.0, stall_s=10.0))) == [
+        ("log", 1), ("log", 2)]
+
+
+def test_nothing_is_read_again_outside_a_recovery():
+    app = _app(started=100.0)
+    app.tables.recovery.in_recovery = False
+    assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=500.0)) == []
+    assert app.consumer.sought == {}

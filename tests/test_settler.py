@@ -205,3 +205,22 @@ def test_a_full_settler_whose_alert_is_refused_does_not_leave_the_loop_waiting(m
             await asyncio.wait_for(blocked, 1.0)
 
     asyncio.run(main())
+
+
+def test_events_fetched_before_a_rebalance_are_not_acked_into_the_next_generation():
+    """The partition came back to this worker: Faust re-delivers those events from the committed offset."""
+    async def main() -> list[str]:
+        broker = Broker()
+        generation = [1]
+        settler = Settler(broker.publish, broker.send_snapshots, broker.ack_events, lambda: broker.assigned,
+                          lambda: generation[0])
+        old, new = _event(0, 1), _event(0, 2)
+        old.message.generation_id, new.message.generation_id = 1, 2
+        await settler.put(None, _snapshots("s1", 2), [old, new], 2)
+        await _settle()
+        generation[0] = 2  # a rebalance: partition 0 revoked and assigned again
+        broker.ack("snapshots s1")
+        await settler.close()
+        return broker.log
+
+    assert asyncio.run(main())[-1] == "acked events 2"

@@ -1,4 +1,5 @@
-"""A fix to faust-streaming's rebalance recovery that loses events: installed in every worker.
+"""Fixes to faust-streaming's rebalance recovery, used by every worker: a race that loses events
+(below), and a restore that stalls for ever (:func:`reread_stalled_changelogs`).
 
 **The race.** At the end of a rebalance, Faust's table recovery (``Recovery._resume_streams`` and
 the end of ``Recovery._restart_recovery``) does, in this order:
@@ -73,3 +74,47 @@ def uninstall() -> None:
     if _original_resume is not None:
         FlowControlEvent.resume = _original_resume
         _original_resume = None
+
+
+# A changelog partition being restored that has had no record for this long, while its high
+# watermark says there are records left to read, is read again from where its restore stands.
+RECOVERY_STALL_S = 10.0
+
+
+async def reread_stalled_changelogs(app: Any, now: float, stall_s: float = RECOVERY_STALL_S) -> list[Any]:
+    """Seeks every stalled changelog partition of a table recovery back to its next unread offset.
+
+    Why: now and then a recovery never receives the records of a changelog partition the worker
+    kept through a rebalance (faust-streaming issues #74 and #155). Its restore then waits for
+    ever ("No event received for active tp ... since recovery start", every 5 s), and so do the
+    input partitions behind it. Seen on the two-worker rebalance test, about once in 15 runs; the
+    fetcher was running and the broker had the records. Reading the partition again from the
+    offset after the last record the recovery applied (the start, when it applied none) gets
+    them, and a record applied twice only puts the same snapshot again. ``now`` is
+    ``time.monotonic()``, Faust's recovery clock. Returns the partitions sought back.
+    """
+    recovery = app.tables.recovery
+    started = getattr(recovery, "_recovery_started_at", None)
+    if not recovery.in_recovery or started is None:
+        return []
+    received = recovery._active_events_received_at
+    reread = recovery.__dict__.setdefault("_stream_detector_reread_at", {})  # our attempts, per partition
+    assigned = app.consumer.assignment()
+    stalled = {}
+    for tp in list(recovery.active_tps):
+        highwater = recovery.active_highwaters.get(tp)
+        applied = recovery.active_offsets.get(tp, -1)
+        if tp not in assigned or highwater is None or highwater < 0 or applied >= highwater:
+            continue  # not ours any more, empty, or restored
+        if now - max(received.get(tp, started), reread.get(tp, started), started) < stall_s:
+            continue
+        stalled[tp] = max(applied + 1, 0)
+    if stalled:
+        log.warning("table recovery stalled on %s (no record for %.0f s, records left): reading them again "
+                    "from offsets %s", sorted(map(tuple, stalled)), stall_s,
+                    {tuple(tp): offset for tp, offset in stalled.items()})
+        for tp in stalled:
+            reread[tp] = now  # a fresh interval before the next attempt
+        app.consumer.resume_partitions(set(stalled))
+        await app.consumer.seek_wait(stalled)
+    return list(stalled)
