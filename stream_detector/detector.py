@@ -112,7 +112,7 @@ class FeatureWindows:
         self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
         # Keys changed since their last snapshot (-> slot). Each becomes due to be written a while
         # after it first changed: the keys first changed by one micro-batch are sealed into that batch's
-        # generation, and generations are drained oldest first (see :meth:`drain_touched`).
+        # generation, and generations are drained oldest first (see :meth:`drain_sealed`).
         self.touched: dict[str, int] = {}
         self._fresh: list[str] = []  # keys first changed since the last seal, in order
         self._generations: deque[tuple[float, Any, list[str]]] = deque()  # (sealed at, tag, keys)

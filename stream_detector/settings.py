@@ -96,9 +96,9 @@ class Settings:
                       "changed (at the next micro-batch boundary; at once after 0.1 s without events), so a busy "
                       "key is written once per interval, not once per micro-batch, and the writes are spread over "
                       "the batches. Input offsets are acked once the snapshots covering them are written. "
-                      "0: after every micro-batch, every key it changed. Probe at 12,000 events/s over 2,000 keys, 3 "
-                      "runs each: p99 event-to-alert 143 to 358 ms at 0.5 s, 113 to 130 ms at 1 s. A crash re-delivers at most about this "
-                      "much more (offsets are committed every second anyway); restored windows take it again."),
+                      "0: after every micro-batch, every key it changed. Probe at 12,000 events/s over 2,000 keys, "
+                      "3 runs each: p99 event-to-alert 143 to 358 ms at 0.5 s, 113 to 130 ms at 1 s. A crash "
+                      "re-delivers at most about this much more (offsets are committed every second anyway); restored windows take it again."),
     )
     max_message_bytes: int = field(
         default=1_000_000, metadata=_doc("Larger messages are dead-lettered with reason `oversized`.")

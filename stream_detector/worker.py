@@ -523,7 +523,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             unflushed += len(scoring.events)
             # The windows as this batch left them, before the next batch enters them: those of the keys
             # first changed `state_flush_s` ago or more (each changed key is written once per interval,
-            # and the writes are spread over the batches; see `FeatureWindows.drain_touched`), or of
+            # and the writes are spread over the batches; see `FeatureWindows.drain_sealed`), or of
             # every changed key.
             if not deferred or settings.state_flush_s == 0 or unflushed >= flush_at_most:
                 snapshots = covered(collect_windows())
