@@ -805,6 +805,8 @@ FAST_PATH = [
                                   "changed after every batch (the old behaviour below a backlog)", "before"),
     ("detector_flush_500ms", "`state_flush_s=1` (was 0.5): each changed key written 1 s after it first changed",
      "before"),
+    ("detector_switch_500us", "`gil_switch_interval_s=0.0001` (was 0.0005): threads wait less for the GIL",
+     "before"),
     ("detector_no_changelog", "not a change: what the window-state changelog costs (no snapshot writes)", "option"),
 ]
 
@@ -872,6 +874,8 @@ PIPELINE_LABELS = [
     ("detector_stride4", "(b) with `score_stride=4` on every key (`hot_key_rate=0`)"),
     ("detector_unpipelined", "(b) finishing each micro-batch before windowing the next (`batch_pipeline=false`): "
                              "before"),
+    ("detector_switch_500us", "(b) with a 0.5 ms GIL switch interval (`gil_switch_interval_s=0.0005`): before"),
+    ("per_event_switch_500us", "(c) with a 0.5 ms GIL switch interval (`gil_switch_interval_s=0.0005`): before"),
 ]
 
 FAUST_CONSUMER = {"consumer_fast_path": "false", "stream_buffer_max": "4096", "fetch_max_wait_ms": "1500"}
@@ -888,6 +892,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "detector_flush_250ms": {"settings": {"state_flush_s": "0.25"}},
     "detector_stride4": {"settings": {"score_stride": "4"}},
     "detector_unpipelined": {"settings": {"batch_pipeline": "false"}},
+    "detector_switch_500us": {"settings": {"gil_switch_interval_s": "0.0005"}},
+    "per_event_switch_500us": {"settings": {"batch_max": "1", "gil_switch_interval_s": "0.0005"}, "backlog": "c"},
     # Faust's consumer as it comes: its per-event delivery tasks, 4,096-event stream buffer, 1.5 s fetch wait.
     "detector_faust_consumer": {"settings": FAUST_CONSUMER},
     "faust_ceiling_faust_consumer": {"variant": "faust-ceiling", "settings": FAUST_CONSUMER},

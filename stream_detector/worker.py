@@ -723,11 +723,14 @@ def run_worker(settings: Settings) -> None:
     # walked again in the older ones. Measured at 12,000 events/s (20 s): 145 collections over 3 ms,
     # about 1.0 s of the loop in total (gen-2 ones 15 to 52 ms each) at (700, 10, 10); 2 at these.
     gc.set_threshold(50_000, 20, 100)
-    # The inference thread takes the GIL back after each model call and each array step around it;
-    # while the event loop runs Python it waits up to the switch interval (5 ms by default) each
-    # time. Measured, default model, batches of 1,024 beside a busy Python thread: 14,835 windows/s
-    # at 5 ms, 39,550 at 0.5 ms (47,110 alone). The interval applies only while a thread waits.
-    sys.setswitchinterval(0.0005)
+    # The inference thread takes the GIL back after each model call and each array step around it,
+    # and Faust's consumer thread for every fetch; while the event loop runs Python each waits up to
+    # the switch interval (5 ms by default) every time. The interval applies only while a thread
+    # waits. Measured: the model beside a busy Python thread, batches of 1,024: 14,835 windows/s at
+    # 5 ms, 39,550 at 0.5 ms (47,110 alone). End to end under a backlog (benchmark, 2 runs each): at
+    # 0.5 ms the inference thread spent 29 us of wall time per window for 17 us of CPU, and the loop
+    # waited on it 37 % of the time; at 0.1 ms 23 us, and (b) went from 34,252 to 39,259 events/s.
+    sys.setswitchinterval(settings.gil_switch_interval_s)
     try:
         worker.execute_from_commandline()
     finally:
