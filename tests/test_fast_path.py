@@ -386,3 +386,77 @@ def test_the_inference_thread_runs_small_model_calls_on_itself_not_on_a_spinning
     # core on the benchmark machine); the worker's inference thread stays alone.
     assert _threads_started_by_small_model_calls("plain") >= 1
     assert _threads_started_by_small_model_calls("inference_executor") == 0
+
+
+def _ack_fixture(tag: str):
+    """A Faust app's consumer (not started), and messages covering every branch of Faust's ack."""
+    import time
+
+    import faust
+    from faust.types import TP
+    from faust.types.tuples import ConsumerMessage, Message
+
+    app = faust.App(f"bulk-ack-{tag}-{time.time_ns()}", store="memory://", web_enabled=False)
+    app.topics._acking_topics.add("events")
+    consumer = app.consumer
+    tp0, tp1 = TP("events", 0), TP("events", 1)
+    consumer._committed_offset[tp1] = 10  # below this offset a message is already committed
+
+    class Event:
+        def __init__(self, message):
+            self.message = message
+
+    def message(tp, offset, cls=ConsumerMessage, refcount=1):
+        m = cls(tp.topic, tp.partition, offset, 0.0, 0, [], b"k", b"v", None, tp=tp)
+        m.refcount = refcount
+        consumer._unacked_messages.add(m)
+        return m
+
+    messages = [
+        message(tp0, 0), message(tp0, 1), message(tp0, 3),  # a gap: acked offsets are not contiguous
+        message(tp0, 1),  # the same offset again (re-delivered): counted once
+        message(tp1, 9),  # already committed: no bookkeeping
+        message(tp1, 10), message(tp1, 11, refcount=2),  # held twice: the first ack only decrements
+        message(TP("other", 0), 5),  # a topic that is not acked
+        message(tp0, 4, cls=Message),  # not a consumer message: only its flag
+    ]
+    messages[1].acked = True  # acked before: skipped
+    return app, consumer, [Event(m) for m in messages]
+
+
+def _ack_state(consumer, events):
+    return (
+        {tp: list(v) for tp, v in consumer._acked.items() if v},
+        {tp: set(v) for tp, v in consumer._acked_index.items() if v},
+        consumer._n_acked,
+        sorted((m.tp, m.offset) for m in consumer._unacked_messages),
+        [(e.message.acked, e.message.refcount) for e in events],
+    )
+
+
+def test_acks_in_bulk_keep_exactly_the_bookkeeping_of_fausts_per_message_acks():
+    import asyncio
+
+    from faust.types.tuples import ack_lock
+
+    from stream_detector.batching import _bulk_ack_applies, ack_events
+
+    app, consumer, events = _ack_fixture("bulk")
+    assert _bulk_ack_applies(consumer)  # the worker's consumer takes the bulk path
+    stream = type("Stream", (), {"app": app})()
+    asyncio.run(ack_events(stream, events))
+    asyncio.run(ack_events(stream, events))  # a second ack finishes the message held twice
+    bulk = _ack_state(consumer, events)
+
+    app, consumer, events = _ack_fixture("faust")
+    for _ in range(2):
+        with ack_lock:
+            for event in events:
+                event.message.ack(consumer)
+    assert bulk == _ack_state(consumer, events)
+    acked, _, n_acked, unacked, flags = bulk
+    assert {tp.partition: offsets for tp, offsets in acked.items()} == {0: [0, 3, 1], 1: [10, 11]}
+    assert n_acked == 5
+    # still unacked: the one acked before, the plain message, the committed one, the other topic's
+    assert [(tp.topic, offset) for tp, offset in unacked] == [("events", 1), ("events", 4), ("events", 9), ("other", 5)]
+    assert flags == [(True, 0), (True, 1)] + [(True, 0)] * 7  # the one acked before was left as it was
