@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncGenerator, AsyncIterator, List
 
+from faust.transport.consumer import Consumer
 from faust.types import EventT
 from faust.types.tuples import ConsumerMessage, Message, ack_lock
 from mode.utils.futures import maybe_async, notify
@@ -177,14 +178,15 @@ async def ack_events(stream: Any, events: List[Any]) -> None:
     app = stream.app
     consumer = app.consumer
     sensors = app.sensors
-    if not sensors._sensors and _bulk_ack_applies(consumer):
+    has_sensors = bool(sensors._sensors)
+    if not has_sensors and _bulk_ack_applies(consumer):
         _ack_in_bulk(app, consumer, events)
         return
     with ack_lock:  # held once for the batch (it is re-entrant; each message's ack takes it too)
         for event in events:
             message = event.message
             final = message.ack(consumer)
-            if sensors._sensors:
+            if has_sensors:
                 sensors.on_stream_event_out(message.tp, message.offset, stream, event)
                 if final:
                     sensors.on_message_out(message.tp, message.offset, message)
@@ -192,7 +194,7 @@ async def ack_events(stream: Any, events: List[Any]) -> None:
 
 def _bulk_ack_applies(consumer: Any) -> bool:
     """True when Faust's own per-message ack path is in place (nothing overrides a step of it)."""
-    return (type(consumer).ack is _faust_consumer_ack() and Message.ack is _MESSAGE_ACK
+    return (type(consumer).ack is _CONSUMER_ACK and Message.ack is _MESSAGE_ACK
             and Message.decref is _MESSAGE_DECREF and ConsumerMessage.on_final_ack is _FINAL_ACK)
 
 
@@ -219,9 +221,10 @@ def _ack_in_bulk(app: Any, consumer: Any, events: List[Any]) -> None:
                 refcount = message.refcount = max(message.refcount - 1, 0)
                 if refcount:
                     continue  # another holder (a second stream) still has it
+                if type(message).on_final_ack is not _FINAL_ACK:
+                    message.on_final_ack(consumer)  # not a consumer message's (a plain Message's: the flag)
+                    continue
                 message.acked = True
-                if type(message) is not ConsumerMessage:
-                    continue  # Message.on_final_ack: only the flag
                 topic = message.topic
                 acking = enabled.get(topic)
                 if acking is None:
@@ -244,12 +247,7 @@ def _ack_in_bulk(app: Any, consumer: Any, events: List[Any]) -> None:
                 notify(consumer._waiting_for_ack)
 
 
-def _faust_consumer_ack() -> Any:
-    from faust.transport.consumer import Consumer
-
-    return Consumer.ack
-
-
+_CONSUMER_ACK = Consumer.ack
 _MESSAGE_ACK = Message.ack
 _MESSAGE_DECREF = Message.decref
 _FINAL_ACK = ConsumerMessage.on_final_ack

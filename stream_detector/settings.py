@@ -75,8 +75,8 @@ class Settings:
     gil_switch_interval_s: float = field(
         default=0.0001, metadata=_doc("Python's thread switch interval in the worker (`sys.setswitchinterval`; "
                                       "Python: 0.005): how long the inference and Kafka threads may wait for the "
-                                      "GIL while the event loop runs Python. Measured on 2 cores: 34,252 "
-                                      "events/s at 0.0005, 39,259 at 0.0001.")
+                                      "GIL while the event loop runs Python. Benchmark (b) on 2 cores: "
+                                      "36,421 events/s at 0.0005, 42,773 at 0.0001.")
     )
     batch_max: int = field(default=1024, metadata=_doc("Most events gathered into one micro-batch."))
     batch_within_s: float = field(
