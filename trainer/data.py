@@ -24,10 +24,10 @@ class CsvSpec:
     """How to read a CSV: all names are flags of ``trainer train`` and ``trainer evaluate``."""
 
     sep: str = ","
-    key_column: str | None = None  # None: one key per file (the file's stem)
+    key_column: str | None = None  # None: one key per file (trainer.data.file_keys)
     time_column: str | None = None  # None: guessed from TIME_COLUMN_GUESSES
     label_column: str | None = None
-    id_column: str | None = None  # None: file stem + row number
+    id_column: str | None = None  # None: the file's key + row number
     fields: Sequence[str] | None = None  # sensors: None = every numeric column left over
     exclude: Sequence[str] = ()
     amount_column: str = "amount"
@@ -62,6 +62,30 @@ def expand_paths(paths: Iterable[str]) -> list[str]:
             if not matched:
                 raise FileNotFoundError(f"no CSV file matches {p!r}")
             out.extend(matched)
+    return out
+
+
+def _bare_name(path: str) -> str:
+    """A file's name without its extensions (``1.csv.gz`` -> ``1``)."""
+    return Path(path).name.split(".")[0]
+
+
+def file_keys(files: Sequence[str]) -> dict[str, str]:
+    """The key of each file's events when no key column is given: its bare name when no other file
+    has the same one, else its path relative to the files' common folder, without extensions
+    (``valve1/1.csv`` and ``valve2/1.csv`` -> ``valve1/1`` and ``valve2/1``), so two files never
+    become one key."""
+    absolute = [os.path.abspath(f) for f in files]
+    if len(set(absolute)) != len(absolute):
+        raise ValueError("the same CSV file is given more than once")
+    names = {f: _bare_name(f) for f in files}
+    counts = Counter(names.values())
+    if all(counts[n] == 1 for n in names.values()):
+        return names
+    root = os.path.commonpath([os.path.dirname(a) for a in absolute])
+    out = {f: (Path(os.path.relpath(a, root)).parent / _bare_name(f)).as_posix() for f, a in zip(files, absolute)}
+    if len(set(out.values())) != len(out):  # a.csv and a.csv.gz side by side
+        raise ValueError("two CSV files differ only by their extensions: " + ", ".join(sorted(files)))
     return out
 
 
@@ -118,16 +142,17 @@ def load_csv(paths: Sequence[str], profile: str | Profile, spec: CsvSpec) -> Loa
     rejected: Counter = Counter()
     keyed: list[tuple[float, int, Event, int]] = []
     seq = 0
+    key_of_file = file_keys([path for path, _, _ in rows_by_file])
     for path, cols, rows in rows_by_file:
         index = {c: i for i, c in enumerate(cols)}
         missing = [c for c in [time_column, *column_of.values(), spec.key_column, spec.label_column, spec.id_column,
                                *spec.extra_columns] if c and c not in index]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(cols)})")
-        stem = Path(path).name.split(".")[0]
+        file_key = key_of_file[path]
         per_key_rows: Counter = Counter()
         for row_no, row in enumerate(rows):
-            key = row[index[spec.key_column]] if spec.key_column else stem
+            key = row[index[spec.key_column]] if spec.key_column else file_key
             n = per_key_rows[key]
             per_key_rows[key] += 1
             if spec.head_rows_per_key is not None and n >= spec.head_rows_per_key:
@@ -136,7 +161,7 @@ def load_csv(paths: Sequence[str], profile: str | Profile, spec: CsvSpec) -> Loa
                 continue
             fields = {name: row[index[col]] if name in identifier_fields else _number(row[index[col]])
                       for name, col in column_of.items()}
-            event_id = row[index[spec.id_column]] if spec.id_column else f"{stem}-{row_no}"
+            event_id = row[index[spec.id_column]] if spec.id_column else f"{file_key}-{row_no}"
             doc = {"key": key, "event_id": event_id, "timestamp": row[index[time_column]], "fields": fields}
             ts = _number(doc["timestamp"])
             if isinstance(ts, float):
