@@ -53,3 +53,16 @@ def test_the_same_file_given_twice_is_refused(tmp_path: Path) -> None:
     other = tmp_path / "z" / "1.csv"
     with pytest.raises(ValueError, match="more than once"):
         file_keys([str(f), str(f), str(other)])
+
+
+def test_a_label_column_is_found_by_name_and_never_read_as_a_channel(tmp_path: Path) -> None:
+    _write_series(tmp_path / "s.csv", 4, 1.0)
+    data = load_csv([str(tmp_path / "s.csv")], "sensors", CsvSpec())
+    assert list(data.profile.feature_names) == ["value"]
+    (tmp_path / "t.csv").write_text("timestamp,value,label\n2026-01-01 00:00:00,1.0,0\n2026-01-01 00:00:01,9.0,1\n")
+    data = load_csv([str(tmp_path / "t.csv")], "sensors", CsvSpec())
+    assert data.labels == [0, 1]
+    # A file without the guessed column reads as unlabelled, not as an error.
+    (tmp_path / "u.csv").write_text("timestamp,value\n2026-01-01 00:00:02,1.0\n")
+    data = load_csv([str(tmp_path / "t.csv"), str(tmp_path / "u.csv")], "sensors", CsvSpec())
+    assert data.labels == [0, 1, 0]

@@ -11,6 +11,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+import numpy as np
+
 from stream_detector.events import parse_timestamp
 from stream_detector.models import MODEL_KINDS
 from stream_detector.profiles import SensorProfile, TransactionProfile
@@ -167,13 +169,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from stream_detector.artifacts import load_artifact
     from stream_detector.scoring import configure_threads
 
-    from .evaluate import evaluate, evaluation_mask, format_table, replay, write_json, write_plots
+    from .evaluate import (
+        evaluate, evaluation_mask, format_nab, format_table, nab_evaluation, replay, window_ids_from_labels,
+        window_ids_from_nab, write_json, write_plots,
+    )
+    from .nab import read_windows
 
     if not args.csv:
         print("trainer: give --csv PATH (a labelled CSV)", file=sys.stderr)
         return 2
-    if not args.label_column:
-        print("trainer: give --label-column (the 0/1 anomaly label)", file=sys.stderr)
+    if not args.label_column and not args.nab_windows:
+        print("trainer: give --label-column (the 0/1 anomaly label) or --nab-windows (NAB's windows JSON)",
+              file=sys.stderr)
+        return 2
+    if not 0 <= args.nab_probation < 1:
+        print("trainer: --nab-probation is a fraction in [0, 1)", file=sys.stderr)
         return 2
     configure_threads(args.threads)
     started = time.perf_counter()
@@ -182,6 +192,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not data.events:
         print("trainer: no valid events in the CSV", file=sys.stderr)
         return 2
+    keys = [e.key for e in data.events]
+    if args.nab_windows:
+        window_ids, matched = window_ids_from_nab(keys, np.array([e.timestamp for e in data.events]),
+                                                  read_windows(args.nab_windows))
+        missing = sorted(set(keys) - set(matched))
+        if missing:
+            print(f"trainer: no series of {args.nab_windows} for key(s) {', '.join(missing[:10])}", file=sys.stderr)
+            return 2
+        data.labels = [int(bool(y) or w >= 0) for y, w in zip(data.labels, window_ids)]
+    else:
+        window_ids = window_ids_from_labels(keys, data.labels)
     policy = None
     if args.global_threshold:
         from stream_detector.thresholds import GlobalThreshold
@@ -192,15 +213,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result.evaluated = evaluation_mask(data.events, args.warmup_rows_per_key, _time_flag(args.eval_from),
                                        _time_flag(args.eval_until))
     metrics = evaluate(result)
+    nab = nab_evaluation(result, window_ids, args.nab_probation)
     print(f"evaluated {artifact.kind} {artifact.version} on {metrics['events']} events of {metrics['keys']} keys "
           f"({metrics['replayed_events']} replayed; threshold policy {result.model['threshold_policy']})")
     print(format_table(metrics))
+    print(format_nab(nab))
     payload = {
         "metrics": metrics,
+        "nab": nab,
         "model": result.model,
         "data": data.describe(),
         "protocol": {"warmup_rows_per_key": args.warmup_rows_per_key, "eval_from": args.eval_from,
-                     "eval_until": args.eval_until,
+                     "eval_until": args.eval_until, "nab_windows": args.nab_windows,
+                     "nab_windows_from": "NAB windows file" if args.nab_windows else "contiguous labelled segments",
                      "unscored_events": "events before their key's window is full are not scored: counted as "
                                         "not alerted, left out of average precision and ROC-AUC"},
         "command": " ".join(sys.argv),
@@ -270,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay but do not evaluate each key's first N events (SKAB: 400, the training part)")
     e.add_argument("--eval-from", help="evaluate events from this time on (ISO-8601 or epoch seconds)")
     e.add_argument("--eval-until", help="evaluate events before this time")
+    e.add_argument("--nab-windows", help="NAB windows JSON (labels/combined_windows.json format): the anomaly "
+                                         "windows of each key (matched by file name); no --label-column needed")
+    e.add_argument("--nab-probation", type=float, default=0.15,
+                   help="NAB score: share of each key's evaluated events not scored (NAB's probationary "
+                        "period, at most 5000 times it: 750 events at 0.15)")
     e.add_argument("--json", help="write the metrics (and what was run) as JSON here")
     e.add_argument("--plots", help="write PNG plots into this directory")
     e.add_argument("--plot-keys", type=int, default=4, help="keys to plot scores of")

@@ -8,7 +8,7 @@ import gzip
 import io
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,6 +17,7 @@ from stream_detector.profiles import Profile, SensorProfile, TransactionProfile
 from stream_detector.synthetic import LabelledEvent
 
 TIME_COLUMN_GUESSES = ("timestamp", "datetime", "time", "TX_DATETIME", "date")
+LABEL_COLUMN_GUESSES = ("label", "anomaly", "is_anomaly")  # never read as a channel unless asked for
 
 
 @dataclass
@@ -26,7 +27,7 @@ class CsvSpec:
     sep: str = ","
     key_column: str | None = None  # None: one key per file (trainer.data.file_keys)
     time_column: str | None = None  # None: guessed from TIME_COLUMN_GUESSES
-    label_column: str | None = None
+    label_column: str | None = None  # None: a column named as in LABEL_COLUMN_GUESSES, if any
     id_column: str | None = None  # None: the file's key + row number
     fields: Sequence[str] | None = None  # sensors: None = every numeric column left over
     exclude: Sequence[str] = ()
@@ -122,6 +123,10 @@ def load_csv(paths: Sequence[str], profile: str | Profile, spec: CsvSpec) -> Loa
     if time_column is None:
         raise ValueError(f"no time column found; pass --time-column (columns: {', '.join(header)})")
 
+    label_column = spec.label_column or next(
+        (c for c in LABEL_COLUMN_GUESSES if c in header and c not in (spec.fields or ())), None)
+    given_label_column = spec.label_column
+    spec = replace(spec, label_column=label_column)
     reserved = {time_column, spec.key_column, spec.label_column, spec.id_column, *spec.exclude}
     if isinstance(profile, SensorProfile):
         column_of = {c: c for c in profile.channels}
@@ -145,7 +150,9 @@ def load_csv(paths: Sequence[str], profile: str | Profile, spec: CsvSpec) -> Loa
     key_of_file = file_keys([path for path, _, _ in rows_by_file])
     for path, cols, rows in rows_by_file:
         index = {c: i for i, c in enumerate(cols)}
-        missing = [c for c in [time_column, *column_of.values(), spec.key_column, spec.label_column, spec.id_column,
+        label_guessed = spec.label_column is not None and spec.label_column != given_label_column
+        missing = [c for c in [time_column, *column_of.values(), spec.key_column,
+                               None if label_guessed else spec.label_column, spec.id_column,
                                *spec.extra_columns] if c and c not in index]
         if missing:
             raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(cols)})")
@@ -171,7 +178,7 @@ def load_csv(paths: Sequence[str], profile: str | Profile, spec: CsvSpec) -> Loa
                 rejected[decoded.reason] += 1
                 continue
             label = 0
-            if spec.label_column:
+            if spec.label_column and spec.label_column in index:
                 raw_label = _number(row[index[spec.label_column]])
                 label = int(bool(raw_label)) if isinstance(raw_label, float) else 0
             extra = tuple(row[index[c]] for c in spec.extra_columns)

@@ -8,6 +8,10 @@ measured offline is what runs online. An event counts as *alerted* when the Dete
 policy judged its window over its key's threshold (``Decision.over``; whether the alert lifecycle
 published a new message for it or folded it into an open incident does not matter here).
 
+With windows of labelled anomalies (contiguous labelled segments of a key, or a NAB windows file),
+:func:`nab_evaluation` adds the NAB scores (:mod:`trainer.nab`), each key's evaluated events as one
+NAB series.
+
 Events of a key before its window is full are not scored: they count as not alerted in the point
 metrics and are left out of the threshold-free ones (average precision, ROC-AUC); the report says
 how many there were. Events can also be replayed only to warm windows and per-key state up without
@@ -33,6 +37,7 @@ from stream_detector.scoring import ModelRunner
 from stream_detector.thresholds import ThresholdPolicy
 
 from .metrics import detection_metrics, precision_recall_curve
+from .nab import PROBATION_PERCENT, PROFILES, Series, nab_scores, normalise, severity_to_anomaly_score
 
 
 @dataclass
@@ -48,12 +53,16 @@ class Replay:
     evaluated: np.ndarray  # bool: counted in the metrics
     model: dict[str, Any] = field(default_factory=dict)
     warming_up: int = 0
+    severity: np.ndarray | None = None  # score / the key's threshold, NaN when not scored
+    published: np.ndarray | None = None  # bool: listed in the event_ids of an alert message the replay produced
 
     def subset(self, mask: np.ndarray) -> "Replay":
         idx = np.flatnonzero(mask)
         return Replay([self.keys[i] for i in idx], self.timestamps[idx], self.labels[idx], self.scores[idx],
                       self.thresholds[idx], self.alerted[idx], self.evaluated[idx], self.model,
-                      int((~np.isfinite(self.scores[idx])).sum()))
+                      int((~np.isfinite(self.scores[idx])).sum()),
+                      None if self.severity is None else self.severity[idx],
+                      None if self.published is None else self.published[idx])
 
 
 def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Event], labels: Sequence[int],
@@ -73,6 +82,17 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
     scores = np.full(n, np.nan)
     thresholds = np.full(n, np.nan)
     alerted = np.zeros(n, dtype=bool)
+    ratio = np.full(n, np.nan)
+    row_of_id = {(e.key, str(e.event_id)): i for i, e in enumerate(events)}
+    reported: set[int] = set()
+
+    def note(message: dict[str, Any] | None) -> None:
+        if message is not None:
+            for event_id in message.get("event_ids", ()):
+                row = row_of_id.get((message["key"], str(event_id)))
+                if row is not None:
+                    reported.add(row)
+
     for start in range(0, n, batch_events):
         chunk = events[start:start + batch_events]
         position = {id(e): start + j for j, e in enumerate(chunk)}
@@ -84,12 +104,19 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
             scores[i] = d.score
             thresholds[i] = d.threshold
             alerted[i] = bool(getattr(d, "over", d.alert is not None))
+            ratio[i] = d.severity if getattr(d, "severity", None) is not None else (
+                d.score / d.threshold if d.threshold > 0 else np.nan)
+            note(d.alert)
+        for message in detector.drain_closed():
+            note(message)
     model = {"kind": artifact.kind, "version": artifact.version, "path": str(artifact.path),
              "window": artifact.window, "features": list(artifact.feature_names),
              "threshold": artifact.metadata.get("threshold", {}),
              "threshold_policy": type(detector.threshold).__name__}
+    published = np.zeros(n, dtype=bool)
+    published[list(reported)] = True
     return Replay([e.key for e in events], np.array([e.timestamp for e in events]), np.asarray(labels, np.int64),
-                  scores, thresholds, alerted, np.ones(n, bool), model, detector.stats.warming_up)
+                  scores, thresholds, alerted, np.ones(n, bool), model, detector.stats.warming_up, ratio, published)
 
 
 def evaluation_mask(events: Sequence[Event], warmup_rows_per_key: int = 0, eval_from: float | None = None,
@@ -121,6 +148,120 @@ def evaluate(result: Replay) -> dict[str, Any]:
     metrics["warming_up_events"] = int((~np.isfinite(result.scores[ev])).sum())
     metrics["replayed_events"] = int(len(result.labels))
     return metrics
+
+
+def window_ids_from_labels(keys: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+    """Per event, the number of its key's contiguous labelled segment (NAB's anomaly window), or -1."""
+    y = np.asarray(labels).astype(bool)
+    ids = np.full(len(y), -1, dtype=np.int64)
+    last_row: dict[str, int] = {}
+    current: dict[str, int] = {}
+    count = 0
+    for i, key in enumerate(keys):
+        if y[i]:
+            previous = last_row.get(key)
+            if previous is None or not y[previous]:
+                current[key] = count
+                count += 1
+            ids[i] = current[key]
+        last_row[key] = i
+    return ids
+
+
+def window_ids_from_nab(keys: Sequence[str], timestamps: np.ndarray, windows: dict[str, list[list[str]]]
+                        ) -> tuple[np.ndarray, dict[str, str]]:
+    """Per event, the number of the NAB window (``labels/combined_windows.json`` format) it falls in, or -1.
+
+    A key takes the windows of the entry whose path without extension is the key or ends with
+    ``/key`` (``realKnownCause/nyc_taxi.csv`` for key ``nyc_taxi``). Window limits are
+    inclusive timestamps (UTC when no zone is given). Returns the ids and the entry each key matched."""
+    from stream_detector.events import parse_timestamp
+
+    entries = {}
+    for name in windows:
+        folder, _, file_name = name.rpartition("/")
+        entries[(folder + "/" if folder else "") + file_name.split(".")[0]] = name
+    ids = np.full(len(keys), -1, dtype=np.int64)
+    key_arr = np.asarray(keys, dtype=object)
+    matched: dict[str, str] = {}
+    count = 0
+    for key in dict.fromkeys(keys):
+        hits = [name for s, name in entries.items() if s == key or s.endswith("/" + key)]
+        if len(hits) > 1:
+            raise ValueError(f"key {key!r} matches several NAB series: {', '.join(hits)}")
+        if not hits:
+            continue
+        matched[key] = hits[0]
+        rows = np.flatnonzero(key_arr == key)
+        t = timestamps[rows]
+        for start, end in windows[hits[0]]:
+            lo, hi = parse_timestamp(str(start)), parse_timestamp(str(end))
+            if lo is None or hi is None:
+                raise ValueError(f"{hits[0]}: unreadable window limits {start!r}, {end!r}")
+            ids[rows[(t >= lo - 1e-6) & (t <= hi + 1e-6)]] = count
+            count += 1
+    return ids, matched
+
+
+def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: float = PROBATION_PERCENT
+                   ) -> dict[str, Any]:
+    """NAB scores of a replay, each key's evaluated events as one NAB series (:mod:`trainer.nab`).
+
+    Two figures per profile: ``anomaly_score``, NAB's usual one, with the threshold optimised over
+    the keys on the detector's severity mapped into [0, 1] (:func:`trainer.nab.severity_to_anomaly_score`);
+    and ``alerts``, the alerts as published (a detection on each event an alert message listed in
+    its ``event_ids``), scored as they stand. Per key, its share at the chosen threshold,
+    normalised against its own windows (keys without a window: the raw cost of its false alarms)."""
+    ev = result.evaluated
+    key_arr = np.asarray(result.keys, dtype=object)
+    severity = result.severity if result.severity is not None else np.where(
+        result.thresholds > 0, result.scores / result.thresholds, np.nan)
+    published = result.published if result.published is not None else np.zeros(len(key_arr), bool)
+    continuous, fixed = [], []
+    for key in dict.fromkeys(key_arr[ev]):
+        rows = np.flatnonzero(ev & (key_arr == key))
+        ids = window_ids[rows]
+        windows = []
+        for i in np.flatnonzero(ids >= 0):
+            if windows and ids[i] == ids[windows[-1][1]] and windows[-1][1] == i - 1:
+                windows[-1] = (windows[-1][0], int(i))
+            else:
+                windows.append((int(i), int(i)))
+        continuous.append(Series(str(key), severity_to_anomaly_score(severity[rows]), windows))
+        fixed.append(Series(str(key), published[rows].astype(np.float64), windows))
+    out: dict[str, Any] = {"probation_percent": probation_percent, "series": len(continuous),
+                           "windows": sum(len(s.windows) for s in continuous)}
+    if not continuous:
+        return out
+    for name, series, threshold in (("anomaly_score", continuous, None), ("alerts", fixed, 1.0)):
+        results = nab_scores(series, PROFILES, threshold=threshold, probation_percent=probation_percent)
+        figure: dict[str, Any] = {}
+        for profile, r in results.items():
+            cost = PROFILES[profile]
+            per_key = {}
+            for s in r.per_series:
+                per_key[s.name] = (normalise(s.score, -cost.fn_weight * s.windows, cost.tp_weight * s.windows)
+                                   if s.windows else s.score)
+            figure[profile] = {"score": r.normalised, "threshold": r.threshold, "raw": r.raw, "null": r.null,
+                               "perfect": r.perfect, "per_series": per_key,
+                               "tp": sum(s.tp for s in r.per_series), "fp": sum(s.fp for s in r.per_series),
+                               "detected_windows": sum(s.detected_windows for s in r.per_series)}
+        out[name] = figure
+    return out
+
+
+def format_nab(nab: dict[str, Any]) -> str:
+    """The NAB part of the printed report."""
+    if "anomaly_score" not in nab:
+        return "  NAB: no evaluated series"
+    head = (f"  NAB score (probation {nab['probation_percent']:.0%} of each key, {nab['series']} series, "
+            f"{nab['windows']} windows)")
+    lines = [head, f"  {'':44s}{'standard':>10s}{'low FP':>10s}{'low FN':>10s}"]
+    for name, label in (("anomaly_score", "severity, threshold optimised by NAB"),
+                        ("alerts", "published alerts, as they stand")):
+        values = [nab[name][p]["score"] for p in ("standard", "reward_low_FP_rate", "reward_low_FN_rate")]
+        lines.append(f"  {label:44s}" + "".join(f"{format_value(v, '{:.2f}'):>10s}" for v in values))
+    return "\n".join(lines)
 
 
 ROWS = (
