@@ -77,7 +77,7 @@ def test_evaluate_reports_nab_scores_from_labelled_segments(univariate_model, ca
     report = json.loads(out.read_text())
     nab = report["nab"]
     assert nab["series"] == 1 and nab["windows"] == 2
-    for figure in ("anomaly_score", "alerts"):
+    for figure in ("anomaly_score", "alerts", "incident_openings"):
         for profile in PROFILES:
             assert math.isfinite(nab[figure][profile]["score"])
     assert nab["alerts"]["standard"]["threshold"] == 1.0
@@ -85,6 +85,9 @@ def test_evaluate_reports_nab_scores_from_labelled_segments(univariate_model, ca
     assert nab["anomaly_score"]["standard"]["detected_windows"] == 2
     assert nab["anomaly_score"]["standard"]["score"] > 50
     assert report["metrics"]["segments"] == 2
+    # Each incident opening is one of the published rows.
+    openings = nab["incident_openings"]["standard"]
+    assert 1 <= openings["tp"] + openings["fp"] <= nab["alerts"]["standard"]["tp"] + nab["alerts"]["standard"]["fp"]
 
 
 def test_evaluate_takes_nab_windows_instead_of_a_label_column(univariate_model, capsys):

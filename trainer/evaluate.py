@@ -55,6 +55,7 @@ class Replay:
     warming_up: int = 0
     severity: np.ndarray | None = None  # score / the key's threshold, NaN when not scored
     published: np.ndarray | None = None  # bool: listed in the event_ids of an alert message the replay produced
+    opened: np.ndarray | None = None  # bool: the first over-threshold window of an incident that was opened
 
     def subset(self, mask: np.ndarray) -> "Replay":
         idx = np.flatnonzero(mask)
@@ -62,7 +63,8 @@ class Replay:
                       self.thresholds[idx], self.alerted[idx], self.evaluated[idx], self.model,
                       int((~np.isfinite(self.scores[idx])).sum()),
                       None if self.severity is None else self.severity[idx],
-                      None if self.published is None else self.published[idx])
+                      None if self.published is None else self.published[idx],
+                      None if self.opened is None else self.opened[idx])
 
 
 def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Event], labels: Sequence[int],
@@ -85,6 +87,7 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
     ratio = np.full(n, np.nan)
     row_of_id = {(e.key, str(e.event_id)): i for i, e in enumerate(events)}
     reported: set[int] = set()
+    openings: set[int] = set()
 
     def note(message: dict[str, Any] | None) -> None:
         if message is not None:
@@ -92,6 +95,10 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
                 row = row_of_id.get((message["key"], str(event_id)))
                 if row is not None:
                     reported.add(row)
+            if message.get("state") == "open":
+                row = row_of_id.get((message["key"], str(message.get("incident", {}).get("first_event_id"))))
+                if row is not None:
+                    openings.add(row)
 
     for start in range(0, n, batch_events):
         chunk = events[start:start + batch_events]
@@ -115,8 +122,11 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
              "threshold_policy": type(detector.threshold).__name__}
     published = np.zeros(n, dtype=bool)
     published[list(reported)] = True
+    opened = np.zeros(n, dtype=bool)
+    opened[list(openings)] = True
     return Replay([e.key for e in events], np.array([e.timestamp for e in events]), np.asarray(labels, np.int64),
-                  scores, thresholds, alerted, np.ones(n, bool), model, detector.stats.warming_up, ratio, published)
+                  scores, thresholds, alerted, np.ones(n, bool), model, detector.stats.warming_up, ratio, published,
+                  opened)
 
 
 def evaluation_mask(events: Sequence[Event], warmup_rows_per_key: int = 0, eval_from: float | None = None,
@@ -207,17 +217,19 @@ def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: fl
                    ) -> dict[str, Any]:
     """NAB scores of a replay, each key's evaluated events as one NAB series (:mod:`trainer.nab`).
 
-    Two figures per profile: ``anomaly_score``, NAB's usual one, with the threshold optimised over
+    Three figures per profile: ``anomaly_score``, NAB's usual one, with the threshold optimised over
     the keys on the detector's severity mapped into [0, 1] (:func:`trainer.nab.severity_to_anomaly_score`);
-    and ``alerts``, the alerts as published (a detection on each event an alert message listed in
-    its ``event_ids``), scored as they stand. Per key, its share at the chosen threshold,
+    ``alerts``, the alerts as published (a detection on each event an alert message listed in
+    its ``event_ids``), scored as they stand; and ``incident_openings``, a detection on the first
+    over-threshold event of each incident that was opened only (what a pager would show). Per key, its share at the chosen threshold,
     normalised against its own windows (keys without a window: the raw cost of its false alarms)."""
     ev = result.evaluated
     key_arr = np.asarray(result.keys, dtype=object)
     severity = result.severity if result.severity is not None else np.where(
         result.thresholds > 0, result.scores / result.thresholds, np.nan)
     published = result.published if result.published is not None else np.zeros(len(key_arr), bool)
-    continuous, fixed = [], []
+    opened = result.opened if result.opened is not None else np.zeros(len(key_arr), bool)
+    continuous, fixed, openings = [], [], []
     for key in dict.fromkeys(key_arr[ev]):
         rows = np.flatnonzero(ev & (key_arr == key))
         ids = window_ids[rows]
@@ -229,11 +241,13 @@ def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: fl
                 windows.append((int(i), int(i)))
         continuous.append(Series(str(key), severity_to_anomaly_score(severity[rows]), windows))
         fixed.append(Series(str(key), published[rows].astype(np.float64), windows))
+        openings.append(Series(str(key), opened[rows].astype(np.float64), windows))
     out: dict[str, Any] = {"probation_percent": probation_percent, "series": len(continuous),
                            "windows": sum(len(s.windows) for s in continuous)}
     if not continuous:
         return out
-    for name, series, threshold in (("anomaly_score", continuous, None), ("alerts", fixed, 1.0)):
+    for name, series, threshold in (("anomaly_score", continuous, None), ("alerts", fixed, 1.0),
+                                    ("incident_openings", openings, 1.0)):
         results = nab_scores(series, PROFILES, threshold=threshold, probation_percent=probation_percent)
         figure: dict[str, Any] = {}
         for profile, r in results.items():
@@ -258,7 +272,8 @@ def format_nab(nab: dict[str, Any]) -> str:
             f"{nab['windows']} windows)")
     lines = [head, f"  {'':44s}{'standard':>10s}{'low FP':>10s}{'low FN':>10s}"]
     for name, label in (("anomaly_score", "severity, threshold optimised by NAB"),
-                        ("alerts", "published alerts, as they stand")):
+                        ("alerts", "published alerts, as they stand"),
+                        ("incident_openings", "incident openings, as they stand")):
         values = [nab[name][p]["score"] for p in ("standard", "reward_low_FP_rate", "reward_low_FN_rate")]
         lines.append(f"  {label:44s}" + "".join(f"{format_value(v, '{:.2f}'):>10s}" for v in values))
     return "\n".join(lines)
