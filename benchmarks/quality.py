@@ -9,15 +9,18 @@ test: it needs the datasets (never copied into the repository) and takes minutes
 
 Protocols (all thresholds are fitted on training data only; no test label is used for fitting):
 
-- SKAB (valve1, 16 experiments, one key per file): per file the first 400 rows are the anomaly-free
-  training part (``--head-rows-per-key 400``), plus ``anomaly-free/anomaly-free.csv`` as more normal
-  training data; the rest is the test part. Test parts are replayed through the worker's detector
-  after their file's training part (which only warms windows and per-key state up), and point
-  metrics are computed over all test parts together.
-- Transactions (fraud handbook simulation, keyed by customer): train on 2018-04-01 .. 2018-05-27
-  (8 weeks), a gap week 2018-05-28 .. 2018-06-03 (replayed, neither trained on nor evaluated: the
-  label delay), test week 2018-06-04 .. 2018-06-10. Unsupervised models train on normal windows;
-  the supervised classifier on labelled windows, with the terminal's fraud rate and fraud recency
+- SKAB (by default valve1, 16 experiments; ``--skab-folder`` picks others, repeatable; one key per
+  file, keyed by its path below the folders' common root when names repeat): per file the first 400
+  rows (``--skab-train-rows``) are the training part; windows holding a labelled row there are left
+  out of fitting (with a warning), as the trainer does. With ``--skab-anomaly-free``,
+  ``anomaly-free/anomaly-free.csv`` is more normal training data. The rest is the test part. Test
+  parts are replayed through the worker's detector after their file's training part (which only
+  warms windows and per-key state up), and point metrics are computed over all test parts together.
+- Transactions (fraud handbook simulation, keyed by customer; ``--tx-csv``): by default train on
+  2018-04-01 .. 2018-05-27 (8 weeks, ``--tx-train``; training windows start at the training start),
+  a gap week 2018-05-28 .. 2018-06-03 (``--tx-gap``; replayed, neither trained on nor evaluated: the
+  label delay), test week 2018-06-04 .. 2018-06-10 (``--tx-test``). Unsupervised models train on
+  normal windows; the supervised classifier on labelled windows, with the terminal's fraud rate and fraud recency
   known 7 days later as upstream enrichment (see ``terminal_context``).
 """
 
@@ -81,9 +84,13 @@ SKAB_PUBLISHED = [
 
 # --- transactions -----------------------------------------------------------------------------
 
-TX_TRAIN = ("2018-04-01", "2018-05-28")  # [start, end)
-TX_GAP = ("2018-05-28", "2018-06-04")
-TX_TEST = ("2018-06-04", "2018-06-11")
+SKAB_FOLDERS = ("valve1",)  # --skab-folder: under <data>/skab/ unless absolute
+SKAB_TRAIN_ROWS = 400  # --skab-train-rows: each file's head, the training part
+
+TX_CSV = "transactions/transactions-2018Q2.csv.gz"  # --tx-csv, under <data>/ unless absolute
+TX_TRAIN = ("2018-04-01", "2018-05-28")  # --tx-train START END: [start, end)
+TX_GAP = ("2018-05-28", "2018-06-04")  # --tx-gap
+TX_TEST = ("2018-06-04", "2018-06-11")  # --tx-test
 TX_WINDOW = 16
 TX_QUANTILE = 0.99
 TX_MAX_TRAIN = 60_000
@@ -213,21 +220,29 @@ def baseline_rows(profile: Profile, window: int, train_events: Sequence[Event], 
 # --- SKAB ---------------------------------------------------------------------------------------
 
 
+def under(data_dir: Path, path: str) -> str:
+    """A data path flag: absolute as given, else under the datasets directory."""
+    return path if os.path.isabs(path) else str(data_dir / path)
+
+
 def run_skab(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    valve = str(data_dir / "skab" / "valve1")
+    folders = [under(data_dir / "skab", f) for f in args.skab_folder]
     free = str(data_dir / "skab" / "anomaly-free" / "anomaly-free.csv")
     spec = CsvSpec(sep=";", time_column="datetime", label_column="anomaly", exclude=["changepoint"])
-    full = load_csv([valve], "sensors", spec)
+    full = load_csv(folders, "sensors", spec)
     profile = full.profile
-    train_part = load_csv([valve], profile, replace(spec, head_rows_per_key=400))
+    train_part = load_csv(folders, profile, replace(spec, head_rows_per_key=args.skab_train_rows))
     if args.skab_anomaly_free:
         extra = load_csv([free], profile, CsvSpec(sep=";", time_column="datetime"))
     else:
         extra = LoadedData([], [], profile)
     train_events, train_labels = merge(train_part, extra)
-    assert sum(train_labels) == 0, "SKAB training parts are anomaly-free"
-    mask = evaluation_mask(full.events, warmup_rows_per_key=400)
-    log(f"SKAB: {len(train_events)} training events ({len(train_part.events)} from valve1 heads + "
+    labelled_train = sorted({e.key for e, y in zip(train_events, train_labels) if y})
+    if labelled_train:  # as the trainer does: windows holding a labelled row are left out of fitting
+        log(f"SKAB: warning: the training part of {len(labelled_train)} file(s) holds labelled anomalies "
+            f"({int(sum(train_labels))} rows; {', '.join(labelled_train[:8])}): their windows are left out of fitting")
+    mask = evaluation_mask(full.events, warmup_rows_per_key=args.skab_train_rows)
+    log(f"SKAB: {len(train_events)} training events ({len(train_part.events)} from the files' heads + "
         f"{len(extra.events)} anomaly-free), {int(mask.sum())} test events, {int(np.asarray(full.labels)[mask].sum())} anomalous")
     rows = []
     for kind, overrides in SKAB_MODELS:
@@ -259,6 +274,9 @@ def run_skab(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, 
             "(flow rate ~123 against ~32 in valve1, temperature ~90 against 67-79), and adding it widens the "
             "scaler so much that valve1's faults shrink to noise (run with --skab-anomaly-free to see)")
     return {"rows": rows, "data": {"anomaly_free_note": note, "quantile": args.skab_quantile,
+                                   "folders": list(args.skab_folder), "train_rows": args.skab_train_rows,
+                                   "labelled_train_rows": int(sum(train_labels)),
+                                   "files_with_labelled_train_rows": labelled_train,
                                    "train_events": len(train_events), "test_events": int(mask.sum()),
                                    "test_anomalous": int(np.asarray(full.labels)[mask].sum()),
                                    "files": len({e.key for e in full.events})}}
@@ -324,19 +342,20 @@ def with_context(events: Sequence[Event], context: np.ndarray) -> list[Event]:
 
 
 def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    path = str(data_dir / "transactions" / "transactions-2018Q2.csv.gz")
+    tx_train, tx_gap, tx_test = args.tx_train, args.tx_gap, args.tx_test
+    path = under(data_dir, args.tx_csv)
     spec = CsvSpec(key_column="CUSTOMER_ID", time_column="TX_DATETIME", amount_column="TX_AMOUNT",
                    terminal_column="TERMINAL_ID", id_column="TRANSACTION_ID", label_column="TX_FRAUD",
                    extra_columns=["TX_FRAUD_SCENARIO"])
     base_profile = TransactionProfile(**args.tx_profile)
     data = load_csv([path], base_profile, spec)
-    end = ts(TX_TEST[1])
+    end = ts(tx_test[1])
     n = int(np.searchsorted([e.timestamp for e in data.events], end))
     events, labels = data.events[:n], data.labels[:n]
     scenario = np.asarray(data.extras["TX_FRAUD_SCENARIO"][:n]).astype(int)
     t = np.array([e.timestamp for e in events])
-    train = (t >= ts(TX_TRAIN[0])) & (t < ts(TX_TRAIN[1]))
-    mask = (t >= ts(TX_TEST[0])) & (t < end)
+    train = (t >= ts(tx_train[0])) & (t < ts(tx_train[1]))
+    mask = (t >= ts(tx_test[0])) & (t < end)
     train_events = [e for e, m in zip(events, train) if m]
     train_labels = [l for l, m in zip(labels, train) if m]
     y = np.asarray(labels)
@@ -355,7 +374,7 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
             out[f"recall_scenario_{s}"] = float(alerted[sel].mean()) if len(sel) else math.nan
         return out
 
-    replay_from = int(np.searchsorted(t, ts(TX_TEST[0]) - TX_REPLAY_DAYS * DAY))
+    replay_from = int(np.searchsorted(t, ts(tx_test[0]) - TX_REPLAY_DAYS * DAY))
 
     def run_model(kind: str, overrides: dict[str, Any], evs: Sequence[Event], profile: Profile, name: str,
                   ws: WindowSet) -> dict[str, Any]:
@@ -385,8 +404,9 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
             "features": list(profile.feature_names), "config": result.model.config()})
 
     def training_windows(evs: Sequence[Event], profile: Profile) -> WindowSet:
-        n_train = int(np.searchsorted(t, ts(TX_TRAIN[1])))
-        return windows_from_events(evs[:n_train], profile, TX_WINDOW, labels[:n_train])
+        """Windows of the training dates only: events from the training start to its end."""
+        first, n_train = int(np.searchsorted(t, ts(tx_train[0]))), int(np.searchsorted(t, ts(tx_train[1])))
+        return windows_from_events(evs[first:n_train], profile, TX_WINDOW, labels[first:n_train])
 
     rows = []
     unsupervised = [(k, o) for k, o in TX_UNSUPERVISED if not args.models or k in args.models]
@@ -419,6 +439,7 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
                               args.seed, extra_metrics, max_fit=TX_MAX_TRAIN)
     return {"rows": rows, "feedback": feedback_note if supervised else {},
             "data": {"replayed_events": len(events), "train_events": len(train_events),
+                     "train": list(tx_train), "gap": list(tx_gap), "test": list(tx_test),
                                    "test_events": int(mask.sum()), "test_frauds": int(y[mask].sum()),
                                    "test_frauds_by_scenario": {str(s): int(((scenario == s) & mask).sum())
                                                                for s in (1, 2, 3)},
@@ -449,9 +470,12 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     if "skab" in results:
         sk = results["skab"]
         lines += [
-            "## SKAB (valve1)", "",
-            f"Protocol: per file (= key) the first 400 rows are the anomaly-free training part "
-            f"({sk['data']['train_events']} training events in all{sk['data']['anomaly_free_note']}). Test parts: {sk['data']['test_events']} events of {sk['data']['files']} files, "
+            f"## SKAB ({', '.join(sk['data'].get('folders', SKAB_FOLDERS))})", "",
+            f"Protocol: per file (= key) the first {sk['data'].get('train_rows', SKAB_TRAIN_ROWS)} rows are the "
+            f"training part ({sk['data']['train_events']} training events in all{sk['data']['anomaly_free_note']}"
+            + (f"; {sk['data']['labelled_train_rows']} of them labelled anomalous, in "
+               f"{len(sk['data']['files_with_labelled_train_rows'])} file(s): windows holding them are left out of "
+               "fitting, as the trainer does" if sk['data'].get('labelled_train_rows') else "") + "). Test parts: {sk['data']['test_events']} events of {sk['data']['files']} files, "
             f"{sk['data']['test_anomalous']} anomalous; each file's training part is replayed first (it only warms "
             "windows and per-key state up). Models are replayed through the worker's detector "
             "(`trainer.evaluate.replay`: windows, scaling, scoring, the worker's default threshold policy). "
@@ -479,11 +503,12 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     if "transactions" in results:
         tx = results["transactions"]
         d = tx["data"]
+        train_dates, gap_dates, test_dates = (d.get("train", TX_TRAIN), d.get("gap", TX_GAP), d.get("test", TX_TEST))
         lines += [
             "## Transactions (fraud handbook simulation)", "",
-            f"Protocol: keyed by customer; train on {TX_TRAIN[0]} .. {TX_TRAIN[1]} (exclusive), gap week "
-            f"{TX_GAP[0]} .. {TX_GAP[1]} (replayed for per-key state, never trained on or evaluated: the label "
-            f"delay), test week {TX_TEST[0]} .. {TX_TEST[1]} (exclusive): {d['test_events']} transactions, "
+            f"Protocol: keyed by customer; train on {train_dates[0]} .. {train_dates[1]} (exclusive), gap "
+            f"{gap_dates[0]} .. {gap_dates[1]} (replayed for per-key state, never trained on or evaluated: the label "
+            f"delay), test {test_dates[0]} .. {test_dates[1]} (exclusive): {d['test_events']} transactions, "
             f"{d['test_frauds']} frauds (scenario 1: {d['test_frauds_by_scenario']['1']}, 2: "
             f"{d['test_frauds_by_scenario']['2']}, 3: {d['test_frauds_by_scenario']['3']}). Transactions from "
             f"{TX_REPLAY_DAYS} days before the test week on are replayed through the worker's detector, so windows, "
@@ -570,6 +595,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skab-quantile", type=float, default=SKAB_QUANTILE,
                         help="SKAB: quantile of training scores for the threshold (the trainer's default is 0.999)")
     parser.add_argument("--keep-artifacts", help="write the trained artifacts here instead of a temporary directory")
+    parser.add_argument("--skab-folder", action="append", default=None, metavar="DIR",
+                        help=f"SKAB folder of experiment CSVs, under <data>/skab/ unless absolute; repeatable "
+                             f"(default: {', '.join(SKAB_FOLDERS)})")
+    parser.add_argument("--skab-train-rows", type=int, default=SKAB_TRAIN_ROWS,
+                        help="SKAB: each file's first N rows are its training part (windows holding a labelled "
+                             "row are left out of fitting)")
+    parser.add_argument("--tx-csv", default=TX_CSV, help="transactions CSV, under <data>/ unless absolute")
+    parser.add_argument("--tx-train", nargs=2, default=list(TX_TRAIN), metavar=("START", "END"),
+                        help="transactions: training dates [START, END) (ISO dates, UTC)")
+    parser.add_argument("--tx-gap", nargs=2, default=list(TX_GAP), metavar=("START", "END"),
+                        help="transactions: the gap between training and test (replayed, never trained on or "
+                             "evaluated: the label delay)")
+    parser.add_argument("--tx-test", nargs=2, default=list(TX_TEST), metavar=("START", "END"),
+                        help="transactions: test dates [START, END)")
     parser.add_argument("--skab-anomaly-free", action="store_true",
                         help="add skab/anomaly-free/anomaly-free.csv to the SKAB training data (another operating "
                              "regime of the testbed: it hurts, see the notes)")
@@ -585,6 +624,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.tx_profile = json.loads(args.tx_profile)
     args.tx_supervised = json.loads(args.tx_supervised)
+    args.skab_folder = args.skab_folder or list(SKAB_FOLDERS)
+    for name in ("tx_train", "tx_gap", "tx_test"):
+        start, end = (ts(d) for d in getattr(args, name))
+        if end <= start:
+            parser.error(f"--{name.replace('_', '-')}: END must be after START")
+    if not ts(args.tx_train[1]) <= ts(args.tx_gap[0]) <= ts(args.tx_gap[1]) <= ts(args.tx_test[0]):
+        parser.error("transactions: training, gap and test dates must follow each other")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data_dir = Path(args.data)
