@@ -57,11 +57,14 @@ def test_the_nab_benchmark_trains_on_probation_streams_scores_and_reports(tmp_pa
     assert bench.main(["--nab", str(tmp_path / "nab"), "--out", str(out), "--results-dir", str(results)]) == 0
     text = out.read_text()
     assert "## Totals" in text and "Spread across series" in text and "realTest/calm.csv" in text
+    assert "Threshold chosen on the other categories" in text
     payload = json.loads(out.with_suffix(".json").read_text())
     info = payload["series"]["artificialTest/with_spike.csv"]
     assert info["train_rows"] == 180  # floor(0.15 x 1200)
     for name in ("product", "product_alerts", "product_openings", "rolling_zscore", "rolling_zscore_over"):
         assert set(payload["scores"][name]) == {"standard", "reward_low_FP_rate", "reward_low_FN_rate"}
+    cross = payload["leave_one_category_out"]["product"]["standard"]["categories"]
+    assert set(cross) == {"artificialTest", "realTest"}
     # A 100-sigma spike inside the window: found by the optimised figure.
     product = payload["scores"]["product"]["standard"]
     assert product["per_series"]["artificialTest/with_spike.csv"]["detected_windows"] == 1
