@@ -156,3 +156,27 @@ def test_window_ids_follow_each_keys_own_segments_and_nab_limits():
                                                      "cat/b.csv": []})
     assert matched == {"a": "cat/a.csv", "b": "cat/b.csv"}
     assert ids.tolist() == [-1, -1, 0, -1, 0, -1, -1]
+
+
+def test_events_with_one_numeric_field_are_served_by_the_univariate_model(univariate_model):
+    """The worker's path from message bytes: decode, window, score, judge, with the model's only channel."""
+    import orjson
+
+    from stream_detector.detector import Detector, RawRecord
+    from stream_detector.scoring import ModelRunner
+
+    artifact = load_artifact(univariate_model / "model")
+    runner = ModelRunner(artifact, device="cpu")
+    rows = series_rows(120, seed=12, anomalies=[(100, 119)])
+    t0 = 1_767_225_600.0
+    records = [RawRecord(orjson.dumps({"key": "meter-1", "event_id": f"m-{i}", "timestamp": t0 + 300 * i,
+                                       "fields": {"value": v}}), partition=0, offset=i)
+               for i, (_, v, _) in enumerate(rows)]
+    records.append(RawRecord(orjson.dumps({"key": "meter-1", "event_id": "bad", "timestamp": t0,
+                                           "fields": {"other": 1.0}}), partition=0, offset=len(rows)))
+    detector = Detector(artifact, runner.score, clock=lambda: t0 + 300 * len(rows))
+    decisions, batch = detector.process(records)
+    assert len(decisions) == len(rows) - (artifact.window - 1)
+    assert detector.stats.invalid["missing_field"] == 1  # a message without the channel is refused, not scored
+    over = [d for d in decisions if d.over]
+    assert over and all(int(d.event.event_id.split("-")[1]) >= 100 for d in over)
