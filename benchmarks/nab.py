@@ -303,8 +303,8 @@ def report(scored: dict[str, dict[str, Any]], cross: dict[str, dict[str, Any]], 
            info: dict[str, Any], meta: dict[str, Any]) -> str:
     short = {"standard": "standard", "reward_low_FP_rate": "low FP", "reward_low_FN_rate": "low FN"}
     lines = ["# NAB, end to end with the product's defaults", "",
-             f"Measures the detector at commit `{meta['commit']}` of this repository (`stream_detector.detector.Detector`, "
-             f"trained by `trainer train` with its defaults).", "",
+             f"Measures the detector at commit `{meta['commit']}` of this repository "
+             f"(`stream_detector.detector.Detector`, trained by `trainer train` with its defaults).", "",
              f"- Command: `{meta['command']}`",
              f"- Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, no GPU used; torch "
              f"{meta['machine']['torch']} with {meta['threads']} thread(s); Python {meta['machine']['python']}",
@@ -363,7 +363,8 @@ def report(scored: dict[str, dict[str, Any]], cross: dict[str, dict[str, Any]], 
             lines.append(f"| {LABELS.get(name, name)} | {s['series']} | {fmt(s['min'])} | {fmt(s['q1'])} | "
                          f"{fmt(s['median'])} | {fmt(s['q3'])} | {fmt(s['max'])} |")
     lines += ["", "## Per series (standard profile)", "",
-              "| series | rows | windows | train rows | epochs | threshold | severity: score (windows found, FP rows) | "
+              "| series | rows | windows | train rows | epochs | threshold | "
+              "severity: score (windows found, FP rows) | "
               "alerts: score (windows found, FP rows) | alert rows | incidents | baseline score |",
               "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
     for f in files:
@@ -374,9 +375,11 @@ def report(scored: dict[str, dict[str, Any]], cross: dict[str, dict[str, Any]], 
             score = fmt(v["score"]) if v["score"] is not None else f"raw {v['raw']:.2f}"
             row.append(f"{score} ({v['detected_windows']}/{v['windows']}, {v['fp']})")
         base = scored.get("rolling_zscore", {}).get("standard", {}).get("per_series", {}).get(f.relative)
-        base_txt = "-" if base is None else (fmt(base["score"]) if base["score"] is not None else f"raw {base['raw']:.2f}")
+        base_txt = "-" if base is None else (
+            fmt(base["score"]) if base["score"] is not None else f"raw {base['raw']:.2f}")
         lines.append(f"| {f.relative} | {len(f.timestamps)} | {len(f.windows)} | {i['train_rows']} | {i['epochs']} | "
-                     f"{i['threshold']:.4g} | {row[0]} | {row[1]} | {i['alert_rows']} | {i['incidents']} | {base_txt} |")
+                     f"{i['threshold']:.4g} | {row[0]} | {row[1]} | {i['alert_rows']} | {i['incidents']} | "
+                     f"{base_txt} |")
     return "\n".join(lines) + "\n"
 
 

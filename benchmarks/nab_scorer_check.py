@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              "The stored anomaly scores of each detector, re-scored by `trainer/nab.py` (threshold optimised per "
              "profile over the files, normalised against the null detector), beside NAB's own result for the same "
              "files (`results/final_results.json`).", "",
-             "| detector | profile | NAB | trainer/nab.py | difference | threshold |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| detector | profile | NAB | trainer/nab.py | difference | threshold |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     worst = 0.0
     payload = {}
     for detector in [d for d in args.detectors.split(",") if d]:
@@ -66,8 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             diff = r.normalised - ref if ref is not None else float("nan")
             worst = max(worst, abs(diff)) if ref is not None else worst
             payload[detector][profile] = {"nab": ref, "ours": r.normalised, "threshold": r.threshold, "raw": r.raw}
-            lines.append(f"| {detector} | {profile} | {ref:.4f} | {r.normalised:.4f} | {diff:+.2e} | {r.threshold:.6g} |"
-                         if ref is not None else f"| {detector} | {profile} | - | {r.normalised:.4f} | - | {r.threshold:.6g} |")
+            published_cell = "-" if ref is None else f"{ref:.4f}"
+            diff_cell = "-" if ref is None else f"{diff:+.2e}"
+            lines.append(f"| {detector} | {profile} | {published_cell} | {r.normalised:.4f} | {diff_cell} | "
+                         f"{r.threshold:.6g} |")
             print(f"{detector:18s} {profile:20s} NAB {ref} ours {r.normalised:.6f}", flush=True)
     lines += ["", f"Largest absolute difference: {worst:.2e} (points of the normalised score)."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,8 @@ def _nab_sweep(n: int, scores, windows, name, cost: CostMatrix, percent=0.15):
         if cur is not None:
             weighted = _nab_scaled_sigmoid(-(cur_right - i + 1) / cur_width) * cost.tp_weight / max_tp
         else:
-            unweighted = -1.0 if prev_right is None else _nab_scaled_sigmoid(abs(prev_right - i) / float(prev_width - 1))
+            unweighted = (-1.0 if prev_right is None
+                          else _nab_scaled_sigmoid(abs(prev_right - i) / float(prev_width - 1)))
             weighted = unweighted * cost.fp_weight
         out.append((scores[i], weighted, cur_name if i >= probation else "probationary"))
         if cur is not None and i == cur[1]:

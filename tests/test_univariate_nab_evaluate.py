@@ -99,7 +99,8 @@ def test_evaluate_takes_nab_windows_instead_of_a_label_column(univariate_model, 
                                          [rows[1100][0] + ".000000", rows[1120][0] + ".000000"]]}
     (univariate_model / "windows.json").write_text(json.dumps(windows))
     out = univariate_model / "nab.json"
-    rc = trainer_main(["evaluate", "--model-dir", str(univariate_model / "model"), "--csv", str(data_dir / "series_a.csv"),
+    rc = trainer_main(["evaluate", "--model-dir", str(univariate_model / "model"),
+                       "--csv", str(data_dir / "series_a.csv"),
                        "--nab-windows", str(univariate_model / "windows.json"), "--json", str(out), "--threads", "1"])
     assert rc == 0
     report = json.loads(out.read_text())

@@ -221,8 +221,8 @@ def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: fl
     the keys on the detector's severity mapped into [0, 1] (:func:`trainer.nab.severity_to_anomaly_score`);
     ``alerts``, the alerts as published (a detection on each event an alert message listed in
     its ``event_ids``), scored as they stand; and ``incident_openings``, a detection on the first
-    over-threshold event of each incident that was opened only (what a pager would show). Per key, its share at the chosen threshold,
-    normalised against its own windows (keys without a window: the raw cost of its false alarms)."""
+    over-threshold event of each incident that was opened only (what a pager would show). Per key,
+    its share at the chosen threshold, normalised against its own windows (keys without a window: the raw cost of its false alarms)."""
     ev = result.evaluated
     key_arr = np.asarray(result.keys, dtype=object)
     severity = result.severity if result.severity is not None else np.where(

@@ -272,8 +272,8 @@ def score_series(series: Series, cost: CostMatrix, threshold: float,
         else:
             score -= cost.fn_weight
     inside = keep & (wid >= 0)
-    return SeriesScore(series.name, score, tp=int((detected & inside).sum()), tn=int((keep & outside & ~detected).sum()),
-                       fp=int((detected & outside).sum()), fn=int((inside & ~detected).sum()),
+    return SeriesScore(series.name, score, tp=int((detected & inside).sum()),
+                       tn=int((keep & outside & ~detected).sum()), fp=int((detected & outside).sum()), fn=int((inside & ~detected).sum()),
                        windows=len(window_ids), detected_windows=found)
 
 
