@@ -181,3 +181,13 @@ def test_events_with_one_numeric_field_are_served_by_the_univariate_model(univar
     assert detector.stats.invalid["missing_field"] == 1  # a message without the channel is refused, not scored
     over = [d for d in decisions if d.over]
     assert over and all(int(d.event.event_id.split("-")[1]) >= 100 for d in over)
+
+
+def test_evaluate_explains_an_unreadable_or_ambiguous_nab_windows_file(univariate_model, capsys):
+    (univariate_model / "ambiguous.json").write_text(json.dumps({"a/series.csv": [], "b/series.csv": []}))
+    (univariate_model / "broken.json").write_text("[1, 2]")
+    for name, message in (("ambiguous.json", "matches several NAB series"), ("broken.json", "maps series names"),
+                          ("absent.json", "No such file")):
+        rc = trainer_main(["evaluate", "--model-dir", str(univariate_model / "model"), "--csv",
+                           str(univariate_model / "series.csv"), "--nab-windows", str(univariate_model / name)])
+        assert rc == 2 and message in capsys.readouterr().err

@@ -194,8 +194,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 2
     keys = [e.key for e in data.events]
     if args.nab_windows:
-        window_ids, matched = window_ids_from_nab(keys, np.array([e.timestamp for e in data.events]),
-                                                  read_windows(args.nab_windows))
+        try:
+            window_ids, matched = window_ids_from_nab(keys, np.array([e.timestamp for e in data.events]),
+                                                      read_windows(args.nab_windows))
+        except (OSError, ValueError) as exc:  # unreadable file, ambiguous key, bad window limits
+            print(f"trainer: --nab-windows {args.nab_windows}: {exc}", file=sys.stderr)
+            return 2
         missing = sorted(set(keys) - set(matched))
         if missing:
             print(f"trainer: no series of {args.nab_windows} for key(s) {', '.join(missing[:10])}", file=sys.stderr)
