@@ -24,6 +24,7 @@ import orjson
 
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
+from .errors import DECODE_FAILED, WINDOW_FAILED
 from .events import Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
@@ -373,12 +374,23 @@ class Detector:
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
-            decoded = self.decoder.decode(record.value)
+            # Nothing one message holds may escape its batch: whatever a decoder or a profile raises
+            # on it, it is refused with a reason like any invalid message (a try costs nothing
+            # while nothing is raised).
+            try:
+                decoded = self.decoder.decode(record.value)
+            except Exception as exc:
+                decoded = Invalid(DECODE_FAILED, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(decoded, Invalid):
                 batch.invalid.append((record, decoded))
                 self.stats.invalid[decoded.reason] += 1
                 continue
-            n = self._add_event(decoded, record, batch, rows, n, now)
+            try:
+                n = self._add_event(decoded, record, batch, rows, n, now)
+            except Exception as exc:
+                invalid = Invalid(WINDOW_FAILED, f"{type(exc).__name__}: {exc}"[:200])
+                batch.invalid.append((record, invalid))
+                self.stats.invalid[invalid.reason] += 1
         self.stats.consumed += len(records)
         batch.windows = rows[first_row:n]
         return batch
