@@ -73,12 +73,21 @@ class FakeDeliveries:
 
     def wait(self) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        refused = [m for m in self.messages if self.out.refuse_delivery is not None and self.out.refuse_delivery(m[0])]
-        if refused:
-            future.set_exception(DeliveryError(f"delivery failed: {len(refused)} refused"))
+
+        def resolve() -> None:
+            refused = [m for m in self.messages
+                       if self.out.refuse_delivery is not None and self.out.refuse_delivery(m[0])]
+            if refused:
+                future.set_exception(DeliveryError(f"delivery failed: {len(refused)} refused"))
+            else:
+                self.out.delivered.extend(self.messages)
+                self.out.log.extend(f"delivered {m[0]}" for m in self.messages[:1])
+                future.set_result(len(self.messages))
+
+        if self.out.delay_s:
+            asyncio.get_running_loop().call_later(self.out.delay_s, resolve)
         else:
-            self.out.delivered.extend(self.messages)
-            future.set_result(len(self.messages))
+            resolve()
         return future
 
 
@@ -91,6 +100,8 @@ class FakeOutput:
         self.delivered: list[tuple[str, bytes | None, bytes | None, Any]] = []
         self.refuse_delivery = None  # topic -> bool
         self.refuse_produce = None
+        self.delay_s = 0.0  # how long the broker takes to acknowledge a group
+        self.log: list[str] = []
 
     def group(self) -> FakeDeliveries:
         return FakeDeliveries(self)
@@ -112,7 +123,7 @@ def _events(n: int, anomalous_from: int | None = None) -> list[SimpleNamespace]:
 class Harness:
     """A pipeline over a real detector (fake scorer), with a fake producer and consumer."""
 
-    def __init__(self, artifact, score: float = 5.0, scorer=None) -> None:
+    def __init__(self, artifact, score: float = 5.0, scorer=None, adaptive: bool = True) -> None:
         self.metrics = WorkerMetrics()
         self.scored_calls = 0
         self.detector = Detector(artifact, scorer=scorer or self._scorer(score), threshold=GlobalThreshold(1.0),
@@ -121,7 +132,8 @@ class Harness:
         self.state = ChangelogState(self.detector, self.out, CHANGELOG, self.metrics, state_min_events=2)
         self.exits: list[int] = []
         self.failures = FailurePolicy(exit=self._exit)
-        config = PipelineConfig("in", "alerts", "dlq", scores_topic="scores", batch_max=BATCH, state_flush_s=0)
+        config = PipelineConfig("in", "alerts", "dlq", scores_topic="scores", batch_max=BATCH, state_flush_s=0,
+                                batch_adaptive=adaptive)
         self.pipeline = BatchPipeline(config, self.detector, self.metrics, None, self.out, self.state, self.failures)
         self.acked: list[int] = []
         self.ack_error_at: int | None = None  # fail the ack call of this many acks so far
@@ -153,6 +165,7 @@ class Harness:
     def run(self, events: list[SimpleNamespace]) -> None:
         async def batches():
             for first in range(0, len(events), BATCH):
+                self.out.log.append(f"batch {first // BATCH} taken")  # take_events acks the one before
                 yield events[first:first + BATCH]
                 await asyncio.sleep(0)  # the settler's task gets its turn, as between Faust's deliveries
 
@@ -361,3 +374,22 @@ def test_a_batch_cancelled_while_being_judged_is_not_judged_again_at_the_clean_s
     # Batch 3 (offsets 16..23, the model's third call) was interrupted: it is redelivered, not acked.
     assert sorted(harness.acked) == list(range(2 * BATCH))
     assert not any(f"e{i}" in harness.judged for i in range(2 * BATCH, 3 * BATCH))
+
+
+def test_without_adaptive_batches_the_next_batch_is_taken_only_once_the_snapshots_are_written(artifact):
+    """Faust's take_events acks a batch when the next is asked for: its snapshots must be durable by then."""
+    harness = Harness(artifact, adaptive=False)
+    harness.out.delay_s = 0.01
+    harness.run(_events(4 * BATCH))
+    log = [line for line in harness.out.log if line.startswith(("batch", f"delivered {CHANGELOG}"))]
+    assert log == ["batch 0 taken", f"delivered {CHANGELOG}", "batch 1 taken", f"delivered {CHANGELOG}",
+                   "batch 2 taken", f"delivered {CHANGELOG}", "batch 3 taken", f"delivered {CHANGELOG}"]
+
+
+def test_without_adaptive_batches_a_refused_snapshot_stops_the_worker(artifact):
+    harness = Harness(artifact, adaptive=False)
+    harness.out.refuse_delivery = lambda topic: topic == CHANGELOG
+    with pytest.raises(Stopped):
+        harness.run(_events(4 * BATCH))
+    assert harness.failures.failure.stage == "send_snapshots"
+    assert "batch 1 taken" not in harness.out.log  # the failed batch is never acked by asking for the next
