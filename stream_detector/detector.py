@@ -232,6 +232,7 @@ class Detector:
         max_future_s: float | None = None,
         score_stride: int = 1,
         hot_key_rate: float = 0.0,
+        key_clock: Callable[[], float] | None = None,
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -248,6 +249,9 @@ class Detector:
         self.window = artifact.window
         self.top_features = top_features
         self.clock = clock
+        # The clock of the key TTL (windows idle that long are dropped): the worker passes a monotonic
+        # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
+        self.key_clock = key_clock or clock
         self.stats = DetectorStats()
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
                                     max_future_s=max_future_s, clock=clock)
@@ -363,7 +367,7 @@ class Detector:
             if self._pending_model is not None:
                 self._apply_pending_model()
             self._flip_buffer()
-        now = self.clock()
+        now = self.key_clock()
         if now >= self._next_idle_sweep:
             self.windows.evict_idle(now)
             self._next_idle_sweep = now + 1.0
@@ -397,7 +401,7 @@ class Detector:
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
         """Already-decoded events (the replay evaluator's path)."""
-        now = self.clock()
+        now = self.key_clock()
         self._flip_buffer()
         if len(events) > len(self._batch):
             self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)

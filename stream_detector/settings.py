@@ -95,7 +95,8 @@ class Settings:
         default=100_000, metadata=_doc("Most keys with a live window; the least recently seen is evicted beyond it.")
     )
     key_ttl_s: float = field(
-        default=86_400.0, metadata=_doc("A key idle this long (wall clock) loses its window.")
+        default=86_400.0,
+        metadata=_doc("A key idle this long (monotonic clock: a step of the wall clock evicts nothing) loses its window."),
     )
     state_min_events: int = field(
         default=2,

@@ -106,6 +106,7 @@ class DetectorService:
             alerting=AlertPolicy.from_settings(settings),
             score_stride=settings.score_stride,
             hot_key_rate=settings.hot_key_rate,
+            key_clock=time.monotonic,  # a wall-clock step must not evict every key (and tombstone it)
         )
         self.detector.windows.store.on_evict = self._on_evict
         self.executor = inference_executor(settings.torch_threads)
