@@ -1,7 +1,11 @@
 """The Faust worker: Kafka in, :class:`~stream_detector.detector.Detector` in the middle, alerts out.
 
-This is the one place where the pieces are wired together. Per micro-batch (adaptive, see
-:mod:`~stream_detector.batching`; or Faust's ``stream.take_events(batch_max, within)``):
+This is the one place where the pieces are wired together: Faust's stream, consumer and table on
+one side, the batch lifecycle of :mod:`stream_detector.runtime` on the other (the
+:class:`~stream_detector.runtime.pipeline.BatchPipeline`, its
+:class:`~stream_detector.runtime.checkpoint.Settler`, the changelog state and the failure policy,
+each unit-tested without Faust). Per micro-batch (adaptive, see :mod:`~stream_detector.batching`;
+or Faust's ``stream.take_events(batch_max, within)``):
 
 1. decode and window the batch on the event loop (fast, per event);
 2. score it on a dedicated thread, so heartbeats and commits never stall: on CPU in parts of 256
@@ -9,7 +13,7 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
    on CUDA in one model call;
 3. judge it (thresholds, incidents) and send its alerts and dead letters (through
    :mod:`~stream_detector.kafka.output`'s producer, not Faust's);
-4. hand it to the :class:`Settler`, which, on a task of its own and in batch order, waits until the
+4. hand it to the :class:`~stream_detector.runtime.checkpoint.Settler`, which, on a task of its own and in batch order, waits until the
    broker has acknowledged them, writes the window state the batch changed to the changelog
    (below), and acks the batch's offsets (Faust commits them later) once that is written. The
    loop does not wait for the broker: it goes on with the next batch at once.

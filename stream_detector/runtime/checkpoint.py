@@ -26,9 +26,10 @@ WRITES_IN_FLIGHT = 4
 SETTLING_MAX = 32
 
 # Stages of a batch, as named in failures (BatchFailed.stage) and the batch-failure metric.
-DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, SEND_SNAPSHOTS, ACK = (
-    "decode", "window", "score", "judge", "send_alerts", "send_snapshots", "ack")
-STAGES = (DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, SEND_SNAPSHOTS, ACK)
+# (`consume`: taking the next batch from the stream.)
+CONSUME, DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, SEND_SNAPSHOTS, ACK = (
+    "consume", "decode", "window", "score", "judge", "send_alerts", "send_snapshots", "ack")
+STAGES = (CONSUME, DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, SEND_SNAPSHOTS, ACK)
 
 
 @dataclass(slots=True)

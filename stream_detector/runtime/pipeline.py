@@ -40,7 +40,7 @@ from ..kafka.output import Deliveries
 from ..logs import RateLimitedLog
 from ..metrics import WorkerMetrics, observe_many
 from ..scoring import Scores
-from .checkpoint import (ACK, JUDGE, SCORE, SEND_ALERTS, SEND_SNAPSHOTS, WINDOW, Published, Scoring, Settler,
+from .checkpoint import (ACK, CONSUME, JUDGE, SCORE, SEND_ALERTS, SEND_SNAPSHOTS, WINDOW, Published, Scoring, Settler,
                          Snapshots)
 from .dead_letters import dead_letter
 from .failures import MODEL_ATTEMPTS, FailurePolicy
@@ -77,7 +77,7 @@ class PipelineConfig:
     def from_settings(cls, settings: Any) -> "PipelineConfig":
         return cls(settings.input_topic, settings.alerts_topic, settings.dead_letter_topic, settings.scores_topic,
                    settings.batch_max, settings.batch_adaptive, settings.batch_pipeline, settings.state_flush_s,
-                   settings.max_keys, getattr(settings, "invalid_log_interval_s", 10.0))
+                   settings.max_keys)
 
 
 class BatchPipeline:
@@ -111,7 +111,7 @@ class BatchPipeline:
         self._overlap_keys = config.max_keys >= 4 * config.batch_max
         self._interrupted = False  # a batch was left half judged (the task was cancelled meanwhile)
         self.settler: Settler | None = None
-        self._stage = WINDOW
+        self._stage = CONSUME
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -143,6 +143,7 @@ class BatchPipeline:
                 # as long as the next batch takes to window.
                 while unjudged and not (pipelined and pending() >= config.batch_max):
                     await self.conclude(None)
+                self._stage = CONSUME
         except asyncio.CancelledError:
             raise
         except Exception as exc:
