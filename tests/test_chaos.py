@@ -16,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 

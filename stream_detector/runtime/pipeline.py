@@ -36,7 +36,7 @@ from ..alerts import encode_alert
 from ..detector import Decision, Detector, PreparedBatch, RawRecord
 from ..errors import NON_FINITE_SCORE, BatchFailed
 from ..events import Invalid
-from ..kafka.output import Deliveries
+from ..kafka.output import Deliveries, OutputProducer
 from ..logs import RateLimitedLog
 from ..metrics import WorkerMetrics, observe_many
 from ..scoring import Scores
@@ -47,15 +47,6 @@ from .failures import MODEL_ATTEMPTS, FailurePolicy
 from .state import ChangelogState
 
 log = logging.getLogger("stream_detector.worker")
-
-
-class Output:
-    """What the pipeline needs of the output producer (:class:`~stream_detector.kafka.output.OutputProducer`)."""
-
-    max_message_bytes: int
-
-    def group(self) -> Deliveries:  # pragma: no cover - protocol
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -84,7 +75,7 @@ class BatchPipeline:
     """Windows, scores, judges and publishes micro-batches; hands them to the settler in order."""
 
     def __init__(self, config: PipelineConfig, detector: Detector, metrics: WorkerMetrics, executor: Executor | None,
-                 out: Any, state: ChangelogState, failures: FailurePolicy | None = None, part_size: int = 0):
+                 out: OutputProducer, state: ChangelogState, failures: FailurePolicy | None = None, part_size: int = 0):
         self.config = config
         self.detector = detector
         self.metrics = metrics
