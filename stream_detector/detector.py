@@ -24,6 +24,7 @@ import orjson
 
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
+from .errors import DECODE_FAILED, WINDOW_FAILED
 from .events import Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
@@ -231,6 +232,7 @@ class Detector:
         max_future_s: float | None = None,
         score_stride: int = 1,
         hot_key_rate: float = 0.0,
+        key_clock: Callable[[], float] | None = None,
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -247,6 +249,9 @@ class Detector:
         self.window = artifact.window
         self.top_features = top_features
         self.clock = clock
+        # The clock of the key TTL (windows idle that long are dropped): the worker passes a monotonic
+        # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
+        self.key_clock = key_clock or clock
         self.stats = DetectorStats()
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
                                     max_future_s=max_future_s, clock=clock)
@@ -362,7 +367,7 @@ class Detector:
             if self._pending_model is not None:
                 self._apply_pending_model()
             self._flip_buffer()
-        now = self.clock()
+        now = self.key_clock()
         if now >= self._next_idle_sweep:
             self.windows.evict_idle(now)
             self._next_idle_sweep = now + 1.0
@@ -373,19 +378,30 @@ class Detector:
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
-            decoded = self.decoder.decode(record.value)
+            # Nothing one message holds may escape its batch: whatever a decoder or a profile raises
+            # on it, it is refused with a reason like any invalid message (a try costs nothing
+            # while nothing is raised).
+            try:
+                decoded = self.decoder.decode(record.value)
+            except Exception as exc:
+                decoded = Invalid(DECODE_FAILED, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(decoded, Invalid):
                 batch.invalid.append((record, decoded))
                 self.stats.invalid[decoded.reason] += 1
                 continue
-            n = self._add_event(decoded, record, batch, rows, n, now)
+            try:
+                n = self._add_event(decoded, record, batch, rows, n, now)
+            except Exception as exc:
+                invalid = Invalid(WINDOW_FAILED, f"{type(exc).__name__}: {exc}"[:200])
+                batch.invalid.append((record, invalid))
+                self.stats.invalid[invalid.reason] += 1
         self.stats.consumed += len(records)
         batch.windows = rows[first_row:n]
         return batch
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
         """Already-decoded events (the replay evaluator's path)."""
-        now = self.clock()
+        now = self.key_clock()
         self._flip_buffer()
         if len(events) > len(self._batch):
             self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)

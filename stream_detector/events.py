@@ -100,8 +100,8 @@ class EventDecoder:
             return Invalid(OVERSIZED, f"{len(raw)} bytes > limit {self.max_bytes}")
         try:
             typed = self._typed.decode(raw) if self._typed is not None else None
-        except (msgspec.DecodeError, ValueError):  # ValueError: invalid UTF-8
-            typed = None
+        except Exception:  # DecodeError; ValueError: invalid UTF-8; RecursionError: deep nesting
+            typed = None  # whatever went wrong, the generic path below names the reason
         if typed is not None:
             event = self._accept(typed)
             if event is not None:

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -87,3 +88,38 @@ def _route_uncaught_exceptions() -> None:
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook
+
+
+class RateLimitedLog:
+    """At most one line per reason every ``interval_s`` seconds, saying how many were left out.
+
+    A producer that sends nothing but bad messages would otherwise write one WARNING line per
+    message: at thousands a second the log itself becomes the outage. The first occurrence of a
+    reason is logged at once; later ones within the interval are counted, and the next line logged
+    for that reason says how many were suppressed since the previous one. (The metrics count every
+    occurrence.)
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0, level: int = logging.WARNING,
+                 clock: Any = None):
+        self.logger = logger
+        self.interval_s = interval_s
+        self.level = level
+        self.clock = clock or time.monotonic
+        self._next: dict[str, float] = {}  # reason -> when its next line may be logged
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, reason: str, message: str, *args: Any) -> bool:
+        """Logs ``message % args`` unless ``reason`` was logged less than ``interval_s`` ago; True if logged."""
+        now = self.clock()
+        if now < self._next.get(reason, float("-inf")):
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return False
+        self._next[reason] = now + self.interval_s
+        suppressed = self._suppressed.pop(reason, 0)
+        if suppressed:
+            self.logger.log(self.level, message + " (and %d more with reason %s since the last such line)",
+                            *args, suppressed, reason)
+        else:
+            self.logger.log(self.level, message, *args)
+        return True

@@ -8,6 +8,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client import disable_created_metrics
 
+from .errors import PROCESSING_REASONS
 from .events import REASONS
 
 # `_created` series double the exposition size and no dashboard uses them.
@@ -117,7 +118,17 @@ class WorkerMetrics:
                                               "Scored windows over their key's threshold.", registry=r)
         self.keys_calibrated = Gauge(p + "keys_calibrated",
                                      "Keys served with their own adaptive threshold (warm-up over).", registry=r)
-        for reason in REASONS:
+        # The batch lifecycle's failures (stream_detector.runtime).
+        self.dead_letters_truncated = Counter(
+            p + "dead_letters_truncated",
+            "Dead letters cut to fit the producer's message.max.bytes (headers carry the original's length and SHA-256).",
+            registry=r)
+        self.model_call_retries = Counter(p + "model_call_retries", "Model calls that raised and were made again.",
+                                          registry=r)
+        self.batch_failures = Counter(p + "batch_failures",
+                                      "Micro-batches that could not be finished, by stage (the worker then stops).",
+                                      ["stage"], registry=r)
+        for reason in REASONS + PROCESSING_REASONS:
             self.events_invalid.labels(reason=reason)
         for reason in ("capacity", "idle"):
             self.keys_evicted.labels(reason=reason)

@@ -164,7 +164,9 @@ class TransactionProfile(Profile):
         for i in range(len(self.context_fields)):
             out[j + i] = float(values[2 + i])
         state[_TX_HEADER + int(count) % self.terminal_memory] = terminal
-        state[_TX_LAST_TS] = timestamp
+        # Monotone: an old or forged timestamp must not rewind the key's last-seen time (the next
+        # in-order event's gap would then span back to it).
+        state[_TX_LAST_TS] = max(timestamp, state[_TX_LAST_TS]) if count > 0 else timestamp
         state[_TX_COUNT] = count + 1
 
     def to_config(self) -> dict[str, Any]:

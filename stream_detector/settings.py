@@ -55,6 +55,11 @@ class Settings:
     sasl_password: str = field(
         default="", metadata=_doc("SASL password (secret: prefer `STREAM_DETECTOR_SASL_PASSWORD_FILE`, never logged).")
     )
+    sasl_plain_without_tls: bool = field(
+        default=False,
+        metadata=_doc("Allow `sasl_mechanism` `PLAIN` with `SASL_PLAINTEXT`, which sends the password in clear "
+                      "text; refused unless set (use `SASL_SSL`)."),
+    )
     session_timeout_s: float = field(
         default=10.0,
         metadata=_doc("Consumer group session timeout: how soon a dead worker's partitions move to another."),
@@ -90,7 +95,8 @@ class Settings:
         default=100_000, metadata=_doc("Most keys with a live window; the least recently seen is evicted beyond it.")
     )
     key_ttl_s: float = field(
-        default=86_400.0, metadata=_doc("A key idle this long (wall clock) loses its window.")
+        default=86_400.0,
+        metadata=_doc("A key idle this long (monotonic clock: a step of the wall clock evicts nothing) loses its window."),
     )
     state_min_events: int = field(
         default=2,
@@ -250,6 +256,10 @@ class Settings:
                 problems.append("sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL")
             if not self.sasl_username or not self.sasl_password:
                 problems.append("sasl_username and sasl_password are required with SASL")
+            if (self.security_protocol == "SASL_PLAINTEXT" and self.sasl_mechanism == "PLAIN"
+                    and not self.sasl_plain_without_tls):
+                problems.append("sasl_mechanism PLAIN over SASL_PLAINTEXT sends the password in clear text: use "
+                                "SASL_SSL, a SCRAM mechanism, or set sasl_plain_without_tls=true to accept that")
         for name in ("threshold_history", "threshold_warmup_windows", "alert_min_windows", "alert_close_after",
                      "alert_update_every"):
             if getattr(self, name) < 1:
@@ -299,6 +309,12 @@ class Settings:
         if overrides:
             values.update({k: v for k, v in _check_names(cls, overrides, source="overrides").items() if v is not None})
         return cls(**{name: _coerce(cls, name, value) for name, value in values.items()})
+
+    def __repr__(self) -> str:
+        """Secrets masked: a Settings object in a log line or a traceback never shows a password."""
+        return "Settings(" + ", ".join(f"{name}={value!r}" for name, value in self.redacted().items()) + ")"
+
+    __str__ = __repr__
 
     def with_changes(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -1,7 +1,11 @@
 """The Faust worker: Kafka in, :class:`~stream_detector.detector.Detector` in the middle, alerts out.
 
-This is the one place where the pieces are wired together. Per micro-batch (adaptive, see
-:mod:`~stream_detector.batching`; or Faust's ``stream.take_events(batch_max, within)``):
+This is the one place where the pieces are wired together: Faust's stream, consumer and table on
+one side, the batch lifecycle of :mod:`stream_detector.runtime` on the other (the
+:class:`~stream_detector.runtime.pipeline.BatchPipeline`, its
+:class:`~stream_detector.runtime.checkpoint.Settler`, the changelog state and the failure policy,
+each unit-tested without Faust). Per micro-batch (adaptive, see :mod:`~stream_detector.batching`;
+or Faust's ``stream.take_events(batch_max, within)``):
 
 1. decode and window the batch on the event loop (fast, per event);
 2. score it on a dedicated thread, so heartbeats and commits never stall: on CPU in parts of 256
@@ -9,7 +13,7 @@ This is the one place where the pieces are wired together. Per micro-batch (adap
    on CUDA in one model call;
 3. judge it (thresholds, incidents) and send its alerts and dead letters (through
    :mod:`~stream_detector.kafka.output`'s producer, not Faust's);
-4. hand it to the :class:`Settler`, which, on a task of its own and in batch order, waits until the
+4. hand it to the :class:`~stream_detector.runtime.checkpoint.Settler`, which, on a task of its own and in batch order, waits until the
    broker has acknowledged them, writes the window state the batch changed to the changelog
    (below), and acks the batch's offsets (Faust commits them later) once that is written. The
    loop does not wait for the broker: it goes on with the next batch at once.
@@ -52,167 +56,28 @@ import gc
 import logging
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import faust
-import orjson
 
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_version_dir
 from .batching import ack_events, adaptive_batches, pending_events
-from .detector import Detector, PreparedBatch, RawRecord
-from .events import Invalid
+from .detector import Detector
 from .kafka import faust_fastpath, faust_fixes
 from .kafka.admin import ensure_topics, partition_count
-from .kafka.output import Deliveries, OutputProducer
+from .kafka.output import OutputProducer
 from .kafka.security import confluent_config, faust_credentials
-from .metrics import WorkerMetrics, observe_many
+from .metrics import WorkerMetrics
 from .scoring import ModelRunner, inference_executor, worker_threads
 from .settings import Settings
 from .incidents import AlertPolicy
 from .thresholds import ThresholdConfig, build_threshold_policy
-from .alerts import encode_alert
+from .runtime.checkpoint import Published, Scoring, Settler, Snapshots  # noqa: F401 (the worker's API)
+from .runtime.failures import FailurePolicy
+from .runtime.pipeline import BatchPipeline, PipelineConfig
+from .runtime.state import ChangelogState
 
 log = logging.getLogger("stream_detector.worker")
-# Batches whose window snapshots may be on their way to the changelog while the next is handled
-# (under a backlog): the worker does not wait a broker round trip per batch; offsets still wait.
-WRITES_IN_FLIGHT = 4
-# Judged batches waiting for their alerts to be acknowledged before the loop waits too.
-SETTLING_MAX = 32
-
-
-@dataclass(slots=True)
-class Scoring:
-    """A micro-batch windowed and being scored on the inference thread, in parts (in order)."""
-
-    events: list[Any]  # Faust events, acked once the batch's snapshots are written
-    parts: list[tuple[PreparedBatch, asyncio.Future | None]]  # each part's scores; None: none scored
-    sent: Deliveries  # its dead letters, then its alerts
-
-
-@dataclass(slots=True)
-class Published:
-    sent: Deliveries
-    messages: list[tuple[dict[str, Any], RawRecord | None]]  # alert messages, with their records
-    dead_letters: int
-
-
-@dataclass(slots=True)
-class Snapshots:
-    """Changelog records (key, snapshot or None for a delete, partition) taken at a batch boundary."""
-
-    items: list[tuple[bytes, bytes | None, int]]
-    revocations: int  # revocations seen when they were taken
-    keys: list[str]  # keys whose item is a window part still to be completed (the last items), in order
-    covers: int | None  # once written, the events of micro-batches up to this one are covered
-
-
-class Settler:
-    """Finishes micro-batches in order on a task of its own, so the loop never waits for the broker.
-
-    Per batch, in the order the batches were judged: its alerts and dead letters are awaited (the
-    broker has them), then its window snapshots, if it carries any, are sent (so a snapshot never
-    runs ahead of the alerts it follows, and a key's snapshots reach the changelog in order), and
-    once the broker has those, the input events they cover are acked (Faust may commit them). The
-    loop meanwhile takes, windows and judges the next batches: a slow acknowledgement (the broker
-    occasionally takes 50 to 100 ms) delays commits, not the alerts of the events behind it.
-    Bounded: the loop waits once ``SETTLING_MAX`` batches are waiting to be settled.
-    """
-
-    def __init__(self, publish: Callable[[Published], Awaitable[None]],
-                 send_snapshots: Callable[[Snapshots], Awaitable[Any] | None],
-                 ack: Callable[[list[Any]], Awaitable[None]], assignment: Callable[[], Any],
-                 generation: Callable[[], Any] = lambda: None):
-        self._publish, self._send_snapshots, self._ack, self._assignment = publish, send_snapshots, ack, assignment
-        self._generation = generation
-        self._queue: asyncio.Queue[tuple[Published | None, Snapshots | None, list[Any], int] | None] = \
-            asyncio.Queue(maxsize=SETTLING_MAX)
-        # Settled micro-batches (number, events) whose events no written snapshot covers yet.
-        self._unacked: deque[tuple[int, list[Any]]] = deque()
-        # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
-        # covers: under a backlog up to WRITES_IN_FLIGHT stay out while the next batches settle.
-        self._writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
-        self._task = asyncio.ensure_future(self._run())
-
-    def check(self) -> None:
-        """Raises what stopped the settler (an undeliverable alert or snapshot), if anything did."""
-        if self._task.done() and not self._task.cancelled():
-            self._task.result()
-
-    async def put(self, published: Published | None, snapshots: Snapshots | None, events: list[Any],
-                  batch: int = -1) -> None:
-        """Hands over a judged micro-batch (its alerts sent) numbered ``batch``, with its events, and
-        the snapshots collected at its end (if any)."""
-        self.check()
-        if self._queue.full():  # the broker is behind: wait, but not past the settler's failure
-            put = asyncio.ensure_future(self._queue.put((published, snapshots, events, batch)))
-            await asyncio.wait({put, self._task}, return_when=asyncio.FIRST_COMPLETED)
-            if not put.done():
-                put.cancel()
-                self.check()
-            return
-        self._queue.put_nowait((published, snapshots, events, batch))
-
-    def unsettled(self) -> int:
-        """Events handed over and not acked yet."""
-        return (sum(len(item[2]) for item in self._queue._queue if item is not None)  # type: ignore[attr-defined]
-                + sum(len(events) for _, events in self._unacked)
-                + sum(len(covered) for _, covered in self._writing))
-
-    async def close(self) -> None:
-        """Settles everything handed over (raises if that fails) and stops."""
-        self.check()
-        await self._queue.put(None)
-        await self._task
-
-    def cancel(self) -> None:
-        self._task.cancel()
-
-    async def _run(self) -> None:
-        queue = self._queue
-        while True:
-            item = await queue.get()
-            if item is None:
-                await self._settle_writes(wait=True)
-                return
-            published, snapshots, events, batch = item
-            unacked = self._unacked
-            if events:
-                unacked.append((batch, events))
-            if published is not None:
-                await self._publish(published)
-            if snapshots is not None:
-                sent = self._send_snapshots(snapshots)
-                covered: list[Any] = []
-                while unacked and snapshots.covers is not None and unacked[0][0] <= snapshots.covers:
-                    covered.extend(unacked.popleft()[1])
-                if sent is not None or covered:
-                    self._writing.append((sent, covered))
-            # Nothing behind: wait for the writes now, so that the offsets are committed soon.
-            await self._settle_writes(wait=queue.empty())
-
-    async def _settle_writes(self, wait: bool) -> None:
-        """Acks, in order, the events of every write that is in the changelog (all of them when
-        ``wait``; else at most ``WRITES_IN_FLIGHT`` writes stay out)."""
-        writing = self._writing
-        while writing:
-            written, covered = writing[0]
-            if written is not None:
-                if not written.done() and not wait and len(writing) <= WRITES_IN_FLIGHT:
-                    break
-                await written  # in the changelog before the offsets may be committed (raises if not)
-            writing.popleft()
-            if covered:
-                # Not events of partitions revoked since: Faust forgot their acks at the revocation,
-                # and a late ack would bring back a stale committable offset for them.
-                # Nor events fetched before a rebalance whose partition came back to this worker: Faust
-                # forgot their partition's acks and committed offset at the revocation, re-delivers
-                # them from the committed offset, and an ack from the old generation would be booked
-                # into the new one's (seen as commits stuck for good on the two-worker rebalance test).
-                assigned, generation = self._assignment(), self._generation()
-                await self._ack([e for e in covered if e.message.tp in assigned
-                                 and getattr(e.message, "generation_id", generation) == generation])
 
 
 def _broker_url(bootstrap_servers: str) -> str:
@@ -245,9 +110,9 @@ class DetectorService:
             alerting=AlertPolicy.from_settings(settings),
             score_stride=settings.score_stride,
             hot_key_rate=settings.hot_key_rate,
+            key_clock=time.monotonic,  # a wall-clock step must not evict every key (and tombstone it)
         )
         self.detector.windows.store.on_evict = self._on_evict
-        self.suppressed_seen = 0  # incidents_suppressed already counted in metrics
         self.executor = inference_executor(settings.torch_threads)
         self._announce(artifact, threshold.value)
 
@@ -347,98 +212,26 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                        schema=faust_fastpath.RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
     out = app.output = OutputProducer(settings.bootstrap_servers, confluent_config(settings))
-    alerts_topic, dead_letter_topic, scores_topic = (settings.alerts_topic, settings.dead_letter_topic,
-                                                     settings.scores_topic)
     detector, metrics = service.detector, service.metrics
     # Window state, changelog-backed. Written with explicit partitions (the input record's), read
     # back lazily per key; never modified through the table API, which would pick partitions itself.
     # Faust declares the changelog topic and restores from it; the writes go through `out`.
     state = app.Table("windows", partitions=input_partitions, key_type=bytes, value_type=bytes,
                       help="per-key window snapshots")
-    changelog_topic = state.changelog_topic.get_topic_name()
-    store = detector.windows.store
-
-    def restore(key: str) -> bytes | None:
-        blob = state.data.pop(key.encode(), None)  # the live copy is the window store from now on
-        if blob is not None:
-            metrics.keys_restored.inc()
-        return blob
-
-    # Changelog deletes of evicted keys, sent with the next snapshots (first), so that a key's
-    # snapshot collected before its eviction can never land after its tombstone.
-    tombstones: list[tuple[bytes, int]] = []
-    revocations: list[set[int]] = []  # partitions revoked, in order: snapshots of those are not sent
-
-    def tombstone(key: str, slot: int) -> None:
-        if store.is_persisted(slot):  # nothing to delete for a key never written
-            tombstones.append((key.encode(), store.position(slot)[0]))
-
-    detector.windows.restore = restore
-    store.on_evict_key = tombstone
-
-    def collect_windows(sealed_by: float | None = None) -> Snapshots | None:
-        """The window part of the snapshots of the changed keys that are due (those first changed by
-        micro-batches sealed by ``sealed_by``; all with None), as they stand now: at a batch boundary,
-        before the next batch's events enter the windows. :func:`complete` adds each key's incident
-        and threshold state once the batch is judged. None when nothing is due."""
-        windows = detector.windows
-        if sealed_by is None:
-            covers = windows.newest_sealed
-            touched = windows.drain_touched()
-        else:
-            touched, covers = windows.drain_sealed(sealed_by)
-        if not touched and covers is None and not tombstones:
-            return None
-        items: list[tuple[bytes, bytes | None, int]] = [(key, None, partition) for key, partition in tombstones]
-        tombstones.clear()
-        keys: list[str] = []
-        min_events = settings.state_min_events
-        window_snapshot, position = store.snapshot, store.position
-        for key, slot in touched.items():
-            # Not evicted since; and a key's very first event is not worth a changelog write (a flood
-            # of one-off keys would double the traffic): at worst one event is missing from its window.
-            if store.slot_of(key) == slot and store.count(slot) >= min_events:
-                keys.append(key)
-                items.append((key.encode(), window_snapshot(slot), position(slot)[0]))
-                store.mark_persisted(slot)
-        return Snapshots(items, len(revocations), keys, covers)
-
-    def complete(snapshots: Snapshots | None) -> Snapshots | None:
-        """Adds the key state (after the batch's thresholds and incidents) to collected windows."""
-        if snapshots is None:
-            return None
-        key_state = detector.key_state
-        items = snapshots.items
-        first = len(items) - len(snapshots.keys)  # the tombstones come first
-        for i, key in enumerate(snapshots.keys, first):
-            name, body, partition = items[i]
-            items[i] = (name, body + key_state(key), partition)  # type: ignore[operator]
-        snapshots.keys = []
-        return snapshots
-
-    def collect_snapshots() -> Snapshots | None:
-        """Whole snapshots of every changed key (at a batch boundary: after the batch's thresholds and
-        incidents, before the next batch's events)."""
-        return complete(collect_windows())
-
-    def send_snapshots(snapshots: Snapshots | None) -> Awaitable[Any] | None:
-        """Sends snapshots once the alerts they follow are acknowledged; None if there were none."""
-        if snapshots is None:
-            return None
-        revoked = set().union(*revocations[snapshots.revocations:])
-        sent = out.group()
-        for key, value, partition in snapshots.items:
-            if partition not in revoked:  # its new owner has restored the key already
-                sent.send(changelog_topic, key, value, partition)
-        metrics.state_writes.inc(len(sent))
-        return sent.wait() if len(sent) else None
+    changelog = ChangelogState(detector, out, state.changelog_topic.get_topic_name(), metrics,
+                               settings.state_min_events,
+                               # the live copy is the window store from now on
+                               restore_source=lambda key: state.data.pop(key, None))
+    pipeline = BatchPipeline(PipelineConfig.from_settings(settings), detector, metrics, service.executor, out,
+                             changelog, FailurePolicy(on_failure=lambda stage: metrics.batch_failures.labels(
+                                 stage=stage).inc()), part_size=service.runner.chunk or max(settings.batch_max, 1))
+    app.pipeline = pipeline
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
         partitions = {tp.partition for tp in revoked if tp.topic == settings.input_topic}
         if partitions:
-            revocations.append(partitions)
-            dropped = store.drop_partitions(partitions)
+            dropped = changelog.revoke(partitions)
             log.info("partitions %s revoked: %d key windows handed over", sorted(partitions), dropped)
             # Snapshots already sent reach the changelog before the partitions' new owner reads it.
             deadline = time.monotonic() + 5.0
@@ -466,221 +259,27 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
 
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
-        """Micro-batches; with ``batch_pipeline``, pipelined under a backlog (a full batch or more
-        waiting): while batch k is scored on the inference thread, the loop judges batch k-1 and
-        sends its alerts.
+        """Micro-batches through the :class:`~stream_detector.runtime.pipeline.BatchPipeline`; with
+        ``batch_pipeline``, pipelined under a backlog (a full batch or more waiting): while batch k is
+        scored on the inference thread, the loop judges batch k-1 and sends its alerts.
 
-        Per batch: the due keys' windows are snapshotted (before the next batch's events enter
-        them); the next batch, if one is already there, is windowed and queued for the model; this
-        batch's scores are awaited and judged (thresholds, incidents), its snapshots completed with
-        the keys' incident and threshold state, and its alerts sent. The settler then awaits them,
-        sends the snapshots and acks the events, while the loop goes on with the next batch. Below a
-        backlog the batch is finished at once, so a lone event never waits for another.
+        A batch-level failure stops the process (see :mod:`stream_detector.runtime.failures`): the
+        agent never raises into Faust's supervisor, which would restart it in this process and go on
+        consuming past the failed batch.
         """
-        loop = asyncio.get_running_loop()
         # Adaptive batches leave acks to us: a batch is acked once the snapshots covering it are
         # written (its keys `state_flush_s` after they first changed). Faust's take_events acks each
         # batch itself, so with it snapshots are written after every batch and batches are not pipelined.
-        deferred = settings.batch_adaptive
-        pipelined = deferred and settings.batch_pipeline
         # After 0.1 s without events every changed key is written and every event acked. A rebalance
         # suspends the flow: Faust then waits for the events taken to be acked and commits them before
         # it gives the partitions up. Acks that came later (after a 1 s flush wait) were committed by
         # Faust's next periodic commit, over the new owner's (it commits whatever it has acks for):
         # the two-worker rebalance test saw commits stuck in 4 of 10 runs at 1 s, none in 5 at 0.1 s.
         batches = (adaptive_batches(stream, settings.batch_max, settings.batch_within_s, defer_acks=True,
-                                    idle_s=0.1) if deferred
+                                    idle_s=0.1) if settings.batch_adaptive
                    else stream.take_events(settings.batch_max, within=settings.batch_within_s))
-        # Events of batches whose alerts and snapshots are settled in order on the settler's task, off
-        # the loop's path (see `Settler`); the loop counts those not covered by a snapshot yet.
-        settler = Settler(publish, send_snapshots, lambda events: ack_events(stream, events),
-                          lambda: app.consumer.assignment(), lambda: app.consumer_generation_id)
-        concluded = 0  # micro-batches concluded so far: each one's number
-        # (number, events) of concluded batches no collected snapshot covers yet, and their events.
-        uncovered: deque[tuple[int, int]] = deque()
-        unflushed = 0
-        flush_at_most = max(50_000, 8 * settings.batch_max)  # events held unacked
-
-        def covered(snapshots: Snapshots | None) -> Snapshots | None:
-            nonlocal unflushed
-            if snapshots is not None and snapshots.covers is not None:
-                while uncovered and uncovered[0][0] <= snapshots.covers:
-                    unflushed -= uncovered.popleft()[1]
-            return snapshots
-        # Windowing the next batch before this one is judged could evict a key of this batch (least
-        # recently used) only when the key limit is within two batches of keys.
-        overlap_keys = settings.max_keys >= 4 * settings.batch_max
-
-        async def conclude(scoring: Scoring, next_events: list[Any] | None) -> Scoring | None:
-            """Finishes ``scoring`` and hands it to the settler; starts ``next_events`` (if any) before
-            waiting for the model. Returns the started batch."""
-            nonlocal concluded, unflushed
-            concluded += 1
-            number = concluded
-            now = loop.time()
-            detector.windows.seal(number, now)  # the keys this batch changed first
-            uncovered.append((number, len(scoring.events)))
-            unflushed += len(scoring.events)
-            # The windows as this batch left them, before the next batch enters them: those of the keys
-            # first changed `state_flush_s` ago or more (each changed key is written once per interval,
-            # and the writes are spread over the batches; see `FeatureWindows.drain_sealed`), or of
-            # every changed key.
-            if not deferred or settings.state_flush_s == 0 or unflushed >= flush_at_most:
-                snapshots = covered(collect_windows())
-            else:
-                snapshots = covered(collect_windows(now - settings.state_flush_s))
-            started = None
-            if next_events and not detector.model_swap_pending and overlap_keys:
-                # The next batch is windowed and queued for the model now, so the model thread goes on
-                # scoring while this batch is judged. Not across a model swap: this batch is judged
-                # against its own model's thresholds.
-                started = start(next_events)
-            published = await judge(scoring)
-            if snapshots is not None:
-                complete(snapshots)
-            if next_events and started is None:
-                started = start(next_events)
-            if not deferred:
-                await publish(published)
-                send_snapshots(snapshots)  # after the alerts: a snapshot never runs ahead of them
-                return started
-            await settler.put(published, snapshots, scoring.events, number)
-            return started
-
-        scoring: Scoring | None = None
-        try:
-            async for events in batches:
-                if scoring is not None:
-                    scoring = await conclude(scoring, events)  # and starts this batch
-                elif events:
-                    scoring = start(events)
-                elif deferred and unflushed:  # gone quiet: write every changed key, ack what it covers
-                    await settler.put(None, covered(collect_snapshots()), [])
-                elif deferred:
-                    settler.check()
-                # Kept in flight only when pipelining under a backlog: a full batch already there to overlap
-                # it with (and only with deferred acks: take_events acks a batch once the next is asked
-                # for). Below that the batch is finished first: pipelining would hold its alerts back for
-                # as long as the next batch takes to window.
-                while scoring is not None and not (pipelined and pending_events(stream) >= settings.batch_max):
-                    scoring = await conclude(scoring, None)
-        finally:
-            async def wind_down() -> None:
-                nonlocal scoring
-                while scoring is not None:
-                    scoring = await conclude(scoring, None)
-                if deferred and unflushed:
-                    await settler.put(None, covered(collect_snapshots()), [])
-                await settler.close()
-
-            try:  # a clean stop: leave nothing to re-deliver
-                await asyncio.wait_for(wind_down(), timeout=5.0)
-            except Exception as exc:  # stopping anyway; the events are re-delivered and re-applied
-                log.info("window state not flushed at stop (%s): %d events will be re-delivered", exc,
-                         settler.unsettled() + (len(scoring.events) if scoring is not None else 0))
-            finally:
-                settler.cancel()
-
-    # A micro-batch is windowed and scored in parts of this many events: the inference thread scores
-    # one part while the loop windows the next, and the loop judges the first parts while it scores
-    # the last (on CPU the model takes 256 windows per call anyway; on CUDA a micro-batch stays one
-    # host-to-device copy and one call).
-    part_size = service.runner.chunk or max(settings.batch_max, 1)
-
-    def start(events: list[Any]) -> Scoring:
-        """Decodes and windows a batch, sends its dead letters, and starts scoring it off the loop."""
-        records = [
-            RawRecord(e.message.value, e.message.key, e.message.timestamp, e.message.partition,
-                      e.message.offset, tuple(e.message.headers or ()))
-            for e in events
-        ]
-        metrics.events_consumed.inc(len(records))
-        loop = asyncio.get_running_loop()
-        parts: list[tuple[PreparedBatch, asyncio.Future | None]] = []
-        sent = out.group()
-        scored = 0
-        for first in range(0, len(records), part_size):
-            batch = detector.prepare(records[first:first + part_size], first_row=scored)
-            scored += len(batch)
-            parts.append((batch, loop.run_in_executor(service.executor, detector.score, batch) if len(batch) else None))
-            for record, invalid in batch.invalid:
-                dead_letter(sent, record, invalid)
-        warming_up = sum(batch.warming_up for batch, _ in parts)
-        replayed = sum(batch.replayed for batch, _ in parts)
-        unscored = sum(batch.unscored for batch, _ in parts)
-        if scored:
-            metrics.batch_size.observe(scored)
-        if warming_up:
-            metrics.events_warming_up.inc(warming_up)
-        if replayed:
-            metrics.events_replayed.inc(replayed)
-        if unscored:
-            metrics.events_unscored.inc(unscored)
-        return Scoring(events, parts, sent)
-
-    def dead_letter(sent: Deliveries, record: RawRecord, invalid: Invalid) -> None:
-        metrics.events_invalid.labels(reason=invalid.reason).inc()
-        log.warning("invalid event at %s[%d]@%d: %s (%s)", settings.input_topic, record.partition,
-                    record.offset, invalid.reason, invalid.detail)
-        headers = list(record.headers) + [
-            ("x-dlq-reason", invalid.reason.encode()),
-            ("x-dlq-detail", invalid.detail.encode("utf-8", "replace")),
-            ("x-dlq-source", f"{settings.input_topic}:{record.partition}:{record.offset}".encode()),
-        ]
-        sent.send(dead_letter_topic, record.key, record.value or b"", headers=headers)
-
-    async def judge(scoring: Scoring) -> Published:
-        """Thresholds and incidents for a scored batch; its alerts (and scores) are sent."""
-        sent = scoring.sent
-        decisions = []
-        for batch, scores in scoring.parts:  # judging the first parts while the last are scored
-            if scores is not None:
-                decisions.extend(detector.finish(batch, await scores))
-        metrics.windows_scored.inc(len(decisions))
-        # Incident closes of evicted keys and idle incidents go first: a key's old incident is
-        # closed before a new one of the same key opens.
-        messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
-        over = 0
-        ratios = []
-        for d in decisions:
-            ratios.append(d.severity if d.severity is not None else d.score)  # score / threshold
-            over += d.over
-            if d.alert is not None:
-                messages.append((d.alert, d.record))
-        observe_many(metrics.score_ratio, ratios)
-        for message, _ in messages:
-            sent.send(alerts_topic, message["key"].encode(), encode_alert(message))
-        if scores_topic:
-            version = detector.artifact.version
-            for d in decisions:
-                sent.send(scores_topic, d.event.key.encode(), orjson.dumps({
-                    "key": d.event.key, "event_id": d.event.event_id, "event_timestamp": d.event.timestamp,
-                    "score": d.score, "threshold": d.threshold, "model_version": version}))
-        if over:
-            metrics.windows_over_threshold.inc(over)
-        lifecycle = detector.incidents
-        metrics.incidents_suppressed.inc(lifecycle.stats.suppressed - service.suppressed_seen)
-        service.suppressed_seen = lifecycle.stats.suppressed
-        metrics.incidents_open.set(lifecycle.open_count)
-        metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
-        metrics.active_keys.set(len(detector.windows))
-        return Published(sent, messages, sum(len(batch.invalid) for batch, _ in scoring.parts))
-
-    async def publish(published: Published) -> None:
-        """Waits for the broker to acknowledge a batch's alerts and dead letters."""
-        if not len(published.sent):
-            return
-        await published.sent.wait()  # broker acks before the input offsets are acked
-        if published.dead_letters:
-            metrics.dead_lettered.inc(published.dead_letters)
-        done = time.time()
-        for message, record in published.messages:
-            metrics.alerts_published.inc()
-            metrics.alert_messages.labels(state=message["state"]).inc()
-            if message["state"] == "close":
-                metrics.incidents_closed.labels(reason=message["incident"]["close_reason"]).inc()
-            if record is not None and record.timestamp:
-                metrics.event_to_alert_seconds.observe(max(done - record.timestamp, 0.0))
+        await pipeline.run(batches, lambda: pending_events(stream), lambda events: ack_events(stream, events),
+                           lambda: app.consumer.assignment(), lambda: app.consumer_generation_id)
 
     return app
 

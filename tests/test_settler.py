@@ -7,8 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from stream_detector import worker
-from stream_detector.worker import Published, Settler, Snapshots
+from stream_detector.errors import BatchFailed
+from stream_detector.runtime import checkpoint
+from stream_detector.runtime.checkpoint import Published, Settler, Snapshots
 
 
 def _event(partition: int, offset: int) -> SimpleNamespace:
@@ -151,7 +152,7 @@ def test_events_of_partitions_revoked_before_they_are_acked_are_not_acked():
 
 
 def test_the_loop_waits_only_once_the_settling_limit_is_reached(monkeypatch):
-    monkeypatch.setattr(worker, "SETTLING_MAX", 2)
+    monkeypatch.setattr(checkpoint, "SETTLING_MAX", 2)
 
     async def main() -> None:
         broker = Broker()
@@ -182,15 +183,16 @@ def test_an_alert_the_broker_refuses_stops_the_settler_and_reaches_the_loop():
         broker.ack("alerts b1", RuntimeError("alert not delivered"))
         await _settle()
         assert "sent snapshots s1" not in broker.log  # nothing written past an alert that is not there
-        with pytest.raises(RuntimeError, match="alert not delivered"):
+        with pytest.raises(BatchFailed, match="alert not delivered") as failed:
             await settler.put(_published("b2"), None, [_event(0, 2)], 2)
+        assert failed.value.stage == "send_alerts"
         assert settler.unsettled() == 1
 
     asyncio.run(main())
 
 
 def test_a_full_settler_whose_alert_is_refused_does_not_leave_the_loop_waiting(monkeypatch):
-    monkeypatch.setattr(worker, "SETTLING_MAX", 1)
+    monkeypatch.setattr(checkpoint, "SETTLING_MAX", 1)
 
     async def main() -> None:
         broker = Broker()
@@ -201,7 +203,7 @@ def test_a_full_settler_whose_alert_is_refused_does_not_leave_the_loop_waiting(m
         blocked = asyncio.ensure_future(settler.put(_published("b3"), None, [_event(0, 3)], 3))
         await _settle()
         broker.ack("alerts b1", RuntimeError("alert not delivered"))
-        with pytest.raises(RuntimeError, match="alert not delivered"):
+        with pytest.raises(BatchFailed, match="alert not delivered"):
             await asyncio.wait_for(blocked, 1.0)
 
     asyncio.run(main())

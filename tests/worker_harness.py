@@ -32,6 +32,8 @@ class WorkerProcess:
     consumer_group: str = field(default_factory=lambda: f"detector-{uuid.uuid4().hex[:10]}")
     metrics_port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The command line; the real worker by default (a test may run a launcher that wraps it).
+    command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "stream_detector", "worker"])
     process: subprocess.Popen | None = None
 
     @property
@@ -56,7 +58,7 @@ class WorkerProcess:
 
     def start(self, timeout: float = 120.0) -> "WorkerProcess":
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "stream_detector", "worker"], env=self.env(),
+        self.process = subprocess.Popen(self.command, env=self.env(),
                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

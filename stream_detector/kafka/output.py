@@ -20,16 +20,18 @@ from typing import Any, Sequence
 
 from confluent_kafka import KafkaError, Producer
 
+from ..errors import DeliveryError
+
 log = logging.getLogger(__name__)
 
 # Messages produced within this many ms share a request. Short: alerts are on the latency path,
 # and a micro-batch's snapshot burst is produced in one go anyway (it batches by itself).
 LINGER_MS = 2
 _POLL_S = 0.05
+# librdkafka's default `message.max.bytes`: produce() refuses a larger record (key, value, headers).
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 
-
-class DeliveryError(RuntimeError):
-    """A message of a group was not delivered (after librdkafka's own retries)."""
+__all__ = ["DeliveryError", "Deliveries", "OutputProducer"]
 
 
 class Deliveries:
@@ -94,14 +96,17 @@ class OutputProducer:
 
     def __init__(self, bootstrap_servers: str, client_config: dict[str, Any] | None = None,
                  linger_ms: float = LINGER_MS, extra: dict[str, Any] | None = None):
-        self._producer = Producer({
+        config = {
             "bootstrap.servers": bootstrap_servers,
             "enable.idempotence": True,  # acks=all, in order per partition, no duplicates on retry
             "linger.ms": linger_ms,
             "logger": logging.getLogger(__name__ + ".librdkafka"),
             **(client_config or {}),
             **(extra or {}),
-        })
+        }
+        # The largest record produce() accepts: dead letters are cut to fit it (see runtime.dead_letters).
+        self.max_message_bytes = int(config.get("message.max.bytes", DEFAULT_MAX_MESSAGE_BYTES))
+        self._producer = Producer(config)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -1,0 +1,39 @@
+"""The package's errors, and the reason codes of the failures a single message can cause.
+
+Every failure the worker raises on purpose derives from :class:`StreamDetectorError`, so callers
+tell the product's own failures apart from library errors with one ``except``.
+"""
+
+from __future__ import annotations
+
+# Dead-letter reasons for exceptions a single message raised while being decoded or windowed (a
+# bug or a library's limit, e.g. msgspec recursing on deeply nested JSON): the message is
+# dead-lettered like any invalid one, never let out of its batch.
+DECODE_FAILED = "decode_failed"
+WINDOW_FAILED = "window_failed"
+# A window whose model score is NaN or infinite: never judged (it is neither calm nor over), and
+# its event is dead-lettered so that it can be replayed.
+NON_FINITE_SCORE = "non_finite_score"
+PROCESSING_REASONS = (DECODE_FAILED, WINDOW_FAILED, NON_FINITE_SCORE)
+
+
+class StreamDetectorError(Exception):
+    """Base of the errors the package raises on purpose."""
+
+
+class ConfigurationError(StreamDetectorError, ValueError):
+    """Settings that cannot work (refused at start, with what to change)."""
+
+
+class DeliveryError(StreamDetectorError, RuntimeError):
+    """A message was not delivered to the broker (after librdkafka's own retries)."""
+
+
+class BatchFailed(StreamDetectorError):
+    """A micro-batch could not be finished: its events are not judged, and no later offset may be
+    committed. ``stage`` names the step that failed (``score``, ``judge``, ``send_alerts``, ...)."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"micro-batch failed at {stage}: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause

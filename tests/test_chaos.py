@@ -1,0 +1,189 @@
+"""Poison records and a failing model against the real broker and worker: nothing is lost.
+
+- Poison records among valid events (a deeply nested message, a 1,000,500-byte record the topic
+  accepts, a 999,950-byte malformed one) are each dead-lettered exactly once (cut to fit, with
+  the original's length and SHA-256), every valid event is scored, the injected anomalies are
+  alerted, and the group's committed offsets reach the end.
+- A model that raises makes the worker exit with status 70 without committing past the failed
+  batch; a restarted worker (with a good model) then judges those events: no alert is lost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from stream_detector.kafka.local_broker import ensure_topics
+from stream_detector.producer import iter_messages, produce_events
+from stream_detector.runtime.failures import EXIT_BATCH_FAILED
+from stream_detector.synthetic import generate
+
+from test_delivery import (alerted_event_ids, anomaly_segments, collect_scores, expected_scored, shifted,
+                           wait_for_group_lag_zero, with_obvious_anomalies)
+from worker_harness import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+BIG = 2_000_000  # the input topic's and the test producer's record size limit
+
+
+def _worker(kafka_broker, sensor_model_dir, tmp_path, partitions: int, **env: str) -> WorkerProcess:
+    proc = WorkerProcess(kafka_broker.bootstrap_servers, sensor_model_dir, tmp_path / f"worker-{uuid.uuid4().hex[:6]}.log")
+    proc.extra_env = {"STREAM_DETECTOR_SCORES_TOPIC": f"scores-{uuid.uuid4().hex[:10]}",
+                      "STREAM_DETECTOR_LAG_INTERVAL_S": "1", **env}
+    ensure_topics(kafka_broker.bootstrap_servers, {proc.input_topic: partitions},
+                  config={"max.message.bytes": str(BIG)})
+    ensure_topics(kafka_broker.bootstrap_servers, {proc.alerts_topic: 1, proc.dead_letter_topic: 1,
+                                                   proc.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]: 1})
+    return proc
+
+
+def _dead_letters(bootstrap: str, topic: str, want: int, timeout: float) -> list[tuple[bytes, dict[str, bytes]]]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"dlq-reader-{time.time_ns()}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out: list[tuple[bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                if len(out) >= want and msg is None:
+                    break
+                continue
+            out.append((msg.value() or b"", dict(msg.headers() or [])))
+    finally:
+        consumer.close()
+    return out
+
+
+def test_poison_records_are_dead_lettered_once_and_every_valid_event_is_scored_and_committed(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    worker = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=2)
+    scores_topic = worker.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]
+    events = with_obvious_anomalies(generate("sensors", 4, 500, anomaly_rate=0.02, seed=61))
+    assert len(events) == 2000 and anomaly_segments(events)
+    poison = {
+        "nested": b'{"x":' + b"[" * 1000,  # 1,005 bytes: msgspec recursed on it and raised
+        "huge": b"y" * 1_000_500,  # over max_message_bytes (oversized); over the producer's limit with headers
+        "near": b'{"key": "' + b"z" * 999_950 + b'"',  # malformed, just under max_message_bytes
+    }
+    poison["near"] = poison["near"][:999_950]
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": BIG, "linger.ms": 5})
+    worker.start()
+    try:
+        chunks = [events[i:i + 500] for i in range(0, len(events), 500)]
+        for chunk, (name, value) in zip(chunks, list(poison.items()) + [(None, None)]):
+            produce_events(bootstrap, worker.input_topic, chunk, rate=0)
+            if name is not None:
+                producer.produce(worker.input_topic, key=f"poison-{name}".encode(), value=value)
+                assert producer.flush(30) == 0
+
+        want = expected_scored(events)
+        scored: dict[str, list[tuple[float, float]]] = {}
+        counts = collect_scores(bootstrap, scores_topic, want, timeout=180, scored=scored)
+        missing = want - counts.keys()
+        assert not missing, f"{len(missing)} valid events never scored; log:\n{worker.log_tail()}"
+
+        letters = _dead_letters(bootstrap, worker.dead_letter_topic, want=len(poison), timeout=60)
+        assert len(letters) == len(poison), [h.get("x-dlq-reason") for _, h in letters]
+        by_key_hash = {}
+        for value, headers in letters:
+            original_sha = headers.get("x-dlq-original-sha256", hashlib.sha256(value).hexdigest().encode())
+            by_key_hash[original_sha.decode()] = (value, headers)
+        for name, original in poison.items():
+            value, headers = by_key_hash[hashlib.sha256(original).hexdigest()]  # each exactly once
+            assert original.startswith(value)
+            assert headers["x-dlq-source"].startswith(worker.input_topic.encode() + b":")
+            if len(original) > 900_000:
+                assert headers["x-dlq-truncated"] == b"true"
+                assert headers["x-dlq-original-bytes"] == str(len(original)).encode()
+        assert by_key_hash[hashlib.sha256(poison["nested"]).hexdigest()][1]["x-dlq-reason"] == b"malformed_json"
+        assert by_key_hash[hashlib.sha256(poison["huge"]).hexdigest()][1]["x-dlq-reason"] == b"oversized"
+
+        alerts = list(iter_messages(bootstrap, worker.alerts_topic, idle_timeout=5.0))
+        alerted = set().union(*(alerted_event_ids(a) for a in alerts)) if alerts else set()
+        missed = [seg for seg in anomaly_segments(events) if not alerted & seg]
+        assert not missed, f"{len(missed)} injected anomalies never alerted"
+
+        wait_for_group_lag_zero(worker, partitions=2, timeout=60)
+        worker.assert_alive()
+        metrics = worker.metrics()
+        assert metrics["stream_detector_dead_letters_truncated_total"] == 2
+        assert metrics["stream_detector_events_dead_lettered_total"] == len(poison)
+    finally:
+        worker.stop()
+
+
+def _committed(bootstrap: str, group: str, topic: str, timeout: float = 60.0) -> int:
+    """The group's committed offset on partition 0 (retried while the coordinator answers with an
+    error, as while the group waits for its dead member's session to time out)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            (tp,) = consumer.committed([TopicPartition(topic, 0)], timeout=10)
+            if tp.error is None or time.monotonic() > deadline:
+                assert tp.error is None, tp.error
+                return tp.offset
+            time.sleep(0.5)
+    finally:
+        consumer.close()
+
+
+def test_a_model_that_raises_stops_the_worker_uncommitted_and_a_restarted_worker_alerts_every_anomaly(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    flag = tmp_path / "model-fails"
+    faulty = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1, FAULTY_MODEL_FLAG=str(flag))
+    faulty.command = [sys.executable, str(Path(__file__).with_name("faulty_model_worker.py"))]
+    scores_topic = faulty.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]
+    phase1 = generate("sensors", 4, 100, anomaly_rate=0.0, seed=81)
+    phase2 = with_obvious_anomalies(shifted(generate("sensors", 4, 150, anomaly_rate=0.04, seed=82), 10_000.0, "p2"))
+    assert anomaly_segments(phase2)
+    faulty.start()
+    try:
+        produce_events(bootstrap, faulty.input_topic, phase1, rate=0)
+        deadline = time.monotonic() + 60  # phase 1 judged and committed
+        while _committed(bootstrap, faulty.consumer_group, faulty.input_topic) < len(phase1):
+            assert time.monotonic() < deadline, faulty.log_tail()
+            faulty.assert_alive()
+            time.sleep(0.5)
+        flag.touch()  # from now on every model call raises
+        produce_events(bootstrap, faulty.input_topic, phase2, rate=0)
+        assert faulty.process is not None
+        status = faulty.process.wait(60)
+        assert status == EXIT_BATCH_FAILED, faulty.log_tail()
+        assert "micro-batch failed at score" in faulty.log_path.read_text()
+        # Not a single offset of phase 2 was committed: none of its events was judged.
+        assert _committed(bootstrap, faulty.consumer_group, faulty.input_topic) == len(phase1)
+    finally:
+        faulty.stop()
+
+    flag.unlink()
+    good = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1)
+    for attr in ("input_topic", "alerts_topic", "dead_letter_topic", "consumer_group"):
+        setattr(good, attr, getattr(faulty, attr))
+    good.extra_env = {**faulty.extra_env}
+    good.extra_env.pop("FAULTY_MODEL_FLAG")
+    good.start()
+    try:
+        want = expected_scored(phase1 + phase2)
+        counts = collect_scores(bootstrap, scores_topic, want, timeout=120)
+        missing = want - counts.keys()
+        assert not missing, f"{len(missing)} events never scored; log:\n{good.log_tail()}"
+        alerts = list(iter_messages(bootstrap, good.alerts_topic, idle_timeout=5.0))
+        alerted = set().union(*(alerted_event_ids(a) for a in alerts)) if alerts else set()
+        missed = [seg for seg in anomaly_segments(phase2) if not alerted & seg]
+        assert not missed, f"{len(missed)} injected anomalies never alerted; log:\n{good.log_tail()}"
+        wait_for_group_lag_zero(good, partitions=1, timeout=60)
+        assert good.metrics()["stream_detector_events_warming_up_total"] == 0  # windows restored
+    finally:
+        good.stop()
