@@ -24,7 +24,7 @@ import orjson
 
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
-from .events import Event, EventDecoder, Invalid
+from .events import Envelope, Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
 from .scoring import Scores
@@ -231,6 +231,8 @@ class Detector:
         max_future_s: float | None = None,
         score_stride: int = 1,
         hot_key_rate: float = 0.0,
+        envelope: Envelope | None = None,
+        topic: str = "",
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -248,8 +250,9 @@ class Detector:
         self.top_features = top_features
         self.clock = clock
         self.stats = DetectorStats()
+        # `envelope`: where a record's key, time, id and fields are; `topic` names record positions.
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
-                                    max_future_s=max_future_s, clock=clock)
+                                    max_future_s=max_future_s, clock=clock, envelope=envelope, topic=topic)
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
                                       restore=restore)
         self.windows.restore_extra = self._restore_key_state
@@ -373,7 +376,7 @@ class Detector:
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
-            decoded = self.decoder.decode(record.value)
+            decoded = self.decoder.decode(record.value, record)
             if isinstance(decoded, Invalid):
                 batch.invalid.append((record, decoded))
                 self.stats.invalid[decoded.reason] += 1

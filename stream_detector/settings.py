@@ -86,6 +86,28 @@ class Settings:
         default="",
         metadata=_doc("Window key taken from this event field (e.g. `terminal_id`) instead of the event `key`."),
     )
+    # Event envelope (README: "Event schema"): where the key, time, id and fields are in a record.
+    event_key_from: str = field(
+        default="body", metadata=_doc("Where the event key is: `body` (at `event_key_path`) or `record_key` (the "
+                                      "Kafka record key, UTF-8).")
+    )
+    event_key_path: str = field(
+        default="key", metadata=_doc("Body path of the event key (dot-separated for nested objects: `meta.device`).")
+    )
+    event_time_from: str = field(
+        default="body", metadata=_doc("Where the event time is: `body` (at `event_time_path`) or `record_timestamp` "
+                                      "(the Kafka record timestamp).")
+    )
+    event_time_path: str = field(default="timestamp", metadata=_doc("Body path of the event time."))
+    event_id_from: str = field(
+        default="body", metadata=_doc("Where the event id is: `body` (at `event_id_path`) or `record_position` "
+                                      "(`topic:partition:offset`, the same when a record is redelivered).")
+    )
+    event_id_path: str = field(default="event_id", metadata=_doc("Body path of the event id."))
+    event_fields_path: str = field(
+        default="fields", metadata=_doc("Body path of the object holding the profile's fields; empty = the top "
+                                        "level (a flat event).")
+    )
     max_keys: int = field(
         default=100_000, metadata=_doc("Most keys with a live window; the least recently seen is evicted beyond it.")
     )
@@ -269,8 +291,26 @@ class Settings:
             problems.append("score_stride must be at least 1")
         if not 0 <= self.hot_key_rate < float("inf"):
             problems.append("hot_key_rate must be zero or positive and finite")
+        for name, allowed in (("event_key_from", ("body", "record_key")), ("event_time_from", ("body", "record_timestamp")),
+                              ("event_id_from", ("body", "record_position"))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be {' or '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("event_key_path", "event_time_path", "event_id_path", "event_fields_path"):
+            path = getattr(self, name)
+            if (path or name != "event_fields_path") and not all(path.split(".")):
+                problems.append(f"{name} must be dot-separated non-empty names, not {path!r}")
+        if self.key_field and self.event_key_from != "body":
+            problems.append("key_field reads the key from the event's fields: it needs event_key_from=body")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def envelope(self) -> Any:
+        """The :class:`~stream_detector.events.Envelope` these settings describe."""
+        from .events import Envelope
+
+        return Envelope(key_from=self.event_key_from, key_path=self.event_key_path, time_from=self.event_time_from,
+                        time_path=self.event_time_path, event_id_from=self.event_id_from,
+                        event_id_path=self.event_id_path, fields_path=self.event_fields_path)
 
     @classmethod
     def load(

@@ -245,6 +245,8 @@ class DetectorService:
             alerting=AlertPolicy.from_settings(settings),
             score_stride=settings.score_stride,
             hot_key_rate=settings.hot_key_rate,
+            envelope=settings.envelope(),
+            topic=settings.input_topic,
         )
         self.detector.windows.store.on_evict = self._on_evict
         self.suppressed_seen = 0  # incidents_suppressed already counted in metrics
