@@ -16,7 +16,8 @@ for tool in java mvn; do
   fi
 done
 
-# Operations tools for tests/test_operations.py: Debian's prometheus (prometheus + promtool) and
+# Operations tools for tests/test_operations.py: Debian's prometheus (prometheus + promtool), amtool
+# (prometheus-alertmanager) and
 # docker-compose (validates the compose file offline; no Docker engine needed). Installed only where
 # apt-get is usable as root; elsewhere those tests skip and say why.
 apt_install() {  # apt_install PACKAGE...: no recommends (docker-compose recommends docker.io), no services started
@@ -62,6 +63,17 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     stop_packaged_prometheus
   else
     echo "bootstrap: prometheus/promtool missing and apt-get unusable (not root?); operations tests will skip" >&2
+  fi
+fi
+if ! command -v amtool >/dev/null 2>&1; then
+  if [ "$can_apt" = 1 ]; then
+    echo "bootstrap: installing Debian's prometheus-alertmanager package (amtool checks deploy/alertmanager)"
+    apt_install prometheus-alertmanager || echo "bootstrap: could not install prometheus-alertmanager; its test will skip" >&2
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || true  # only amtool is wanted
+    fi
+  else
+    echo "bootstrap: amtool missing and apt-get unusable (not root?); the Alertmanager config test will skip" >&2
   fi
 fi
 if ! command -v docker-compose >/dev/null 2>&1; then

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,34 +14,64 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .settings import Settings, settings_table
+from .settings import ENV_PREFIX, MAPPING_FIELDS, SECRET_FIELDS, Settings, SettingsError, settings_table
 
 log = logging.getLogger("stream_detector")
 
 
+def version() -> str:
+    """The installed distribution's version (the source tree's when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as distribution_version
+
+    try:
+        return distribution_version("stream-detector")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class _PropertyAction(argparse.Action):
+    """``--kafka-producer compression.type=zstd`` (repeatable): one property of a mapping setting."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        prop, sep, text = str(value).partition("=")
+        if not sep or not prop:
+            parser.error(f"{option_string} takes PROPERTY=VALUE, not {value!r}")
+        current = dict(getattr(namespace, self.dest) or {})
+        current[prop] = text
+        setattr(namespace, self.dest, current)
+
+
 def _add_settings_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE",
-                   help="TOML settings file, keys as in `stream-detector settings --table` (also STREAM_DETECTOR_CONFIG)")
-    p.add_argument("--bootstrap-servers", dest="bootstrap_servers", metavar="HOST:PORT[,...]",
-                   help="Kafka bootstrap servers (STREAM_DETECTOR_BOOTSTRAP_SERVERS; default 127.0.0.1:9092)")
-    p.add_argument("--input-topic", dest="input_topic", metavar="TOPIC",
-                   help="topic to consume events from (STREAM_DETECTOR_INPUT_TOPIC; default events)")
-    p.add_argument("--alerts-topic", dest="alerts_topic", metavar="TOPIC",
-                   help="topic alerts are published to (STREAM_DETECTOR_ALERTS_TOPIC; default alerts)")
-    p.add_argument("--model-dir", dest="model_dir", metavar="DIR",
-                   help="model artifact, or a directory of versions: the newest is served (STREAM_DETECTOR_MODEL_DIR)")
-    p.add_argument("--device", dest="device", help="auto, cpu, cuda or cuda:N (STREAM_DETECTOR_DEVICE; default auto)")
-    p.add_argument("--metrics-port", dest="metrics_port", type=int, metavar="PORT",
-                   help="Prometheus /metrics port, 0 = off (STREAM_DETECTOR_METRICS_PORT; default 9108)")
-    p.add_argument("--consumer-group", dest="consumer_group", metavar="GROUP",
-                   help="Kafka consumer group (STREAM_DETECTOR_CONSUMER_GROUP; default stream-detector)")
+    """One flag per setting, generated from the Settings dataclass (its docs are the help)."""
+    group = p.add_argument_group(
+        "settings", "every setting, as in `stream-detector settings --table`; precedence: defaults < TOML file < "
+                    "STREAM_DETECTOR_* environment variables < these flags")
+    group.add_argument("--config", metavar="FILE",
+                       help="TOML settings file, keys as in `stream-detector settings --table` (also STREAM_DETECTOR_CONFIG)")
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        doc = re.sub(r"`([^`]*)`", r"\1", f.metadata.get("doc", "")).replace("%", "%%")
+        if f.name in SECRET_FIELDS:  # a secret on a command line is visible to every user of the machine
+            group.add_argument(flag + "-file", dest=f.name + "_file", metavar="FILE", default=None,
+                               help=f"file holding {f.name} ({ENV_PREFIX}{f.name.upper()}_FILE)")
+        elif f.name in MAPPING_FIELDS:
+            group.add_argument(flag, dest=f.name, action=_PropertyAction, metavar="PROPERTY=VALUE", default=None,
+                               help=f"{doc} Repeatable ({ENV_PREFIX}{f.name.upper()}__<PROPERTY>).")
+        elif isinstance(f.default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{doc} ({ENV_PREFIX}{f.name.upper()}; default {str(f.default).lower()})")
+        else:
+            group.add_argument(flag, dest=f.name, metavar=f.name.rsplit("_", 1)[-1].upper(), default=None,
+                               help=f"{doc} ({ENV_PREFIX}{f.name.upper()}; default {f.default!r})")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("bootstrap_servers", "input_topic", "alerts_topic", "model_dir", "device", "metrics_port",
-             "consumer_group")
+    names = [f.name for f in dataclasses.fields(Settings) if f.name not in SECRET_FIELDS]
+    names += [name + "_file" for name in SECRET_FIELDS]
     return Settings.load(args.config, overrides={n: getattr(args, n, None) for n in names})
 
 
@@ -61,24 +93,31 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
+    from .kafka.security import client_config
     from .producer import produce_events
     from .synthetic import generate
 
+    settings = _settings(args)
+    topic = args.topic or settings.input_topic
     events = generate(args.profile, args.keys, args.events_per_key, args.anomaly_rate, seed=args.seed)
     print(f"producing {len(events)} {args.profile} events ({sum(e.label for e in events)} injected anomalies) "
-          f"to {args.topic} at {args.rate or 'max'} events/s", flush=True)
-    n = produce_events(args.bootstrap_servers, args.topic, events, rate=args.rate,
-                       on_progress=lambda i: print(f"  {i} events sent", flush=True))
+          f"to {topic} at {settings.bootstrap_servers}, {args.rate or 'max'} events/s", flush=True)
+    n = produce_events(settings.bootstrap_servers, topic, events, rate=args.rate,
+                       on_progress=lambda i: print(f"  {i} events sent", flush=True),
+                       extra_config=client_config(settings, "producer"))
     print(f"{n} events acknowledged by the broker")
     return 0
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
+    from .kafka.security import client_config
     from .producer import iter_messages
 
+    settings = _settings(args)
     shown = 0
-    for alert in iter_messages(args.bootstrap_servers, args.topic, from_beginning=args.from_beginning,
-                               idle_timeout=args.idle_timeout):
+    for alert in iter_messages(settings.bootstrap_servers, args.topic or settings.alerts_topic,
+                               from_beginning=args.from_beginning, idle_timeout=args.idle_timeout,
+                               extra_config=client_config(settings, "consumer")):
         print(format_alert(alert), flush=True)
         shown += 1
         if args.max and shown >= args.max:
@@ -254,40 +293,45 @@ def build_parser() -> argparse.ArgumentParser:
                "  STREAM_DETECTOR_BOOTSTRAP_SERVERS=broker:9092 stream-detector worker --model-dir artifacts/model\n"
                "  stream-detector produce --bootstrap-servers broker:9092 --rate 500\n"
                "  stream-detector alerts --bootstrap-servers broker:9092")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser(
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        # No abbreviated flags: a mistyped one must not silently set another setting.
+        return sub.add_parser(name, allow_abbrev=False, **kwargs)
+
+
+    p = command(
         "worker", help="run the detector worker (Faust) until SIGINT/SIGTERM",
         description="Consume events, score per-key windows with the model, publish alerts and dead letters, and "
-                    "serve Prometheus metrics (consumer lag included). Every setting also comes from a TOML file "
-                    "or a STREAM_DETECTOR_* environment variable; the flags below are the common ones "
-                    "(`stream-detector settings --table` lists all).")
+                    "serve Prometheus metrics (consumer lag included). Every setting comes from a TOML file, a "
+                    "STREAM_DETECTOR_* environment variable or its flag below.")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("produce", help="publish labelled synthetic events with injected anomalies",
+    p = command("produce", help="publish labelled synthetic events with injected anomalies",
                        description="Publish generated events (normal behaviour per key, with injected anomalies "
                                    "labelled in the `label` field) to a topic, keyed by event key.")
-    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
-    p.add_argument("--topic", default="events")
+    p.add_argument("--topic", default=None, help="topic to publish to (default: the input_topic setting)")
     p.add_argument("--profile", choices=["sensors", "transactions"], default="sensors")
     p.add_argument("--keys", type=int, default=20, help="distinct keys (devices, customers)")
     p.add_argument("--events-per-key", type=int, default=500)
     p.add_argument("--anomaly-rate", type=float, default=0.02, help="share of events with an injected anomaly")
     p.add_argument("--rate", type=float, default=1000.0, help="events per second; 0 = as fast as possible")
     p.add_argument("--seed", type=int, default=1)
+    _add_settings_flags(p)
     p.set_defaults(func=cmd_produce)
 
-    p = sub.add_parser("alerts", help="print alerts from the alerts topic as they arrive",
+    p = command("alerts", help="print alerts from the alerts topic as they arrive",
                        description="Print alerts (one line each: key, event, score against threshold, top features).")
-    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
-    p.add_argument("--topic", default="alerts")
+    p.add_argument("--topic", default=None, help="topic to read (default: the alerts_topic setting)")
     p.add_argument("--from-beginning", action="store_true")
     p.add_argument("--max", type=int, default=0, help="stop after this many alerts")
     p.add_argument("--idle-timeout", type=float, default=None, help="stop after this many quiet seconds")
+    _add_settings_flags(p)
     p.set_defaults(func=cmd_alerts)
 
-    p = sub.add_parser("demo", help="broker + model + worker + demo events, alerts printed as they arrive",
+    p = command("demo", help="broker + model + worker + demo events, alerts printed as they arrive",
                        description="Start a local Kafka broker, train a model on generated data if none exists, "
                                    "run the worker, stream labelled demo events and print each alert as injected "
                                    "anomaly or false alarm, then a summary.")
@@ -305,13 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true", help="keep broker and worker up after the demo events")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("broker", help="run a local single-node Kafka broker in the foreground",
+    p = command("broker", help="run a local single-node Kafka broker in the foreground",
                        description="Run a local single-node KRaft broker (Apache Kafka jars fetched into .cache/); "
                                    "`stream-detector broker --help` lists its own options.")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of stream_detector.kafka.local_broker")
     p.set_defaults(func=cmd_broker)
 
-    p = sub.add_parser("settings", help="print the effective settings (secrets masked) or the settings table",
+    p = command("settings", help="print the effective settings (secrets masked) or the settings table",
                        description="Print the effective settings as JSON (defaults, file, environment and flags "
                                    "applied; secrets masked), or with --table every setting with its environment "
                                    "variable, default and meaning.")
@@ -326,7 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["broker"]:  # its options belong to the broker's own parser
         return cmd_broker(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from .producer import BrokerUnreachable
+
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:  # one line naming the setting and its source, no traceback
+        print(f"stream-detector: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokerUnreachable as exc:
+        print(f"stream-detector: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

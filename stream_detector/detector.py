@@ -25,7 +25,7 @@ import orjson
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .errors import DECODE_FAILED, WINDOW_FAILED
-from .events import Event, EventDecoder, Invalid
+from .events import Envelope, Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
 from .scoring import Scores
@@ -233,6 +233,8 @@ class Detector:
         score_stride: int = 1,
         hot_key_rate: float = 0.0,
         key_clock: Callable[[], float] | None = None,
+        envelope: Envelope | None = None,
+        topic: str = "",
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -253,8 +255,9 @@ class Detector:
         # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
         self.key_clock = key_clock or clock
         self.stats = DetectorStats()
+        # `envelope`: where a record's key, time, id and fields are; `topic` names record positions.
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
-                                    max_future_s=max_future_s, clock=clock)
+                                    max_future_s=max_future_s, clock=clock, envelope=envelope, topic=topic)
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
                                       restore=restore)
         self.windows.restore_extra = self._restore_key_state
@@ -382,7 +385,7 @@ class Detector:
             # on it, it is refused with a reason like any invalid message (a try costs nothing
             # while nothing is raised).
             try:
-                decoded = self.decoder.decode(record.value)
+                decoded = self.decoder.decode(record.value, record)
             except Exception as exc:
                 decoded = Invalid(DECODE_FAILED, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(decoded, Invalid):

@@ -1,12 +1,20 @@
-"""Prometheus metrics of the worker: base units, no per-key labels (keys are unbounded)."""
+"""Prometheus metrics of the worker: base units, no per-key labels (keys are unbounded).
+
+The endpoint also answers ``/healthz`` (the process is alive) and ``/readyz`` (partitions
+assigned, model loaded, changelog recovery done), each with its own status code, for probes.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, PlatformCollector, ProcessCollector)
 from prometheus_client import disable_created_metrics
+from prometheus_client.exposition import choose_encoder
 
 from .errors import PROCESSING_REASONS
 from .events import REASONS
@@ -50,6 +58,13 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_* (memory, CPU, open files) and python_* (version, GC) series, as on the default registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        # /readyz: a callable naming each readiness check and whether it holds (set by the worker).
+        self.readiness: Callable[[], dict[str, bool]] = lambda: {"started": False}
+        self._server: ThreadingHTTPServer | None = None
         p = "stream_detector_"
         self.events_consumed = Counter(p + "events_consumed", "Messages consumed from the input topic.", registry=r)
         self.events_invalid = Counter(p + "events_invalid", "Messages rejected by validation, by reason.",
@@ -138,6 +153,52 @@ class WorkerMetrics:
             self.incidents_closed.labels(reason=reason)
 
     def serve(self, host: str, port: int) -> None:
-        """Exposes /metrics; binds to loopback unless told otherwise."""
+        """Exposes /metrics, /healthz and /readyz on a daemon thread; binds to loopback unless told otherwise."""
         if port:
-            start_http_server(port, addr=host, registry=self.registry)
+            self._server = ThreadingHTTPServer((host, port), _handler(self))
+            self._server.daemon_threads = True
+            threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True).start()
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (useful when serving on port 0 would pick one: tests)."""
+        return self._server.server_address[1] if self._server is not None else None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _handler(metrics: WorkerMetrics) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, encoder(metrics.registry), content_type)
+            elif path == "/healthz":
+                self._send(200, b"alive\n", "text/plain; charset=utf-8")
+            elif path == "/readyz":
+                try:
+                    checks = metrics.readiness()
+                except Exception as exc:  # noqa: BLE001 - a probe answers, whatever the worker's state
+                    checks = {"readiness check": False, "error": str(exc)}  # type: ignore[dict-item]
+                ready = all(value is True for value in checks.values())
+                body = json.dumps({"ready": ready, "checks": checks}).encode() + b"\n"
+                self._send(200 if ready else 503, body, "application/json")
+            else:
+                self._send(404, b"not found: /metrics, /healthz, /readyz\n", "text/plain; charset=utf-8")
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not logged
+            pass
+
+    return Handler

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Iterable, Iterator
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
 from .synthetic import LabelledEvent
+
+
+class _RepeatFilter(logging.Filter):
+    """Passes a librdkafka log line once per ``every_s``: an unreachable broker is otherwise
+    reported twenty times a second."""
+
+    def __init__(self, every_s: float = 30.0):
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message, now = record.getMessage(), time.monotonic()
+        if now - self._last.get(message, -self.every_s) < self.every_s:
+            return False
+        self._last[message] = now
+        return True
+
+
+# librdkafka's log lines of these clients go through Python logging (and the JSON formatter).
+_rdkafka_log = logging.getLogger("stream_detector.producer.rdkafka")
+_rdkafka_log.addFilter(_RepeatFilter())
 
 
 def produce_events(bootstrap_servers: str, topic: str, events: Iterable[LabelledEvent], rate: float = 0.0,
@@ -17,9 +40,10 @@ def produce_events(bootstrap_servers: str, topic: str, events: Iterable[Labelled
 
     Returns the number of events the broker acknowledged; raises if any delivery failed.
     """
-    config = {"bootstrap.servers": bootstrap_servers, "linger.ms": 5, "acks": "all",
-              "enable.idempotence": True, **(extra_config or {})}
+    config = {"bootstrap.servers": bootstrap_servers, "linger.ms": 5, "logger": _rdkafka_log,
+              **(extra_config or {}), "acks": "all", "enable.idempotence": True}
     producer = Producer(config)
+    _check_reachable(producer, bootstrap_servers)
     failures: list[str] = []
     delivered = 0
 
@@ -61,9 +85,11 @@ def iter_messages(bootstrap_servers: str, topic: str, group: str | None = None, 
         "bootstrap.servers": bootstrap_servers,
         "group.id": group or f"reader-{time.time_ns()}",
         "auto.offset.reset": "earliest" if from_beginning else "latest",
-        "enable.auto.commit": group is not None,
+        "logger": _rdkafka_log,
         **(extra_config or {}),
+        "enable.auto.commit": group is not None,
     })
+    _check_reachable(consumer, bootstrap_servers)
     consumer.subscribe([topic])
     last = time.monotonic()
     try:
@@ -83,3 +109,23 @@ def iter_messages(bootstrap_servers: str, topic: str, group: str | None = None, 
             yield orjson.loads(msg.value())
     finally:
         consumer.close()
+
+
+REACHABLE_TIMEOUT_S = 10.0  # how long a command waits for the first broker answer
+
+
+class BrokerUnreachable(RuntimeError):
+    """No broker of the bootstrap list answered (wrong address, security settings, or down)."""
+
+
+def _check_reachable(client: Producer | Consumer, bootstrap_servers: str, timeout_s: float | None = None) -> None:
+    """Fails at once, naming the address, rather than waiting (or reading nothing) for ever."""
+    timeout_s = REACHABLE_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        client.list_topics(timeout=timeout_s)
+    except KafkaException as exc:
+        if isinstance(client, Consumer):
+            client.close()
+        raise BrokerUnreachable(f"no Kafka broker answered at {bootstrap_servers} within {timeout_s:.0f}s "
+                                f"({exc.args[0].str() if exc.args and hasattr(exc.args[0], 'str') else exc}); "
+                                "check bootstrap_servers and the security settings") from None

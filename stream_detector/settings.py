@@ -1,21 +1,41 @@
-"""The one settings object: defaults, then a TOML file, then environment variables.
+"""The one settings object: defaults, then a TOML file, then environment variables, then flags.
 
-Every field can be set in a TOML file (``STREAM_DETECTOR_CONFIG=path`` or ``--config``) and by an
-environment variable named ``STREAM_DETECTOR_<FIELD>`` in upper case. The README's settings table
-is generated from the field metadata below, so the documentation cannot drift from the code.
+Every field can be set in a TOML file (``STREAM_DETECTOR_CONFIG=path`` or ``--config``), by an
+environment variable named ``STREAM_DETECTOR_<FIELD>`` in upper case and by a flag ``--<field>``
+(generated from the fields). Mapping settings (Kafka client properties, topic configs) are TOML
+tables and ``STREAM_DETECTOR_<FIELD>__<PROPERTY>`` variables. Values are read strictly: a value
+that is not of its setting's type is an error naming the setting and where the value came from.
+The README's settings table is generated from the field metadata below, so the documentation
+cannot drift from the code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "STREAM_DETECTOR_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# STREAM_DETECTOR_<MAPPING>__<PROPERTY>: the property in lower case, `_` read as `.`
+# (STREAM_DETECTOR_KAFKA_PRODUCER__COMPRESSION_TYPE -> kafka_producer["compression.type"]).
+MAPPING_SEPARATOR = "__"
+
+log = logging.getLogger("stream_detector.settings")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used: one line naming the setting and where its value came from."""
+
+
+def _mapping(text: str) -> Any:
+    return field(default_factory=dict, metadata={"doc": text, "mapping": True})
 
 
 def _doc(text: str) -> dict[str, str]:
@@ -60,6 +80,29 @@ class Settings:
         metadata=_doc("Allow `sasl_mechanism` `PLAIN` with `SASL_PLAINTEXT`, which sends the password in clear "
                       "text; refused unless set (use `SASL_SSL`)."),
     )
+    kafka_common: dict[str, Any] = _mapping(
+        "Client properties (librdkafka names, e.g. `client.id`, `sasl.oauthbearer.method`) given to every Kafka "
+        "client: TOML table `[kafka.common]`. Applied after the product's own; those the product sets from its "
+        "settings (`bootstrap.servers`, `security.protocol`, `sasl.*` credentials, `ssl.*` files, `group.id`) "
+        "and its safety keys are refused. The Faust consumer (aiokafka) takes a subset (README).")
+    kafka_consumer: dict[str, Any] = _mapping(
+        "Properties of the consuming clients only (`[kafka.consumer]`); `isolation.level` stays "
+        "`read_committed`, `enable.auto.commit` is the product's.")
+    kafka_producer: dict[str, Any] = _mapping(
+        "Properties of the producing clients only (`[kafka.producer]`, e.g. `compression.type`); `acks` stays "
+        "`all` and `enable.idempotence` true.")
+    topic_replication_factor: int = field(
+        default=-1, metadata=_doc("Replication factor of the topics the product creates (input, alerts, dead "
+                                  "letters, scores, window changelog); -1 = the broker's "
+                                  "`default.replication.factor`.")
+    )
+    alerts_topic_config: dict[str, Any] = _mapping(
+        "Topic configs (e.g. `retention.ms`, `min.insync.replicas`) for the alerts topic when the product creates it.")
+    dead_letter_topic_config: dict[str, Any] = _mapping(
+        "Topic configs for the dead-letter topic when the product creates it.")
+    changelog_topic_config: dict[str, Any] = _mapping(
+        "Topic configs for the window-state changelog when the product creates it (`cleanup.policy` stays "
+        "`compact`).")
     session_timeout_s: float = field(
         default=10.0,
         metadata=_doc("Consumer group session timeout: how soon a dead worker's partitions move to another."),
@@ -90,6 +133,28 @@ class Settings:
     key_field: str = field(
         default="",
         metadata=_doc("Window key taken from this event field (e.g. `terminal_id`) instead of the event `key`."),
+    )
+    # Event envelope (README: "Event schema"): where the key, time, id and fields are in a record.
+    event_key_from: str = field(
+        default="body", metadata=_doc("Where the event key is: `body` (at `event_key_path`) or `record_key` (the "
+                                      "Kafka record key, UTF-8).")
+    )
+    event_key_path: str = field(
+        default="key", metadata=_doc("Body path of the event key (dot-separated for nested objects: `meta.device`).")
+    )
+    event_time_from: str = field(
+        default="body", metadata=_doc("Where the event time is: `body` (at `event_time_path`) or `record_timestamp` "
+                                      "(the Kafka record timestamp).")
+    )
+    event_time_path: str = field(default="timestamp", metadata=_doc("Body path of the event time."))
+    event_id_from: str = field(
+        default="body", metadata=_doc("Where the event id is: `body` (at `event_id_path`) or `record_position` "
+                                      "(`topic:partition:offset`, the same when a record is redelivered).")
+    )
+    event_id_path: str = field(default="event_id", metadata=_doc("Body path of the event id."))
+    event_fields_path: str = field(
+        default="fields", metadata=_doc("Body path of the object holding the profile's fields; empty = the top "
+                                        "level (a flat event).")
     )
     max_keys: int = field(
         default=100_000, metadata=_doc("Most keys with a live window; the least recently seen is evicted beyond it.")
@@ -128,6 +193,10 @@ class Settings:
     log_level: str = field(default="info", metadata=_doc("`debug`, `info`, `warning` or `error`."))
     log_json: bool = field(
         default=False, metadata=_doc("Log one JSON object per line (`ts`, `level`, `logger`, `message`) instead of text.")
+    )
+    lag_exporter: bool = field(
+        default=True, metadata=_doc("Read the consumer group's lag and export it (`stream_detector_consumer_lag`); "
+                                    "false where kafka_exporter or another exporter already does (README: Metrics).")
     )
     lag_interval_s: float = field(
         default=5.0, metadata=_doc("Seconds between reads of the consumer group's lag (`stream_detector_consumer_lag`).")
@@ -252,14 +321,22 @@ class Settings:
             problems.append(f"security_protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, "
                             f"not {self.security_protocol!r}")
         if self.security_protocol.startswith("SASL"):
-            if self.sasl_mechanism not in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
-                problems.append("sasl_mechanism must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 with SASL")
-            if not self.sasl_username or not self.sasl_password:
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                problems.append("sasl_mechanism must be PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or OAUTHBEARER with SASL")
+            elif self.sasl_mechanism == "OAUTHBEARER":
+                oauth = {**self.kafka_common, **self.kafka_consumer}
+                if str(oauth.get("sasl.oauthbearer.method", "")).lower() != "oidc":
+                    problems.append("sasl_mechanism OAUTHBEARER needs sasl.oauthbearer.method=oidc (with "
+                                    "sasl.oauthbearer.token.endpoint.url, .client.id, .client.secret) in kafka_common")
+            elif not self.sasl_username or not self.sasl_password:
                 problems.append("sasl_username and sasl_password are required with SASL")
             if (self.security_protocol == "SASL_PLAINTEXT" and self.sasl_mechanism == "PLAIN"
                     and not self.sasl_plain_without_tls):
                 problems.append("sasl_mechanism PLAIN over SASL_PLAINTEXT sends the password in clear text: use "
                                 "SASL_SSL, a SCRAM mechanism, or set sasl_plain_without_tls=true to accept that")
+        if self.topic_replication_factor == 0 or self.topic_replication_factor < -1:
+            problems.append("topic_replication_factor must be -1 (the broker's default) or at least 1")
+        problems.extend(_passthrough_problems(self))
         for name in ("threshold_history", "threshold_warmup_windows", "alert_min_windows", "alert_close_after",
                      "alert_update_every"):
             if getattr(self, name) < 1:
@@ -279,8 +356,26 @@ class Settings:
             problems.append("score_stride must be at least 1")
         if not 0 <= self.hot_key_rate < float("inf"):
             problems.append("hot_key_rate must be zero or positive and finite")
+        for name, allowed in (("event_key_from", ("body", "record_key")), ("event_time_from", ("body", "record_timestamp")),
+                              ("event_id_from", ("body", "record_position"))):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be {' or '.join(allowed)}, not {getattr(self, name)!r}")
+        for name in ("event_key_path", "event_time_path", "event_id_path", "event_fields_path"):
+            path = getattr(self, name)
+            if (path or name != "event_fields_path") and not all(path.split(".")):
+                problems.append(f"{name} must be dot-separated non-empty names, not {path!r}")
+        if self.key_field and self.event_key_from != "body":
+            problems.append("key_field reads the key from the event's fields: it needs event_key_from=body")
         if problems:
-            raise ValueError("invalid settings: " + "; ".join(problems))
+            raise SettingsError("invalid settings: " + "; ".join(problems))
+
+    def envelope(self) -> Any:
+        """The :class:`~stream_detector.events.Envelope` these settings describe."""
+        from .events import Envelope
+
+        return Envelope(key_from=self.event_key_from, key_path=self.event_key_path, time_from=self.event_time_from,
+                        time_path=self.event_time_path, event_id_from=self.event_id_from,
+                        event_id_path=self.event_id_path, fields_path=self.event_fields_path)
 
     @classmethod
     def load(
@@ -288,27 +383,77 @@ class Settings:
         config_file: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         overrides: Mapping[str, Any] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> "Settings":
-        """Builds settings with precedence: overrides > environment > file > defaults."""
+        """Builds settings with precedence: overrides (flags) > environment > file > defaults.
+
+        Raises :class:`SettingsError` (one line: the setting, the value's source, the reason) for a
+        value of the wrong type or an unknown name in the file or the overrides; an unknown
+        ``STREAM_DETECTOR_*`` variable is reported through ``warn`` (a log warning by default) with
+        the closest known name, since other tools may share the prefix.
+        """
         env = os.environ if env is None else env
-        values: dict[str, Any] = {}
+        warn = warn or log.warning
+        values: dict[str, tuple[Any, str]] = {}  # name -> (raw value, where it came from)
+        mappings: dict[str, dict[str, tuple[Any, str]]] = {name: {} for name in MAPPING_FIELDS}
         path = config_file or env.get(CONFIG_ENV)
         if path:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-            data = data.get("stream_detector", data)
-            values.update(_check_names(cls, data, source=str(path)))
+            source = f"config file {path}"
+            try:
+                with open(path, "rb") as fh:
+                    data = tomllib.load(fh)
+            except OSError as exc:
+                raise SettingsError(f"{source}: cannot read it: {exc.strerror or exc}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise SettingsError(f"{source}: not valid TOML: {exc}") from None
+            data = _flatten_tables(data.get("stream_detector", data))
+            for name, value in _check_names(cls, data, source=source).items():
+                if name in MAPPING_FIELDS:
+                    if not isinstance(value, dict):
+                        raise SettingsError(f"setting {name}: {source} must give it as a table of properties")
+                    mappings[name].update({str(k): (v, source) for k, v in value.items()})
+                else:
+                    values[name] = (value, source)
         for name in SECRET_FIELDS:  # a secret may come from a file: `<name>_file` / `..._FILE`
-            secret_file = values.pop(name + "_file", None) or env.get(ENV_PREFIX + name.upper() + "_FILE")
+            variable = ENV_PREFIX + name.upper() + "_FILE"
+            secret_file = values.pop(name + "_file", None)
+            if env.get(variable):
+                secret_file = (env[variable], f"environment variable {variable}")
             if secret_file:
-                values[name] = Path(secret_file).read_text(encoding="utf-8").strip()
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = raw
+                values[name] = (_read_secret(name, *secret_file), secret_file[1])
+        known = {f.name: f for f in fields(cls)}
+        for variable in sorted(env):
+            if not variable.startswith(ENV_PREFIX) or variable == CONFIG_ENV:
+                continue
+            rest = variable[len(ENV_PREFIX):]
+            source = f"environment variable {variable}"
+            if MAPPING_SEPARATOR in rest:
+                name, _, prop = rest.partition(MAPPING_SEPARATOR)
+                if name.lower() in MAPPING_FIELDS and prop:
+                    mappings[name.lower()][prop.lower().replace("_", ".")] = (env[variable], source)
+                    continue
+            elif rest.lower() in known and rest.lower() not in MAPPING_FIELDS:
+                values[rest.lower()] = (env[variable], source)
+                continue
+            elif rest.endswith("_FILE") and rest[:-5].lower() in SECRET_FIELDS:
+                continue
+            warn(f"unknown environment variable {variable} ignored{_suggestion(rest.lower(), known)}")
         if overrides:
-            values.update({k: v for k, v in _check_names(cls, overrides, source="overrides").items() if v is not None})
-        return cls(**{name: _coerce(cls, name, value) for name, value in values.items()})
+            for name, value in _check_names(cls, overrides, source="flags").items():
+                if value is None:
+                    continue
+                flag = "--" + name.replace("_", "-")
+                if name in MAPPING_FIELDS:
+                    mappings[name].update({str(k): (v, f"flag {flag}") for k, v in dict(value).items()})
+                elif name.endswith("_file"):
+                    values[name[:-5]] = (_read_secret(name[:-5], value, f"flag {flag}"), f"flag {flag}")
+                else:
+                    values[name] = (value, f"flag {flag}")
+        kwargs: dict[str, Any] = {name: _coerce(cls, name, value, source) for name, (value, source) in values.items()}
+        for name, entries in mappings.items():
+            if entries:
+                kwargs[name] = {prop: _property(name, prop, value, source) for prop, (value, source) in entries.items()}
+        return cls(**kwargs)
 
     def __repr__(self) -> str:
         """Secrets masked: a Settings object in a log line or a traceback never shows a password."""
@@ -325,6 +470,9 @@ class Settings:
         for name in out:
             if name in SECRET_FIELDS or any(word in name for word in ("password", "secret", "token")):
                 out[name] = "***" if out[name] else out[name]
+            elif name in MAPPING_FIELDS:  # client properties may hold secrets (sasl.oauthbearer.client.secret)
+                out[name] = {k: "***" if any(word in k for word in ("password", "secret", "token", "jaas")) else v
+                             for k, v in out[name].items()}
         return out
 
     @property
@@ -333,40 +481,152 @@ class Settings:
 
 
 SECRET_FIELDS = ("ssl_key_password", "sasl_password")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
+MAPPING_FIELDS = tuple(f.name for f in fields(Settings) if f.metadata.get("mapping"))
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+# Client properties the product sets from its own settings: given in a passthrough table they are
+# refused, naming the setting to use instead.
+OWNED_PROPERTIES = {
+    "bootstrap.servers": "bootstrap_servers", "metadata.broker.list": "bootstrap_servers",
+    "security.protocol": "security_protocol", "sasl.mechanism": "sasl_mechanism", "sasl.mechanisms": "sasl_mechanism",
+    "sasl.username": "sasl_username", "sasl.password": "sasl_password",
+    "ssl.ca.location": "ssl_cafile", "ssl.certificate.location": "ssl_certfile", "ssl.key.location": "ssl_keyfile",
+    "ssl.key.password": "ssl_key_password", "ssl.endpoint.identification.algorithm": "ssl_check_hostname",
+    "group.id": "consumer_group", "auto.offset.reset": "auto_offset_reset", "session.timeout.ms": "session_timeout_s",
+}
+# Safety keys: the only values a passthrough table may give them (at-least-once delivery without
+# duplicates rests on them); None: the product's alone.
+SAFETY_PROPERTIES: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "kafka_producer": {"acks": ("all", "-1"), "enable.idempotence": ("true",), "transactional.id": None},
+    "kafka_consumer": {"isolation.level": ("read_committed",), "enable.auto.commit": None,
+                       "enable.auto.offset.store": None},
+}
+SAFETY_PROPERTIES["kafka_common"] = {**SAFETY_PROPERTIES["kafka_producer"], **SAFETY_PROPERTIES["kafka_consumer"]}
+
+
+def _passthrough_problems(settings: Settings) -> list[str]:
+    problems = []
+    for name in ("kafka_common", "kafka_consumer", "kafka_producer"):
+        for prop, value in getattr(settings, name).items():
+            if prop in OWNED_PROPERTIES:
+                problems.append(f"{name}: {prop} is set by the product; use the setting "
+                                f"{OWNED_PROPERTIES[prop]} instead")
+            elif prop in SAFETY_PROPERTIES[name]:
+                allowed = SAFETY_PROPERTIES[name][prop]
+                if allowed is None or str(value).lower() not in allowed:
+                    problems.append(f"{name}: {prop}={value} refused: the product needs "
+                                    + (f"{prop}={allowed[0]}" if allowed else "to own it")
+                                    + " for at-least-once delivery without duplicates")
+    policy = str(settings.changelog_topic_config.get("cleanup.policy", "compact"))
+    if policy != "compact":
+        problems.append(f"changelog_topic_config: cleanup.policy={policy} refused: window state needs compact")
+    return problems
+
+
+def _flatten_tables(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``[kafka.producer]`` (nested tables) -> ``kafka_producer``, for the mapping settings."""
+    out = dict(data)
+    for name, value in data.items():
+        if isinstance(value, dict) and name not in MAPPING_FIELDS and all(
+                f"{name}_{sub}" in MAPPING_FIELDS for sub in value):
+            del out[name]
+            out.update({f"{name}_{sub}": table for sub, table in value.items()})
+    return out
+
+
+def _suggestion(name: str, known: Any, env: bool = True) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    if not close:
+        return ""
+    return f" (did you mean {ENV_PREFIX + close[0].upper() if env else close[0]}?)"
+
+
+def _read_secret(name: str, path: str, source: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"setting {name}: cannot read the file {path} named by {source}: "
+                            f"{exc.strerror or exc}") from None
 
 
 def _check_names(cls: type, data: Mapping[str, Any], source: str) -> dict[str, Any]:
     known = {f.name for f in fields(cls)} | {name + "_file" for name in SECRET_FIELDS}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"unknown setting(s) in {source}: {', '.join(unknown)}")
+        hint = _suggestion(unknown[0], known, env=False)
+        raise SettingsError(f"unknown setting(s) in {source}: {', '.join(unknown)}{hint}")
     return dict(data)
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
+def _coerce(cls: type, name: str, value: Any, source: str = "overrides") -> Any:
+    """``value`` as the type of setting ``name``, strictly: a boolean is true/false/1/0/yes/no/on/off,
+    a whole number is not read from 1.5 or from a boolean, a number is finite."""
     default = next(f.default for f in fields(cls) if f.name == name)
     if value is None:
         return None
     try:
         if name == "threshold":
-            return None if value in ("", "none", "None") else float(value)
+            if isinstance(value, str) and value.strip() in ("", "none", "None"):
+                return None
+            return _number(value, float)
         if isinstance(default, bool):
-            return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError("not a boolean (true or false)")
         if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError("not a whole number")
-            return int(value)
+            return _number(value, int)
         if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"setting {name}: cannot read {value!r}: {exc}") from None
+            return _number(value, float)
+        if not isinstance(value, str):
+            raise ValueError(f"not a string (a TOML {type(value).__name__}); quote it")
+        return value
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SettingsError(f"setting {name}: cannot read {value!r} from {source}: {exc}") from None
+
+
+def _number(value: Any, kind: type) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("empty")
+        try:
+            value = int(text) if kind is int else float(text)
+        except ValueError:
+            raise ValueError(f"not {'a whole number' if kind is int else 'a number'}") from None
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"not a number (a TOML {type(value).__name__})")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        return int(value)
+    if math.isnan(value):
+        raise ValueError("not a number (NaN)")
+    return float(value)
+
+
+def _property(name: str, prop: str, value: Any, source: str) -> Any:
+    """A client property or topic config as given (strings, numbers, booleans), passed on verbatim."""
+    if not prop or prop != prop.strip() or " " in prop:
+        raise SettingsError(f"setting {name}: bad property name {prop!r} from {source}")
+    if isinstance(value, bool) or isinstance(value, (int, float, str)):
+        return value
+    raise SettingsError(f"setting {name}: property {prop} from {source} must be a string, number or boolean, "
+                        f"not a {type(value).__name__}")
 
 
 def settings_table() -> str:
     """Markdown table of every setting, for the README."""
     rows = ["| setting | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
     for f in fields(Settings):
+        if f.metadata.get("mapping"):
+            rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}{MAPPING_SEPARATOR}<PROPERTY>` | empty | "
+                        f"{f.metadata.get('doc', '')} |")
+            continue
         default = "unset" if f.default is None else ("empty" if f.default == "" else f"`{f.default}`")
         rows.append(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` | {default} | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)

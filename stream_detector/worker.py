@@ -66,7 +66,7 @@ from .detector import Detector
 from .kafka import faust_fastpath, faust_fixes
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.output import OutputProducer
-from .kafka.security import confluent_config, faust_credentials
+from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
 from .scoring import ModelRunner, inference_executor, worker_threads
 from .settings import Settings
@@ -111,6 +111,8 @@ class DetectorService:
             score_stride=settings.score_stride,
             hot_key_rate=settings.hot_key_rate,
             key_clock=time.monotonic,  # a wall-clock step must not evict every key (and tombstone it)
+            envelope=settings.envelope(),
+            topic=settings.input_topic,
         )
         self.detector.windows.store.on_evict = self._on_evict
         self.executor = inference_executor(settings.torch_threads)
@@ -182,6 +184,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         faust_fastpath.install()
     else:
         faust_fastpath.uninstall()
+    # Passthrough client properties aiokafka has an equivalent of; the rest reach only the librdkafka clients.
+    passthrough, not_passed = faust_options(settings)
+    if not_passed:
+        log.info("client properties not passed to the Faust consumer (aiokafka has no equivalent): %s",
+                 ", ".join(not_passed))
+    heartbeat_s = passthrough.pop("broker_heartbeat_interval", min(3.0, settings.session_timeout_s / 3))
     app = faust.App(
         settings.consumer_group,
         broker=_broker_url(settings.bootstrap_servers),
@@ -195,7 +203,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         producer_acks=-1,  # Faust's producer is not used for output (see `out` below)
         broker_commit_interval=1.0,
         broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
+        broker_heartbeat_interval=heartbeat_s,
         topic_allow_declare=True,  # the window-state changelog topic is created by Faust
         # No standby replicas of the window table: with an in-memory store a newly assigned partition
         # is read from the start of its changelog anyway (a standby copy would be read and held for
@@ -203,6 +211,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         table_standby_replicas=0,
         stream_buffer_maxsize=settings.stream_buffer_max,
         loghandlers=[],
+        **passthrough,
     )
     faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
     if settings.consumer_fast_path:
@@ -211,7 +220,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw",
                        schema=faust_fastpath.RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
-    out = app.output = OutputProducer(settings.bootstrap_servers, confluent_config(settings))
+    out = app.output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"))
     detector, metrics = service.detector, service.metrics
     # Window state, changelog-backed. Written with explicit partitions (the input record's), read
     # back lazily per key; never modified through the table API, which would pick partitions itself.
@@ -284,34 +293,58 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     return app
 
 
+async def _replace(target: set, items: Any) -> None:
+    target.clear()
+    target.update(items)
+
+
 def run_worker(settings: Settings) -> None:
     """Blocks until SIGINT/SIGTERM."""
-    from .kafka.security import confluent_config
     from .lag import ConsumerLagMonitor
     from .logs import setup_logging
 
     # Idempotent; makes the log format right also when run_worker is called without the CLI.
     setup_logging(settings.log_level, json_logs=settings.log_json)
-    client_config = confluent_config(settings)
+    admin_config = client_config(settings, "admin")
     topics = {settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1}
     if settings.scores_topic:
         topics[settings.scores_topic] = 1
-    ensure_topics(settings.bootstrap_servers, topics, client_config=client_config)
-    partitions = partition_count(settings.bootstrap_servers, settings.input_topic, client_config)
+    ensure_topics(settings.bootstrap_servers, topics, client_config=admin_config,
+                  replication_factor=settings.topic_replication_factor,
+                  topic_configs={settings.alerts_topic: settings.alerts_topic_config,
+                                 settings.dead_letter_topic: settings.dead_letter_topic_config})
+    partitions = partition_count(settings.bootstrap_servers, settings.input_topic, admin_config)
     service = DetectorService(settings)
     service.metrics.serve(settings.metrics_host, settings.metrics_port)
     if settings.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     app = create_app(settings, service, input_partitions=partitions)
-    lag = ConsumerLagMonitor(settings.bootstrap_servers, app.conf.id, settings.input_topic, service.metrics,
-                             interval_s=settings.lag_interval_s, auto_offset_reset=settings.auto_offset_reset,
-                             client_config=client_config)
+    # The changelog is created here (replication factor, configs), before Faust would create it with its own.
+    changelog = app.tables["windows"].changelog_topic.get_topic_name()
+    ensure_topics(settings.bootstrap_servers, {changelog: partitions}, client_config=admin_config,
+                  replication_factor=settings.topic_replication_factor,
+                  topic_configs={changelog: {**settings.changelog_topic_config, "cleanup.policy": "compact"}})
+    # /readyz, read on the metrics thread: flags set on the event loop (Faust's assignment signals).
+    assigned: set = set()
+    app.on_partitions_assigned.connect(lambda _app, assigned_now, **_: _replace(assigned, assigned_now))
+    app.on_partitions_revoked.connect(lambda _app, revoked, **_: _replace(assigned, assigned - set(revoked)))
+    recovery = app.tables.recovery
+    service.metrics.readiness = lambda: {
+        "model_loaded": service.runner is not None,
+        "partitions_assigned": any(tp.topic == settings.input_topic for tp in list(assigned)),
+        "recovery_done": recovery.completed.is_set() and not recovery.in_recovery,
+    }
+    lag = (ConsumerLagMonitor(settings.bootstrap_servers, app.conf.id, settings.input_topic, service.metrics,
+                              interval_s=settings.lag_interval_s, auto_offset_reset=settings.auto_offset_reset,
+                              client_config=client_config(settings, "consumer"))
+           if settings.lag_exporter else None)
     # override_logging=False: Faust keeps the root handler set up above instead of installing its own
     # (colored, stdout) one, so its records share the worker's format (text or JSON lines).
     worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
                           override_logging=False)
     worker.spinner = None  # its terminal escapes (cursor hide/show) would land in non-tty logs too
-    lag.start()
+    if lag is not None:
+        lag.start()
     # The objects made so far (imports, model, app: about 190,000) live as long as the process. A full
     # collection would walk them all each time (90 to 125 ms measured on the 2-core box, a pause every
     # event behind it waits for); frozen, later collections skip them.
@@ -333,5 +366,6 @@ def run_worker(settings: Settings) -> None:
     try:
         worker.execute_from_commandline()
     finally:
-        lag.stop()
+        if lag is not None:
+            lag.stop()
         app.output.close()

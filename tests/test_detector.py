@@ -354,3 +354,19 @@ def test_changed_keys_are_due_by_the_generation_they_first_changed_in(artifact):
     assert windows.newest_sealed is None
     assert sorted(windows.drain_touched()) == ["a"]  # every changed key, sealed or not
     assert windows.drain_touched() == {}
+
+
+def test_flat_records_keyed_by_the_record_key_are_windowed_and_alerted_by_record_time_and_position(artifact):
+    from stream_detector.events import Envelope
+
+    envelope = Envelope(key_from="record_key", time_from="record_timestamp", event_id_from="record_position",
+                        fields_path="")
+    detector, _ = make_detector(artifact, threshold=GlobalThreshold(-1), alerting=EVERY_WINDOW, envelope=envelope,
+                                topic="sensors")
+    records = [RawRecord(orjson.dumps(dict(zip(CHANNELS, values("a", i)))), b"pump-a", T0 + i, 3, 100 + i)
+               for i in range(WINDOW)]
+    decisions, batch = detector.process(records)
+    assert not batch.invalid
+    assert [(d.event.key, d.event.event_id, d.event.timestamp) for d in decisions] == [
+        ("pump-a", f"sensors:3:{100 + WINDOW - 1}", T0 + WINDOW - 1)]
+    assert decisions[0].alert["event_id"] == f"sensors:3:{100 + WINDOW - 1}"

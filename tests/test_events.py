@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import math
 
 import numpy as np
@@ -411,3 +412,144 @@ def test_bytes_the_typed_read_sees_differently_decode_as_the_generic_checks_say(
     generic = EventDecoder(FIELDS)
     generic._typed = None
     assert EventDecoder(FIELDS).decode(message) == generic.decode(message)
+
+
+# --- configurable envelope --------------------------------------------------------------------------
+
+SENSOR_FIELDS = (FieldSpec("Current", "number"), FieldSpec("Pressure", "number"))
+
+
+@dataclass
+class Rec:
+    key: bytes | None = b"pump-7"
+    timestamp: float | None = JAN_1_2026 + 3.0
+    partition: int = 2
+    offset: int = 41
+
+
+FLAT = ev.Envelope(key_path="device", fields_path="", time_from="record_timestamp",
+                   event_id_from="record_position")
+
+
+def test_flat_event_takes_key_from_a_body_field_and_time_and_id_from_the_record():
+    decoder = EventDecoder(SENSOR_FIELDS, envelope=FLAT, topic="events")
+    event = decoder.decode(orjson.dumps({"device": "pump-7", "Current": 1.9, "Pressure": 0.38}), Rec())
+    assert event == Event("pump-7", "events:2:41", JAN_1_2026 + 3.0, (1.9, 0.38))
+
+
+def test_record_position_event_id_is_the_same_when_the_record_is_replayed():
+    decoder = EventDecoder(SENSOR_FIELDS, envelope=FLAT, topic="events")
+    raw_value = orjson.dumps({"device": "pump-7", "Current": 1.9, "Pressure": 0.38})
+    assert decoder.decode(raw_value, Rec(offset=7)).event_id == decoder.decode(raw_value, Rec(offset=7)).event_id
+    assert decoder.decode(raw_value, Rec(offset=8)).event_id == "events:2:8"
+
+
+def test_default_envelope_still_refuses_a_flat_event_as_missing_fields():
+    assert reason(EventDecoder(SENSOR_FIELDS).decode(
+        orjson.dumps({"device": "pump-7", "Current": 1.9, "Pressure": 0.38}), Rec())) == ev.MISSING_FIELDS
+
+
+def test_key_from_the_record_key():
+    decoder = EventDecoder(FIELDS, envelope=ev.Envelope(key_from="record_key"))
+    event = decoder.decode(raw(key=_DROP), Rec(key=b"cust-9"))
+    assert event.key == "cust-9"
+    assert event.event_id == "e-1" and event.timestamp == JAN_1_2026  # the rest from the body, as by default
+
+
+def test_key_from_the_record_key_missing_or_not_utf8_is_dead_lettered_with_its_reason():
+    decoder = EventDecoder(FIELDS, envelope=ev.Envelope(key_from="record_key"))
+    assert reason(decoder.decode(raw(), Rec(key=None))) == ev.MISSING_KEY
+    assert reason(decoder.decode(raw(), None)) == ev.MISSING_KEY
+    assert reason(decoder.decode(raw(), Rec(key=b"\xff\xfe"))) == ev.BAD_KEY
+    assert reason(decoder.decode(raw(), Rec(key=b""))) == ev.BAD_KEY
+    assert reason(decoder.decode(raw(), Rec(key=b"k" * (ev.MAX_ID_LENGTH + 1)))) == ev.BAD_KEY
+
+
+def test_time_from_the_record_timestamp_missing_is_dead_lettered_as_missing_timestamp():
+    decoder = EventDecoder(FIELDS, envelope=ev.Envelope(time_from="record_timestamp"))
+    assert decoder.decode(raw(timestamp=_DROP), Rec()).timestamp == JAN_1_2026 + 3.0
+    assert reason(decoder.decode(raw(timestamp=_DROP), Rec(timestamp=None))) == ev.MISSING_TIMESTAMP
+    assert reason(decoder.decode(raw(timestamp=_DROP), Rec(timestamp=-0.001))) == ev.MISSING_TIMESTAMP
+
+
+def test_record_timestamp_too_far_in_the_future_is_dead_lettered():
+    decoder = EventDecoder(FIELDS, envelope=ev.Envelope(time_from="record_timestamp"), max_future_s=60,
+                           clock=lambda: JAN_1_2026)
+    assert reason(decoder.decode(raw(), Rec(timestamp=JAN_1_2026 + 120))) == ev.FUTURE_TIMESTAMP
+
+
+def test_event_id_from_the_record_position_needs_a_position():
+    decoder = EventDecoder(FIELDS, envelope=ev.Envelope(event_id_from="record_position"), topic="tx")
+    assert decoder.decode(raw(event_id=_DROP), Rec(partition=0, offset=0)).event_id == "tx:0:0"
+    assert reason(decoder.decode(raw(event_id=_DROP), None)) == ev.MISSING_EVENT_ID
+    assert reason(decoder.decode(raw(event_id=_DROP), Rec(offset=-1))) == ev.MISSING_EVENT_ID
+
+
+def test_nested_paths_for_key_time_id_and_fields():
+    envelope = ev.Envelope(key_path="meta.device", time_path="meta.time", event_id_path="meta.id",
+                           fields_path="payload.values")
+    decoder = EventDecoder(FIELDS, envelope=envelope)
+    body = {"meta": {"device": 5, "time": "2026-01-01T00:00:00Z", "id": "x-1"},
+            "payload": {"values": {"amount": 2, "terminal_id": "T7"}, "other": 1}}
+    assert decoder.decode(orjson.dumps(body)) == Event("5", "x-1", JAN_1_2026, (2.0, "T7"))
+    body["meta"].pop("time")
+    assert reason(decoder.decode(orjson.dumps(body))) == ev.MISSING_TIMESTAMP
+    body["meta"] = "not an object"
+    assert reason(decoder.decode(orjson.dumps(body))) == ev.MISSING_KEY
+    body = {"meta": {"device": 5, "time": 1, "id": "x-1"}, "payload": {"values": [1, 2]}}
+    assert reason(decoder.decode(orjson.dumps(body))) == ev.MISSING_FIELDS
+
+
+def test_reason_details_name_the_configured_paths():
+    decoder = EventDecoder(FIELDS, envelope=ev.Envelope(key_path="meta.device"))
+    invalid = decoder.decode(raw())
+    assert invalid.reason == ev.MISSING_KEY and "meta.device" in invalid.detail
+
+
+@pytest.mark.parametrize("envelope", [
+    ev.Envelope(),
+    FLAT,
+    ev.Envelope(key_from="record_key", time_from="record_timestamp", event_id_from="record_position",
+                fields_path="data"),
+    ev.Envelope(key_path="fields.terminal_id"),  # a path shared with a profile field
+])
+@given(amount=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(), st.none(), st.text(max_size=3)),
+       terminal=st.one_of(st.integers(-5, 5), st.text(max_size=3), st.none()),
+       key=st.one_of(st.text(max_size=4), st.integers(-3, 3), st.none()),
+       with_record=st.booleans())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_typed_fast_path_and_generic_path_agree_for_every_envelope(envelope, amount, terminal, key, with_record):
+    decoder = EventDecoder(FIELDS, envelope=envelope, topic="events")
+    values = {"amount": amount, "terminal_id": terminal}
+    body: dict = {"key": key, "device": key, "event_id": "e-1", "timestamp": JAN_1_2026}
+    if envelope.fields_path:
+        node = body
+        for name in envelope.fields_path.split(".")[:-1]:
+            node = node.setdefault(name, {})
+        node[envelope.fields_path.split(".")[-1]] = values
+    else:
+        body.update(values)
+    record = Rec() if with_record else None
+    try:
+        raw_value = orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return
+    fast = decoder.decode(raw_value, record)
+    slow = decoder.from_mapping(orjson.loads(raw_value), record)
+    if isinstance(slow, Event):
+        assert fast == slow
+    else:
+        assert isinstance(fast, Invalid)
+        if fast.reason != ev.NON_FINITE:  # orjson writes NaN as null: the body then has a missing field
+            assert fast.reason == slow.reason
+
+
+def test_envelope_refuses_unknown_sources_and_empty_path_steps():
+    with pytest.raises(ValueError, match="key_from"):
+        ev.Envelope(key_from="header")
+    with pytest.raises(ValueError, match="time_path"):
+        ev.Envelope(time_path="meta..time")
+    with pytest.raises(ValueError, match="key_path"):
+        ev.Envelope(key_path="")
+    with pytest.raises(ValueError, match="key_field"):
+        EventDecoder(FIELDS, key_field="terminal_id", envelope=ev.Envelope(key_from="record_key"))

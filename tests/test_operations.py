@@ -95,6 +95,20 @@ def dashboard_targets() -> list[tuple[str, str, str]]:
     return out
 
 
+def annotation_exprs() -> list[tuple[str, str]]:
+    """(annotation name, expression with Grafana variables expanded) of the dashboards' Prometheus annotations."""
+    out = []
+    for dashboard in _dashboards():
+        for annotation in dashboard.get("annotations", {}).get("list", []):
+            if "expr" in annotation:
+                expr = annotation["expr"]
+                for name in sorted(GRAFANA_VARIABLES, key=len, reverse=True):
+                    expr = expr.replace(name, GRAFANA_VARIABLES[name])
+                assert "$" not in expr, f"unexpanded variable in annotation {annotation['name']}: {expr}"
+                out.append((annotation["name"], expr))
+    return out
+
+
 def rule_exprs() -> list[tuple[str, str]]:
     """(alert name, expression) from rules.yml, read without a YAML library (the file keeps one
     style: ``- alert: Name`` then ``expr:`` inline or as a ``|`` block)."""
@@ -160,8 +174,54 @@ def test_alert_rules_cover_the_operational_failures():
     names = {name for name, _ in rule_exprs()}
     assert len(rule_exprs()) == (PROMETHEUS_DIR / "rules.yml").read_text().count("expr:")
     for wanted in ("StreamDetectorDown", "StreamDetectorConsumerLagGrowing", "StreamDetectorInferenceLatencyHigh",
-                   "StreamDetectorDeadLetterRateHigh", "StreamDetectorNoEvents"):
+                   "StreamDetectorDeadLetterRateHigh", "StreamDetectorNoEvents", "StreamDetectorAnomalyIncidentOpen"):
         assert wanted in names
+
+
+def test_every_rule_links_its_runbook_section_and_selects_the_job():
+    text = (PROMETHEUS_DIR / "rules.yml").read_text()
+    runbook = (ROOT / "docs/runbook.md").read_text()
+    sections = {line[3:].strip().lower() for line in runbook.splitlines() if line.startswith("## ")}
+    links = dict(re.findall(r'- alert: (\S+)\n(?:.*\n)*?\s+runbook_url: "docs/runbook.md#([a-z]+)"', text))
+    for name, expr in rule_exprs():
+        assert links.get(name) == name.lower(), f"{name} has no runbook_url to its own section"
+        assert name.lower() in sections, f"docs/runbook.md has no section {name}"
+        selectors = re.findall(r"\b(?:stream_detector_[a-z_]+|up)(\{[^}]*\})?", expr)
+        assert selectors and all('job="stream-detector"' in sel for sel in selectors), f"{name}: {expr}"
+
+
+def test_dashboard_marks_incidents_with_annotations_of_real_metrics():
+    annotations = annotation_exprs()
+    assert {name for name, _ in annotations} >= {"Incidents opened", "Incidents closed"}
+    for name, expr in annotations:
+        assert "stream_detector_alert_messages_total" in expr, name
+        assert not _metric_names(expr) - _exposed_names(), name
+
+
+def test_prometheus_sends_alerts_to_the_alertmanager_of_the_stack():
+    config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+    assert re.search(r"^alerting:\n  alertmanagers:\n(?:.*\n)*?.*targets: \[\"alertmanager:9093\"\]", config, re.M)
+    compose = COMPOSE_FILE.read_text()
+    assert "./deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro" in compose
+
+
+def test_amtool_accepts_the_alertmanager_config_and_routes_anomalies_apart():
+    amtool = _tool("amtool")
+    config = ROOT / "deploy/alertmanager/alertmanager.yml"
+    result = _run([amtool, "check-config", str(config)], ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for labels, receiver in ((["alertname=StreamDetectorAnomalyIncidentOpen", "kind=anomaly"], "anomalies"),
+                             (["alertname=StreamDetectorDown", "severity=critical"], "operators")):
+        result = _run([amtool, "config", "routes", "test", "--config.file", str(config), *labels], ROOT)
+        assert result.returncode == 0 and result.stdout.strip() == receiver, result.stdout + result.stderr
+
+
+def test_promtool_checks_the_kafka_exporter_lag_rules():
+    promtool = _tool("promtool")
+    result = _run([promtool, "check", "rules", "kafka_exporter.rules.yml"], PROMETHEUS_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run([promtool, "test", "rules", "kafka_exporter.rules.test.yml"], PROMETHEUS_DIR)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_promtool_accepts_config_and_rules_and_the_rule_unit_tests_pass():
@@ -186,7 +246,7 @@ def test_docker_compose_file_is_valid_and_complete():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     services = set(result.stdout.split())
-    assert {"kafka", "topics", "model", "worker", "producer", "prometheus", "grafana"} <= services
+    assert {"kafka", "topics", "model", "worker", "producer", "prometheus", "alertmanager", "grafana"} <= services
     text = COMPOSE_FILE.read_text()
     for source in re.findall(r"- \./([\w./-]+):", text):  # bind-mounted files and folders of the repo
         if not source.startswith("artifacts"):
@@ -398,6 +458,11 @@ def test_prometheus_scrapes_the_worker_and_every_dashboard_and_rule_query_works(
         # The dashboard's $instance variable: label_values(stream_detector_model_info, instance).
         values = prom.api("label/instance/values", **{"match[]": "stream_detector_model_info"})
         assert values["data"] == [f"127.0.0.1:{worker.metrics_port}"]
+
+        # The dashboard's incident annotations parse and evaluate (data only while incidents open or close).
+        for name, expr in annotation_exprs():
+            result = prom.query(expr)
+            assert result.get("status") == "success", f"annotation {name}: {expr}\n{result}"
 
         # Every alert rule expression parses and evaluates; Prometheus loaded and ran every rule cleanly.
         rules = rule_exprs()

@@ -209,10 +209,10 @@ def test_a_decoder_exception_dead_letters_the_message_and_the_batch_goes_on(arti
     decode = harness.detector.decoder.decode
     poison = b'{"x":' + b"[" * 1000
 
-    def decode_or_raise(raw):
+    def decode_or_raise(raw, record=None):
         if raw == poison:
             raise RecursionError("maximum recursion depth exceeded")
-        return decode(raw)
+        return decode(raw, record)
 
     harness.detector.decoder.decode = decode_or_raise
     events = _events(3 * BATCH)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_detector.settings import CONFIG_ENV, ENV_PREFIX, Settings, settings_table
+from stream_detector.settings import CONFIG_ENV, ENV_PREFIX, MAPPING_FIELDS, Settings, SettingsError, settings_table
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -93,7 +93,7 @@ def test_unknown_setting_in_file_rejected_with_its_name_and_source(tmp_path):
 
 
 def test_unknown_override_rejected():
-    with pytest.raises(ValueError, match="unknown setting.*overrides.*inptu_topic"):
+    with pytest.raises(ValueError, match="unknown setting.*flags.*inptu_topic.*did you mean input_topic"):
         Settings.load(env={}, overrides={"inptu_topic": "x"})
 
 
@@ -147,10 +147,148 @@ def test_settings_table_lists_every_field_with_its_env_var():
     names = [f.name for f in dataclasses.fields(Settings)]
     assert len(lines) == 2 + len(names)
     for f, line in zip(dataclasses.fields(Settings), lines[2:]):
-        assert line.startswith(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}` |")
+        suffix = "__<PROPERTY>" if f.name in MAPPING_FIELDS else ""
+        assert line.startswith(f"| `{f.name}` | `{ENV_PREFIX}{f.name.upper()}{suffix}` |")
         assert f.metadata["doc"] in line and f.metadata["doc"]
     assert "| `threshold` | `STREAM_DETECTOR_THRESHOLD` | unset |" in table
 
 
 def test_readme_settings_table_is_current():
     assert settings_table() in README.read_text(), "README settings table drifted: regenerate it"
+
+
+# --- strict values, one-line errors naming the source ---------------------------------------------------
+
+
+@pytest.mark.parametrize("value, expected", [("true", True), ("FALSE", False), ("1", True), ("off", False),
+                                             ("yes", True)])
+def test_booleans_read_from_the_environment(value, expected):
+    assert Settings.load(env={ENV_PREFIX + "LOG_JSON": value}).log_json is expected
+
+
+@pytest.mark.parametrize("value", ["ture", "", "2", "enabled"])
+def test_a_misspelt_boolean_is_an_error_naming_the_setting_and_the_variable(value):
+    with pytest.raises(SettingsError) as info:
+        Settings.load(env={ENV_PREFIX + "LOG_JSON": value})
+    message = str(info.value)
+    assert "setting log_json" in message and "environment variable STREAM_DETECTOR_LOG_JSON" in message
+    assert "not a boolean" in message and "\n" not in message
+
+
+def test_a_bad_number_is_one_line_naming_the_setting_and_the_variable():
+    with pytest.raises(SettingsError) as info:
+        Settings.load(env={ENV_PREFIX + "BATCH_MAX": "abc"})
+    assert str(info.value) == ("setting batch_max: cannot read 'abc' from environment variable "
+                               "STREAM_DETECTOR_BATCH_MAX: not a whole number")
+
+
+@pytest.mark.parametrize("text, name", [("log_json = 1\n", "log_json"), ("max_keys = true\n", "max_keys"),
+                                        ("batch_within_s = \"nan\"\n", "batch_within_s"),
+                                        ("consumer_group = 5\n", "consumer_group")])
+def test_a_toml_value_of_the_wrong_type_names_the_file(tmp_path, text, name):
+    path = write_toml(tmp_path, text)
+    with pytest.raises(SettingsError, match=f"setting {name}: cannot read .* from config file {path}"):
+        Settings.load(config_file=path, env={})
+
+
+def test_a_flag_value_error_names_the_flag():
+    with pytest.raises(SettingsError, match="setting max_keys: cannot read 'x' from flag --max-keys"):
+        Settings.load(env={}, overrides={"max_keys": "x"})
+
+
+def test_a_missing_or_broken_config_file_is_one_clear_line(tmp_path):
+    with pytest.raises(SettingsError, match=r"config file .*nope.toml: cannot read it"):
+        Settings.load(config_file=tmp_path / "nope.toml", env={})
+    path = write_toml(tmp_path, "max_keys = = 3\n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        Settings.load(config_file=path, env={})
+
+
+def test_unknown_environment_variables_are_warned_about_with_the_closest_name():
+    warnings: list[str] = []
+    s = Settings.load(env={ENV_PREFIX + "FOO": "1", ENV_PREFIX + "MAX_KEY": "5", ENV_PREFIX + "MAX_KEYS": "6",
+                           ENV_PREFIX + "SASL_PASSWORD_FILE": "", ENV_PREFIX + "CONFIG": ""}, warn=warnings.append)
+    assert s.max_keys == 6
+    assert warnings == ["unknown environment variable STREAM_DETECTOR_FOO ignored",
+                        "unknown environment variable STREAM_DETECTOR_MAX_KEY ignored "
+                        "(did you mean STREAM_DETECTOR_MAX_KEYS?)"]
+
+
+def test_a_missing_secret_file_is_an_error_naming_the_variable(tmp_path):
+    with pytest.raises(SettingsError, match="sasl_password: cannot read the file .* environment variable "
+                                            "STREAM_DETECTOR_SASL_PASSWORD_FILE"):
+        Settings.load(env={ENV_PREFIX + "SASL_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+# --- Kafka client passthrough and topic settings ---------------------------------------------------------
+
+
+def test_kafka_client_tables_in_toml_and_their_environment_variables(tmp_path):
+    path = write_toml(tmp_path, '[kafka.common]\n"client.id" = "sd-1"\n"socket.keepalive.enable" = true\n'
+                                '[kafka.producer]\n"compression.type" = "zstd"\n"linger.ms" = 10\n'
+                                '[kafka.consumer]\n"fetch.min.bytes" = 1\n')
+    s = Settings.load(config_file=path, env={ENV_PREFIX + "KAFKA_PRODUCER__COMPRESSION_TYPE": "lz4",
+                                             ENV_PREFIX + "KAFKA_COMMON__SASL_OAUTHBEARER_SCOPE": "kafka"})
+    assert s.kafka_common == {"client.id": "sd-1", "socket.keepalive.enable": True, "sasl.oauthbearer.scope": "kafka"}
+    assert s.kafka_producer == {"compression.type": "lz4", "linger.ms": 10}  # the variable beats the file
+    assert s.kafka_consumer == {"fetch.min.bytes": 1}
+
+
+def test_a_kafka_table_may_also_be_written_flat(tmp_path):
+    path = write_toml(tmp_path, '[kafka_producer]\n"compression.type" = "zstd"\n')
+    assert Settings.load(config_file=path, env={}).kafka_producer == {"compression.type": "zstd"}
+
+
+@pytest.mark.parametrize("table, prop, value", [
+    ("kafka_producer", "acks", "1"), ("kafka_common", "acks", "0"), ("kafka_producer", "enable.idempotence", "false"),
+    ("kafka_consumer", "isolation.level", "read_uncommitted"), ("kafka_consumer", "enable.auto.commit", "true"),
+    ("kafka_producer", "transactional.id", "t"),
+])
+def test_passthrough_refuses_to_weaken_the_delivery_guarantees(table, prop, value):
+    with pytest.raises(ValueError, match=f"{table}: {prop}={value} refused"):
+        Settings.load(env={f"{ENV_PREFIX}{table.upper()}__{prop.upper().replace('.', '_')}": value})
+
+
+def test_passthrough_accepts_the_safe_values_of_the_safety_keys():
+    s = Settings.load(env={ENV_PREFIX + "KAFKA_PRODUCER__ACKS": "all",
+                           ENV_PREFIX + "KAFKA_PRODUCER__ENABLE_IDEMPOTENCE": "true",
+                           ENV_PREFIX + "KAFKA_CONSUMER__ISOLATION_LEVEL": "read_committed"})
+    assert s.kafka_producer == {"acks": "all", "enable.idempotence": "true"}
+
+
+@pytest.mark.parametrize("prop, setting", [("bootstrap.servers", "bootstrap_servers"),
+                                           ("security.protocol", "security_protocol"),
+                                           ("sasl.password", "sasl_password"), ("group.id", "consumer_group")])
+def test_passthrough_refuses_what_a_setting_owns_naming_the_setting(prop, setting):
+    with pytest.raises(ValueError, match=f"{prop} is set by the product; use the setting {setting}"):
+        Settings(kafka_common={prop: "x"})
+
+
+def test_oauthbearer_is_accepted_with_oidc_properties_and_refused_without():
+    oidc = {"sasl.oauthbearer.method": "oidc", "sasl.oauthbearer.client.id": "sd",
+            "sasl.oauthbearer.client.secret": "s3cr3t", "sasl.oauthbearer.token.endpoint.url": "https://idp/token"}
+    s = Settings(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER", kafka_common=oidc)
+    assert s.redacted()["kafka_common"]["sasl.oauthbearer.client.secret"] == "***"
+    assert "s3cr3t" not in repr(s.redacted())
+    with pytest.raises(ValueError, match="OAUTHBEARER needs sasl.oauthbearer.method=oidc"):
+        Settings(security_protocol="SASL_SSL", sasl_mechanism="OAUTHBEARER")
+
+
+def test_topic_replication_factor_and_topic_configs():
+    s = Settings.load(env={ENV_PREFIX + "TOPIC_REPLICATION_FACTOR": "3",
+                           ENV_PREFIX + "ALERTS_TOPIC_CONFIG__RETENTION_MS": "604800000",
+                           ENV_PREFIX + "CHANGELOG_TOPIC_CONFIG__MIN_INSYNC_REPLICAS": "2"})
+    assert s.topic_replication_factor == 3
+    assert s.alerts_topic_config == {"retention.ms": "604800000"}
+    assert s.changelog_topic_config == {"min.insync.replicas": "2"}
+    assert Settings().topic_replication_factor == -1  # the broker's default.replication.factor
+    with pytest.raises(ValueError, match="topic_replication_factor"):
+        Settings(topic_replication_factor=0)
+    with pytest.raises(ValueError, match="cleanup.policy=delete refused"):
+        Settings(changelog_topic_config={"cleanup.policy": "delete"})
+
+
+def test_a_mapping_setting_given_as_a_plain_value_in_toml_is_refused(tmp_path):
+    path = write_toml(tmp_path, 'kafka_producer = "zstd"\n')
+    with pytest.raises(SettingsError, match="kafka_producer: config file .* must give it as a table"):
+        Settings.load(config_file=path, env={})

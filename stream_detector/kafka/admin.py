@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Mapping
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -21,12 +22,15 @@ def ensure_topics(
     timeout: float = 30,
     config: dict | None = None,
     client_config: dict | None = None,
+    replication_factor: int = -1,
+    topic_configs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Create topics (name -> partition count, replication 1) if missing.
+    """Create topics (name -> partition count) if missing; an existing topic is left as it is.
 
+    ``replication_factor`` -1 lets the broker choose (its ``default.replication.factor``).
     ``config`` is topic-level configuration applied to newly created topics
-    (e.g. ``{"retention.ms": "60000"}``). Waits until metadata shows every topic
-    with all partitions led, so producers/consumers can use them right away.
+    (e.g. ``{"retention.ms": "60000"}``), ``topic_configs`` per topic on top of it. Waits until
+    metadata shows every topic with all partitions led, so producers/consumers can use them right away.
     """
     if not topics:
         return
@@ -39,7 +43,9 @@ def ensure_topics(
         }
     )
     new_topics = [
-        NewTopic(name, num_partitions=parts, replication_factor=1, config=dict(config or {}))
+        NewTopic(name, num_partitions=parts, replication_factor=replication_factor,
+                 config={k: str(v).lower() if isinstance(v, bool) else str(v)
+                         for k, v in {**(config or {}), **(topic_configs or {}).get(name, {})}.items()})
         for name, parts in topics.items()
     ]
     futures = admin.create_topics(new_topics, request_timeout=max(timeout, 1.0))
