@@ -139,9 +139,67 @@ def format_alert(alert: dict, labels: dict[str, int] | None = None) -> str:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from .kafka.local_broker import main as broker_main
+    from .kafka import local_broker
 
-    return broker_main(args.rest)
+    if not local_broker.FETCH_SCRIPT.is_file() and not local_broker.DEFAULT_KAFKA_HOME.is_dir():
+        print("stream-detector: error: `stream-detector broker` is a development tool: it needs a source checkout "
+              "(deploy/kafka/fetch-kafka.sh fetches Apache Kafka with Maven; Java 17 and Maven required). "
+              "From an installed package use your own Kafka, or the compose stack that "
+              "`stream-detector deploy-files --out DIR` writes (its `kafka` service).", file=sys.stderr)
+        return 2
+    return local_broker.main(args.rest)
+
+
+# What `deploy-files` writes, under --out: (file in the package's deploy data, path written).
+DEPLOY_FILES = (
+    ("docker-compose.yml", "docker-compose.yml"),
+    ("Dockerfile", "deploy/Dockerfile"),
+    ("Dockerfile.dockerignore", "deploy/Dockerfile.dockerignore"),
+    ("prometheus/prometheus.yml", "deploy/prometheus/prometheus.yml"),
+    ("prometheus/rules.yml", "deploy/prometheus/rules.yml"),
+    ("prometheus/rules.test.yml", "deploy/prometheus/rules.test.yml"),
+    ("prometheus/kafka_exporter.rules.yml", "deploy/prometheus/kafka_exporter.rules.yml"),
+    ("prometheus/kafka_exporter.rules.test.yml", "deploy/prometheus/kafka_exporter.rules.test.yml"),
+    ("alertmanager/alertmanager.yml", "deploy/alertmanager/alertmanager.yml"),
+    ("grafana/dashboards/stream-detector.json", "deploy/grafana/dashboards/stream-detector.json"),
+    ("grafana/provisioning/dashboards/dashboards.yml", "deploy/grafana/provisioning/dashboards/dashboards.yml"),
+    ("grafana/provisioning/datasources/prometheus.yml", "deploy/grafana/provisioning/datasources/prometheus.yml"),
+    ("runbook.md", "docs/runbook.md"),
+)
+
+
+def deploy_data(name: str) -> str:
+    """A shipped deployment file: package data when installed, the checkout's deploy/ otherwise."""
+    from importlib import resources
+
+    try:
+        return resources.files("stream_detector.deploy").joinpath(name).read_text(encoding="utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        return (Path(__file__).resolve().parent.parent / "deploy" / name).read_text(encoding="utf-8")
+
+
+def cmd_deploy_files(args: argparse.Namespace) -> int:
+    """Writes the compose stack, Prometheus and Alertmanager configs, rules, dashboard and runbook."""
+    out = Path(args.out)
+    written = []
+    for name, target in DEPLOY_FILES:
+        text = deploy_data(name)
+        if args.job != "stream-detector" and (name.startswith("prometheus/")):
+            text = (text.replace('job="stream-detector"', f'job="{args.job}"')
+                    .replace("job: stream-detector", f"job: {args.job}")
+                    .replace("job_name: stream-detector", f"job_name: {args.job}")
+                    .replace('"job", "stream-detector"', f'"job", "{args.job}"'))
+        if args.runbook_url_base and name.startswith("prometheus/rules"):
+            text = text.replace('"docs/runbook.md#', f'"{args.runbook_url_base.rstrip("/")}#')
+        path = out / target
+        if path.exists() and not args.force:
+            print(f"stream-detector: error: {path} exists (--force overwrites)", file=sys.stderr)
+            return 2
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(str(path))
+    print("\n".join(written))
+    return 0
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -354,6 +412,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`stream-detector broker --help` lists its own options.")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of stream_detector.kafka.local_broker")
     p.set_defaults(func=cmd_broker)
+
+    p = command("deploy-files", help="write the compose stack, Prometheus/Alertmanager configs, rules, dashboard "
+                                     "and runbook",
+                description="Write the deployment files shipped with the package (docker-compose.yml and deploy/: "
+                            "Dockerfile, Prometheus config and alert rules with their tests, Alertmanager config, "
+                            "Grafana dashboard and provisioning; docs/runbook.md) under --out.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    p.add_argument("--job", default="stream-detector",
+                   help="the Prometheus scrape job name the rules select (default stream-detector)")
+    p.add_argument("--runbook-url-base", default="", metavar="URL",
+                   help="where docs/runbook.md is served: the rules' runbook_url become URL#<alert>")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(func=cmd_deploy_files)
 
     p = command("settings", help="print the effective settings (secrets masked) or the settings table",
                        description="Print the effective settings as JSON (defaults, file, environment and flags "

@@ -521,3 +521,23 @@ def test_setup_logging_routes_everything_through_one_json_handler():
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [r["logger"] for r in records] == ["faust.worker", "py.warnings", "stream_detector.crash"]
     assert records[2]["level"] == "critical" and records[2]["exc_type"] == "RuntimeError"
+
+
+def test_deploy_files_writes_the_stack_with_rules_for_another_job_that_promtool_still_passes(tmp_path):
+    from stream_detector import cli
+
+    assert cli.main(["deploy-files", "--out", str(tmp_path), "--job", "payments-detector",
+                     "--runbook-url-base", "https://wiki.example/runbook"]) == 0
+    for _, target in cli.DEPLOY_FILES:
+        assert (tmp_path / target).is_file(), target
+    prometheus = tmp_path / "deploy/prometheus"
+    rules = (prometheus / "rules.yml").read_text()
+    assert 'job="stream-detector"' not in rules and 'job="payments-detector"' in rules
+    assert 'runbook_url: "https://wiki.example/runbook#streamdetectordown"' in rules
+    assert "job_name: payments-detector" in (prometheus / "prometheus.yml").read_text()
+    promtool = _tool("promtool")
+    result = _run([promtool, "check", "config", "prometheus.yml"], prometheus)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run([promtool, "test", "rules", "rules.test.yml", "kafka_exporter.rules.test.yml"], prometheus)
+    assert result.returncode == 0, result.stdout + result.stderr  # the rule tests are rewritten alike
+    assert cli.main(["deploy-files", "--out", str(tmp_path)]) == 2  # files exist: not overwritten without --force
