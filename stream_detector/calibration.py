@@ -1,34 +1,34 @@
-"""Each key judged against its own normal: per-key feature scaling learned from the key's warm-up.
+"""Each key judged against its own normal: per-key centring (and optionally scaling) of its features.
 
 One model serves keys that run in different regimes (a pump at flow 32 and 70 degrees, another at
-flow 127 and 90 degrees). Scaled with one scaler fitted on all of them, a key's normal readings sit
+flow 127 and 90 degrees). With one scaler fitted on all of them, a key's normal readings sit
 wherever its regime puts them, and the model's error mixes "this key is in another regime" with
 "this key behaves abnormally". :class:`KeyNormal` removes the first part: every feature of a key's
-windows is scaled by the key's own centre and spread, learned from its first events, before the
-model (and the artifact's global scaler) sees them, identically in the trainer and in the worker.
-A key whose values are shifted by a constant and multiplied by a positive factor (per feature) then
-gets the same windows, hence the same scores, as the original.
+windows is centred on the key's own level (and, with ``scale``, divided by its own spread) before
+the model and the artifact's global scaler see them, identically in the trainer and in the worker.
+A key whose values are shifted by a constant per feature then gets the same windows, hence the same
+scores, as the original (and, with ``scale``, one multiplied by a positive factor per feature too).
 
-How a key's normal is learned, with no per-event work once it is learned:
+How a key's normal is learned, with no per-event numpy work:
 
-- in blocks of ``window`` events: each time a key's event count reaches a multiple of the window
-  (``window``, ``2 x window``, ...), the window it holds then (exactly the last block's events) is
-  summarised by its per-feature median and robust spread (IQR / 1.349, the standard deviation for a
-  feature whose IQR is degenerate);
-- the key's centre is the mean of its block medians, its spread the root of the mean squared block
-  spread plus the variance of the block medians (the law of total variance over blocks, so a slow
-  swing across blocks counts as normal spread). Medians per block keep one short fault in the
-  warm-up from moving the centre much;
-- after ``blocks`` blocks the key's normal is frozen: an anomaly later on is never learned as normal.
-  Windows are scored from the key's first full window on, against the blocks learned so far (the
-  trainer does the same, so the model is trained on exactly that);
-- a spread is floored at ``rel_floor x |centre|`` (and an absolute floor), so a channel that was
-  constant during the warm-up does not turn every later wobble into an extreme value (values are
-  clipped by the global scaler anyway).
+- in blocks of ``window`` events: each time a key's event count reaches a multiple of the window,
+  the window it holds then (exactly the last block's events) is summarised by its per-feature median
+  and robust spread (IQR / 1.349; the standard deviation where the IQR is degenerate);
+- warm-up: over the key's first ``blocks`` blocks, its level is the mean of the block medians and its
+  spread the root of the mean squared block spread plus the variance of the block medians;
+- after the warm-up the level follows slow drift: at each block it moves ``drift`` of the way towards
+  the block's median, each step capped at ``drift_cap`` spreads. A slow drift (a temperature that
+  creeps up over hours) is followed; a fault moves the level by at most ``drift x drift_cap`` spreads
+  per block, so it stays visible for tens of blocks, and the spread is never re-learned;
+- spreads are floored at ``rel_floor x |level|`` (and an absolute floor), so a channel constant during
+  the warm-up does not turn every later wobble into an extreme value.
 
-State per key: the number of blocks learned and three float64 sums per feature, plus the derived
-centre and inverse spread (float32), in preallocated arrays grown by doubling, dropped with the
-key's window; :meth:`export_key`/:meth:`adopt_key` carry it in the worker's changelog snapshots.
+Windows are scaled in bulk per micro-batch; a key's normal changes only at its block boundaries, and
+before it changes the windows waiting to be scaled are scaled with the normal they were taken under,
+so decisions do not depend on batching. State per key: blocks learned, three float64 sums, level and
+spread per feature (float64), and the derived offset and inverse scale (float32), in preallocated
+arrays grown by doubling, dropped with the key's window; :meth:`export_key`/:meth:`adopt_key` carry it
+in the worker's changelog snapshots.
 """
 
 from __future__ import annotations
@@ -41,19 +41,24 @@ import numpy as np
 
 _IQR_TO_SIGMA = 1.349
 _ABS_FLOOR = 1e-6
-_STATE_HEADER = struct.Struct("<ii")  # blocks per key this was learned for, blocks learned
+# A snapshot of one key's normal: the configuration it was learned under, blocks learned; then the
+# warm-up sums (3 x F), the level (F) and the spread (F), float64.
+_STATE_HEADER = struct.Struct("<iiddd?")
 
 
 @dataclass(frozen=True)
 class KeyNormalConfig:
     """How a key's own normal is learned (stored in the artifact under ``training.key_normal``)."""
 
-    blocks: int = 8  # warm-up blocks of one window each; 0 disables per-key scaling
-    rel_floor: float = 1e-3  # a key's spread is at least this share of its centre's magnitude
+    blocks: int = 8  # warm-up blocks of one window each; 0 disables per-key normals
+    scale: bool = False  # divide by the key's own spread too (else centre only; the global scaler scales)
+    drift: float = 0.1  # after the warm-up, the level moves this share of the way to each block's median
+    drift_cap: float = 3.0  # ... by at most this many of the key's spreads per block
+    rel_floor: float = 1e-3  # a key's spread is at least this share of its level's magnitude
 
     def __post_init__(self) -> None:
-        if self.blocks < 0 or not self.rel_floor >= 0:
-            raise ValueError("key_normal blocks and rel_floor must not be negative")
+        if self.blocks < 0 or not self.rel_floor >= 0 or not 0 <= self.drift <= 1 or not self.drift_cap >= 0:
+            raise ValueError("key_normal needs blocks >= 0, rel_floor >= 0, drift in [0, 1], drift_cap >= 0")
 
     @property
     def enabled(self) -> bool:
@@ -68,7 +73,8 @@ class KeyNormalConfig:
         record = (metadata.get("training") or {}).get("key_normal")
         if not isinstance(record, Mapping):
             return cls(blocks=0)
-        return cls(blocks=int(record.get("blocks", 0)), rel_floor=float(record.get("rel_floor", 1e-3)))
+        known = {k: record[k] for k in ("blocks", "scale", "drift", "drift_cap", "rel_floor") if k in record}
+        return cls(**known)
 
 
 def block_summary(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +89,7 @@ def block_summary(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class KeyNormal:
-    """Per-key centre and spread of every feature (see the module docstring)."""
+    """Per-key level and spread of every feature (see the module docstring)."""
 
     def __init__(self, n_features: int, window: int, config: KeyNormalConfig,
                  initial_capacity: int = 1024, max_keys: int | None = None):
@@ -94,13 +100,18 @@ class KeyNormal:
         self.config = config
         self.blocks = config.blocks
         self.max_keys = max_keys
-        self.frozen: set[str] = set()  # keys whose normal is learned: their windows are scaled in bulk
+        # Windows taken but not scaled yet: (position in ``target``, key row) pairs, scaled in bulk by
+        # :meth:`flush`, which runs before any key's normal changes.
+        self.target: np.ndarray | None = None
+        self.pending: list[int] = []
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
         self._capacity = 0
         self._learned = np.zeros(0, dtype=np.int32)
         self._sums = np.zeros((0, 3, n_features), dtype=np.float64)  # sum of medians, of medians^2, of spread^2
-        self._center = np.zeros((0, n_features), dtype=np.float32)
+        self._level = np.zeros((0, n_features), dtype=np.float64)
+        self._spread = np.zeros((0, n_features), dtype=np.float64)
+        self._offset = np.zeros((0, n_features), dtype=np.float32)
         self._inv_scale = np.zeros((0, n_features), dtype=np.float32)
         self._grow(max(min(initial_capacity, max_keys or initial_capacity), 1))
 
@@ -112,97 +123,121 @@ class KeyNormal:
 
     @property
     def bytes_per_key(self) -> int:
-        return 4 + self.n_features * (3 * 8 + 2 * 4)
+        return 4 + self.n_features * (5 * 8 + 2 * 4)
 
     def learned_blocks(self, key: str) -> int:
         row = self._rows.get(key)
         return 0 if row is None else int(self._learned[row])
 
     def learn_block(self, key: str, block: np.ndarray) -> None:
-        """Adds one block of the key's events (its window when its count reached a multiple of W)."""
-        if key in self.frozen:
-            return
+        """Takes in one block of the key's events (its window when its count reached a multiple of W)."""
+        if self.pending:
+            self.flush()  # windows taken before this change are scaled as they were taken
         row = self._rows.get(key)
         if row is None:
             row = self._allocate(key)
         median, spread = block_summary(block)
-        sums = self._sums[row]
-        sums[0] += median
-        sums[1] += median * median
-        sums[2] += spread * spread
-        self._learned[row] += 1
+        config = self.config
+        if self._learned[row] < self.blocks:
+            sums = self._sums[row]
+            sums[0] += median
+            sums[1] += median * median
+            sums[2] += spread * spread
+            self._learned[row] += 1
+            n = float(self._learned[row])
+            level = sums[0] / n
+            between = np.maximum(sums[1] / n - level * level, 0.0)
+            self._level[row] = level
+            self._spread[row] = np.maximum(np.sqrt(sums[2] / n + between),
+                                           np.maximum(config.rel_floor * np.abs(level), _ABS_FLOOR))
+        elif config.drift > 0:
+            cap = config.drift_cap * self._spread[row]
+            self._level[row] += config.drift * np.clip(median - self._level[row], -cap, cap)
+        else:
+            return
         self._derive(row)
-        if self._learned[row] >= self.blocks:
-            self.frozen.add(key)
 
     def row_of(self, key: str) -> int | None:
         """The key's row once it has learned at least one block."""
         return self._rows.get(key)
 
     def scale_window(self, key: str, window: np.ndarray) -> None:
-        """Scales one window (W, F) in place by the key's normal (the trainer's and warm-up path)."""
+        """Scales one window (W, F) in place by the key's normal now (the trainer's path)."""
         row = self._rows.get(key)
         if row is None:  # cannot happen for a full window: its first block is learned when it fills
             raise KeyError(f"key {key!r} has no learned normal yet")
-        window -= self._center[row]
+        window -= self._offset[row]
         window *= self._inv_scale[row]
 
-    def scale_rows(self, windows: np.ndarray, rows: np.ndarray) -> None:
-        """Scales a batch of windows (B, W, F) in place, window i by the normal in row ``rows[i]``."""
-        if len(rows):
-            windows -= self._center[rows][:, None, :]
-            windows *= self._inv_scale[rows][:, None, :]
+    def defer(self, position: int, key: str) -> None:
+        """Window ``position`` of :attr:`target` belongs to ``key``: scale it at the next :meth:`flush`."""
+        self.pending.append(position)
+        self.pending.append(self._rows[key])
 
-    def center_and_scale(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def flush(self) -> None:
+        """Scales every deferred window by its key's normal, in one numpy pass."""
+        if not self.pending:
+            return
+        pairs = np.asarray(self.pending, dtype=np.int64).reshape(-1, 2)
+        self.pending = []
+        target = self.target
+        assert target is not None
+        at, rows = pairs[:, 0], pairs[:, 1]
+        part = target[at]
+        part -= self._offset[rows][:, None, :]
+        part *= self._inv_scale[rows][:, None, :]
+        target[at] = part
+
+    def level_and_spread(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         row = self._rows.get(key)
         if row is None:
             return None
-        return self._center[row].copy(), 1.0 / self._inv_scale[row]
+        return self._level[row].copy(), self._spread[row].copy()
 
     def evict(self, key: str) -> None:
+        if self.pending:
+            self.flush()  # the row may be reused by another key before the batch ends
         row = self._rows.pop(key, None)
         if row is not None:
             self._free.append(row)
-            self.frozen.discard(key)
 
     def export_key(self, key: str) -> bytes | None:
         """The key's learned normal (for its changelog snapshot); None for a key with none yet."""
         row = self._rows.get(key)
         if row is None:
             return None
-        return _STATE_HEADER.pack(self.blocks, int(self._learned[row])) + self._sums[row].tobytes()
+        c = self.config
+        return (_STATE_HEADER.pack(self.blocks, int(self._learned[row]), c.drift, c.drift_cap, c.rel_floor, c.scale)
+                + self._sums[row].tobytes() + self._level[row].tobytes() + self._spread[row].tobytes())
 
     def adopt_key(self, key: str, blob: bytes) -> bool:
         """Takes over a key's normal from :meth:`export_key`; False when it does not fit (another
         configuration or feature count): the key then learns its normal again."""
-        if len(blob) != _STATE_HEADER.size + 3 * self.n_features * 8:
+        f = self.n_features
+        if len(blob) != _STATE_HEADER.size + 5 * f * 8:
             return False
-        blocks, learned = _STATE_HEADER.unpack_from(blob)
-        sums = np.frombuffer(blob, dtype=np.float64, offset=_STATE_HEADER.size).reshape(3, self.n_features)
-        if blocks != self.blocks or not 0 < learned <= blocks or not np.isfinite(sums).all():
+        blocks, learned, drift, drift_cap, rel_floor, scale = _STATE_HEADER.unpack_from(blob)
+        c = self.config
+        if (blocks, drift, drift_cap, rel_floor, scale) != (self.blocks, c.drift, c.drift_cap, c.rel_floor, c.scale):
             return False
+        values = np.frombuffer(blob, dtype=np.float64, offset=_STATE_HEADER.size).reshape(5, f)
+        if not 0 < learned <= blocks or not np.isfinite(values).all() or not (values[4] > 0).all():
+            return False
+        if self.pending:
+            self.flush()
         row = self._rows.get(key)
         if row is None:
             row = self._allocate(key)
-        self._sums[row] = sums
+        self._sums[row] = values[:3]
+        self._level[row] = values[3]
+        self._spread[row] = values[4]
         self._learned[row] = learned
         self._derive(row)
-        if learned >= self.blocks:
-            self.frozen.add(key)
-        else:
-            self.frozen.discard(key)
         return True
 
     def _derive(self, row: int) -> None:
-        n = float(self._learned[row])
-        sums = self._sums[row]
-        center = sums[0] / n
-        between = np.maximum(sums[1] / n - center * center, 0.0)
-        scale = np.sqrt(sums[2] / n + between)
-        floor = np.maximum(self.config.rel_floor * np.abs(center), _ABS_FLOOR)
-        scale = np.maximum(scale, floor)
-        self._center[row] = center
-        self._inv_scale[row] = 1.0 / scale
+        self._offset[row] = self._level[row]
+        self._inv_scale[row] = 1.0 / self._spread[row] if self.config.scale else 1.0
 
     def _allocate(self, key: str) -> int:
         if not self._free:
@@ -220,7 +255,7 @@ class KeyNormal:
         old = self._capacity
         if capacity <= old:
             return
-        for name in ("_learned", "_sums", "_center", "_inv_scale"):
+        for name in ("_learned", "_sums", "_level", "_spread", "_offset", "_inv_scale"):
             array = getattr(self, name)
             grown = np.zeros((capacity,) + array.shape[1:], dtype=array.dtype)
             grown[:old] = array

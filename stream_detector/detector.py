@@ -266,7 +266,6 @@ class Detector:
         self.clock = clock
         self.stats = DetectorStats()
         self.key_normal = build_key_normal(artifact.metadata, self.profile.n_features, self.window, max_keys)
-        self._scale_later: list[int] = []  # key-normal rows of the batch's windows scaled in bulk
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
                                     max_future_s=max_future_s, clock=clock)
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
@@ -402,6 +401,8 @@ class Detector:
             # Earlier parts keep their views of the old buffer (still being scored, maybe).
             self._buffers[0] = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
         rows = self._batch
+        if self.key_normal is not None:
+            self.key_normal.target = rows
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
@@ -413,7 +414,8 @@ class Detector:
             n = self._add_event(decoded, record, batch, rows, n, now)
         self.stats.consumed += len(records)
         batch.windows = rows[first_row:n]
-        self._scale_learned(rows, first_row)
+        if self.key_normal is not None:
+            self.key_normal.flush()
         return batch
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
@@ -423,6 +425,8 @@ class Detector:
         if len(events) > len(self._batch):
             self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
         rows = self._batch
+        if self.key_normal is not None:
+            self.key_normal.target = rows
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = 0
         empty = RawRecord(None)
@@ -430,19 +434,9 @@ class Detector:
             n = self._add_event(event, empty, batch, rows, n, now)
         self.stats.consumed += len(events)
         batch.windows = rows[:n]
-        self._scale_learned(rows, 0)
+        if self.key_normal is not None:
+            self.key_normal.flush()
         return batch
-
-    def _scale_learned(self, rows: np.ndarray, first_row: int) -> None:
-        """Scales the windows of keys whose normal is learned, by that normal, in one numpy pass."""
-        if not self._scale_later:
-            return
-        pairs = np.asarray(self._scale_later, dtype=np.int64).reshape(-1, 2)
-        self._scale_later = []
-        at = pairs[:, 0]
-        part = rows[at]
-        self.key_normal.scale_rows(part, pairs[:, 1])  # type: ignore[union-attr]
-        rows[at] = part
 
     @property
     def _batch(self) -> np.ndarray:
@@ -471,13 +465,8 @@ class Detector:
             self.stats.unscored += 1
             return n
         store.copy_window(slot, rows[n])
-        normal = self.key_normal
-        if normal is not None:
-            if event.key in normal.frozen:  # learned for good: scaled with the batch, in bulk
-                self._scale_later.append(n)
-                self._scale_later.append(normal.row_of(event.key))  # type: ignore[arg-type]
-            else:  # still learning: scaled now, by what it has learned so far
-                normal.scale_window(event.key, rows[n])
+        if self.key_normal is not None:
+            self.key_normal.defer(n, event.key)  # scaled in bulk (before the key's normal next changes)
         batch.events.append(event)
         batch.records.append(record)
         return n + 1

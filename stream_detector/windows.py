@@ -207,8 +207,10 @@ class WindowStore:
             raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
         slot = self.slot(key, now)
         body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=_SNAPSHOT_HEADER.size).reshape(w, f)
-        self._data[slot] = body  # stored oldest-first: ring position 0 is the oldest row
-        self._count[slot] = count if count < w else w
+        # Stored oldest-first; the ring is rotated so the key keeps its true event count (per-key
+        # normals learn at every W-th event of a key, and must keep that phase across a restart).
+        self._data[slot] = body if count < w else np.roll(body, count % w, axis=0)
+        self._count[slot] = count
         self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=_SNAPSHOT_HEADER.size + w * f * 4)
         self._partition[slot] = partition
         self._offset[slot] = offset

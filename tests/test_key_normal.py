@@ -21,7 +21,7 @@ from trainer.fit import score_windows, windows_from_events
 WINDOW = 8
 CHANNELS = ("flow", "temperature")
 T0 = 1_767_225_600.0
-CONFIG = KeyNormalConfig(blocks=4)
+CONFIG = KeyNormalConfig(blocks=4, scale=True)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,19 @@ def test_a_key_shifted_and_rescaled_per_channel_gets_the_same_scores(artifact):
     np.testing.assert_allclose([d.score for d in b], [d.score for d in a], rtol=2e-3, atol=2e-4)
 
 
+def test_centring_only_makes_a_key_offset_by_constants_score_the_same(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lstm_ae", {"n_features": len(CHANNELS), "window": WINDOW, "hidden": 8, "latent": 4})
+    scaler = ScalerParams.fit(np.random.default_rng(0).normal(0.0, 1.0, (200, len(CHANNELS))))
+    save_artifact(tmp_path, model, SensorProfile(CHANNELS), scaler, fit_quantile_threshold(np.linspace(0, 2, 101), 0.99),
+                  training={"key_normal": KeyNormalConfig(blocks=4, scale=False).to_dict()})
+    detector = detector_for(load_artifact(tmp_path))
+    values = series(150, seed=2)
+    a, _ = detector.process(records("a", values))
+    b, _ = detector.process(records("b", values + np.array([95.0, 20.0])))
+    np.testing.assert_allclose([d.score for d in b], [d.score for d in a], rtol=2e-3, atol=2e-4)
+
+
 def test_without_a_per_key_normal_the_other_regime_scores_differently(tmp_path):
     torch.manual_seed(0)
     model = build_model("lstm_ae", {"n_features": len(CHANNELS), "window": WINDOW, "hidden": 8, "latent": 4})
@@ -89,25 +102,47 @@ def test_the_trainer_scales_windows_exactly_as_the_detector(artifact):
     np.testing.assert_allclose([d.score for d in decisions], scores, rtol=1e-5, atol=1e-6)
 
 
-def test_the_normal_is_learned_from_the_warm_up_and_then_frozen():
-    normal = KeyNormal(2, WINDOW, CONFIG)
+def warmed_up(config: KeyNormalConfig = CONFIG) -> KeyNormal:
+    normal = KeyNormal(2, WINDOW, config)
     rng = np.random.default_rng(0)
-    for _ in range(CONFIG.blocks):
+    for _ in range(config.blocks):
         normal.learn_block("k", rng.normal([10.0, -5.0], [2.0, 0.5], (WINDOW, 2)))
-    assert "k" in normal.frozen
-    center, scale = normal.center_and_scale("k")
-    normal.learn_block("k", np.full((WINDOW, 2), 1000.0))  # a fault after the warm-up is never learned
-    center_after, scale_after = normal.center_and_scale("k")
-    np.testing.assert_array_equal(center, center_after)
-    np.testing.assert_array_equal(scale, scale_after)
-    assert abs(center[0] - 10.0) < 1.5 and 1.0 < scale[0] < 3.5
+    return normal
+
+
+def test_the_level_and_spread_are_learned_from_the_warm_up():
+    level, spread = warmed_up().level_and_spread("k")
+    assert abs(level[0] - 10.0) < 1.0 and 1.2 < spread[0] < 3.0
+    assert abs(level[1] + 5.0) < 0.3 and 0.3 < spread[1] < 0.75
+
+
+def test_a_fault_after_the_warm_up_moves_the_level_by_at_most_drift_times_cap_spreads_per_block():
+    normal = warmed_up()
+    level, spread = normal.level_and_spread("k")
+    for n in range(1, 6):
+        normal.learn_block("k", np.full((WINDOW, 2), 1000.0))
+        moved, spread_after = normal.level_and_spread("k")
+        np.testing.assert_allclose(moved - level, n * CONFIG.drift * CONFIG.drift_cap * spread)
+        np.testing.assert_array_equal(spread_after, spread)  # the spread is never re-learned
+
+
+def test_the_level_follows_a_slow_drift():
+    normal = warmed_up()
+    level, spread = normal.level_and_spread("k")
+    rng = np.random.default_rng(1)
+    target = level.copy()
+    for _ in range(300):  # a creep of 0.05 spreads per block, 15 spreads in all
+        target += 0.05 * spread
+        normal.learn_block("k", rng.normal(target, spread, (WINDOW, 2)))
+    followed, _ = normal.level_and_spread("k")
+    assert np.all(np.abs(followed - target) < 1.5 * spread)
 
 
 def test_a_channel_constant_during_the_warm_up_gets_a_floored_spread():
     normal = KeyNormal(1, WINDOW, CONFIG)
     normal.learn_block("k", np.full((WINDOW, 1), 230.0))
-    _, scale = normal.center_and_scale("k")
-    assert scale[0] == pytest.approx(230.0 * CONFIG.rel_floor)
+    _, spread = normal.level_and_spread("k")
+    assert spread[0] == pytest.approx(230.0 * CONFIG.rel_floor)
 
 
 def test_the_learned_normal_survives_a_restart_in_the_keys_snapshot(artifact):
@@ -129,6 +164,7 @@ def test_a_snapshot_normal_for_another_configuration_is_not_taken_over():
     blob = normal.export_key("k")
     assert KeyNormal(2, WINDOW, CONFIG).adopt_key("k", blob)
     assert not KeyNormal(2, WINDOW, KeyNormalConfig(blocks=8)).adopt_key("k", blob)
+    assert not KeyNormal(2, WINDOW, KeyNormalConfig(blocks=4, scale=False)).adopt_key("k", blob)
     assert not KeyNormal(3, WINDOW, CONFIG).adopt_key("k", blob)
 
 
@@ -137,12 +173,12 @@ def test_evicted_keys_drop_their_normal(artifact):
     detector.process(records("a", series(40)))
     assert "a" in detector.key_normal
     detector.process(records("b", series(3)))
-    assert "a" not in detector.key_normal and "a" not in detector.key_normal.frozen
+    assert "a" not in detector.key_normal
 
 
 def test_an_artifact_without_the_setting_is_served_without_per_key_scaling():
     assert not KeyNormalConfig.from_metadata({"training": {}}).enabled
-    assert KeyNormalConfig.from_metadata({"training": {"key_normal": {"blocks": 8}}}).blocks == 8
+    assert KeyNormalConfig.from_metadata({"training": {"key_normal": {"blocks": 8}}}) == KeyNormalConfig(blocks=8)
 
 
 # --- idle close relative to the key's cadence ------------------------------------------------------

@@ -93,11 +93,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
-    key_normal_blocks: int | None = None  # per-key scaling warm-up in windows; None: the profile's default
+    key_normal_blocks: int | None = None  # each key's own normal: warm-up in windows; None: the profile's default
+    key_normal_options: dict[str, Any] = field(default_factory=dict)  # other KeyNormalConfig fields
 
     def key_normal(self, profile: Profile) -> KeyNormalConfig:
         blocks = default_blocks(profile.name) if self.key_normal_blocks is None else self.key_normal_blocks
-        return KeyNormalConfig(blocks=blocks)
+        return KeyNormalConfig(blocks=blocks, **self.key_normal_options)
 
     @property
     def model_class(self) -> type[AnomalyModel]:
