@@ -52,9 +52,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "defaults": {},
     "steps8-q99": {"score_steps": 8, "threshold_quantile": 0.99},
     "steps8-q99-scaled": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": {"scale": True}},
+    "steps8-q99-scaled-fast": {"score_steps": 8, "threshold_quantile": 0.99,
+                               "key_normal_options": {"scale": True, "drift": 0.3, "drift_cap": 1.0}},
+    "steps8-q95-scaled-fast": {"score_steps": 8, "threshold_quantile": 0.95,
+                               "key_normal_options": {"scale": True, "drift": 0.3, "drift_cap": 1.0}},
     "steps8-q99-frozen": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": {"drift": 0.0}},
     "steps8-q99-no-key-normal": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_blocks": 0},
-    "steps8-q995": {"score_steps": 8, "threshold_quantile": 0.995},
 }
 
 
@@ -135,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "anomaly_free_metrics": score(artifact, free.events, free.labels)}
                     rows.append(row)
                     h, s, a = row["held_out_metrics"], row["shifted_metrics"], row["anomaly_free_metrics"]
+                    write_report(args, rows, time.perf_counter() - started)  # partial results survive a stop
                     print(f"{name} seed {seed} fold {f}: F1 {h['f1']:.3f} FAR {h['far']:.3f} MAR {h['mar']:.3f} | "
                           f"shifted F1 {s['f1']:.3f} FAR {s['far']:.3f} | anomaly-free FAR {a['far']:.4f} "
                           f"({row['epochs_run']} epochs, {row['train_s']} s)", flush=True)

@@ -114,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         threshold_margin=args.threshold_margin, max_train_windows=args.max_train_windows,
         context_noise=args.context_noise, class_weight=args.class_weight,
         model_options=_model_options(args.model_option), seed=args.seed, device=args.device, threads=args.threads,
+        key_normal_blocks=args.key_normal_blocks,
+        key_normal_options={} if args.key_normal_scale is None else {"scale": args.key_normal_scale},
     )
     described = data.describe()
     print(f"training {config.model} on {described['events']} events from {described['keys']} keys "
@@ -256,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "labelled windows (supervised)")
     p.add_argument("--threshold-quantile", type=float, default=0.999)
     p.add_argument("--threshold-margin", type=float, default=1.0)
+    p.add_argument("--key-normal-blocks", type=int, default=None,
+                   help="each key's own normal: warm-up in windows (default 8 for sensors, 0 = off for transactions)")
+    p.add_argument("--key-normal-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide by each key's own spread too, not only centre on its level")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
