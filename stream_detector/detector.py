@@ -62,6 +62,10 @@ class PreparedBatch:
     warming_up: int = 0  # valid events whose key has fewer than W events so far
     replayed: int = 0  # redelivered records whose event the restored window already holds
     unscored: int = 0  # events of hot keys skipped by the scoring stride (still in their windows)
+    # Each window's key normal (offset and inverse scale per feature), applied by Detector.score
+    # in the scoring thread; None when the model has no per-key normal or once applied.
+    offsets: np.ndarray | None = None
+    inv_scales: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -166,7 +170,7 @@ class FeatureWindows:
         count = store.commit(slot)
         full = count >= self.window
         normal = self.key_normal
-        if full and normal is not None and (count % self.window == 0 or event.key not in normal):
+        if full and normal is not None and (count % self.window == 0 or event.key not in normal.rows):
             # Exactly the last W events; or, for a key restored without its normal, the window it has.
             normal.learn_block(event.key, store.ring(slot))
         if offset >= 0:
@@ -276,6 +280,9 @@ class Detector:
         # worker prepares batch k+1 while the model still reads batch k's rows.
         self._buffers = [np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
                          for _ in range(2)]
+        # With per-key normals: each buffer's windows' offsets and inverse scales (flipped with it).
+        self._normal_buffers = [(np.zeros((max_batch, self.profile.n_features), dtype=np.float32),
+                                 np.ones((max_batch, self.profile.n_features), dtype=np.float32)) for _ in range(2)]
         self._next_idle_sweep = 0.0
         self.windows.store.drop_listeners.append(self._drop_key_state)
 
@@ -399,10 +406,10 @@ class Detector:
             self._next_idle_sweep = now + 1.0
         if first_row + len(records) > len(self._batch):
             # Earlier parts keep their views of the old buffer (still being scored, maybe).
-            self._buffers[0] = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
+            self._grow_buffer(first_row + len(records))
         rows = self._batch
         if self.key_normal is not None:
-            self.key_normal.target = rows
+            self.key_normal.target = self._normal_buffers[0]
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
@@ -414,8 +421,7 @@ class Detector:
             n = self._add_event(decoded, record, batch, rows, n, now)
         self.stats.consumed += len(records)
         batch.windows = rows[first_row:n]
-        if self.key_normal is not None:
-            self.key_normal.flush()
+        self._attach_normals(batch, first_row, n)
         return batch
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
@@ -423,10 +429,10 @@ class Detector:
         now = self.clock()
         self._flip_buffer()
         if len(events) > len(self._batch):
-            self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
+            self._grow_buffer(len(events))
         rows = self._batch
         if self.key_normal is not None:
-            self.key_normal.target = rows
+            self.key_normal.target = self._normal_buffers[0]
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = 0
         empty = RawRecord(None)
@@ -434,9 +440,22 @@ class Detector:
             n = self._add_event(event, empty, batch, rows, n, now)
         self.stats.consumed += len(events)
         batch.windows = rows[:n]
-        if self.key_normal is not None:
-            self.key_normal.flush()
+        self._attach_normals(batch, 0, n)
         return batch
+
+    def _grow_buffer(self, rows: int) -> None:
+        self._buffers[0] = np.zeros((rows,) + self._batch.shape[1:], dtype=np.float32)
+        features = self.profile.n_features
+        self._normal_buffers[0] = (np.zeros((rows, features), dtype=np.float32),
+                                   np.ones((rows, features), dtype=np.float32))
+
+    def _attach_normals(self, batch: PreparedBatch, first_row: int, n: int) -> None:
+        """Gives the batch its windows' key normals (applied in :meth:`score`, off the event loop)."""
+        if self.key_normal is None:
+            return
+        self.key_normal.flush()
+        offsets, inv_scales = self._normal_buffers[0]
+        batch.offsets, batch.inv_scales = offsets[first_row:n], inv_scales[first_row:n]
 
     @property
     def _batch(self) -> np.ndarray:
@@ -446,6 +465,7 @@ class Detector:
     def _flip_buffer(self) -> None:
         """A new micro-batch takes the other row buffer (the previous batch's may still be scored)."""
         self._buffers.reverse()
+        self._normal_buffers.reverse()
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
                    now: float) -> int:
@@ -465,13 +485,22 @@ class Detector:
             self.stats.unscored += 1
             return n
         store.copy_window(slot, rows[n])
-        if self.key_normal is not None:
-            self.key_normal.defer(n, event.key)  # scaled in bulk (before the key's normal next changes)
+        normal = self.key_normal
+        if normal is not None:  # scaled in bulk, before the key's normal next changes (KeyNormal.defer, inlined)
+            pending = normal.pending
+            pending.append(n)
+            pending.append(normal.rows[event.key])
+            normal.pending_keys.add(event.key)
         batch.events.append(event)
         batch.records.append(record)
         return n + 1
 
     def score(self, batch: PreparedBatch) -> Scores:
+        """The model call (the worker runs it in its inference thread); windows of a model with
+        per-key normals are scaled by them first, here, off the event loop."""
+        if batch.offsets is not None:
+            KeyNormal.apply(batch.windows, batch.offsets, batch.inv_scales)  # type: ignore[arg-type]
+            batch.offsets = batch.inv_scales = None
         return self.scorer(batch.windows)
 
     def finish(self, batch: PreparedBatch, scores: Scores) -> list[Decision]:
