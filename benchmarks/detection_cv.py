@@ -40,23 +40,30 @@ sys.path.insert(0, str(ROOT))
 
 from stream_detector.artifacts import load_artifact  # noqa: E402
 from stream_detector.events import Event  # noqa: E402
+from trainer.cli import DEFAULTS_BY_PROFILE  # noqa: E402
 from trainer.data import CsvSpec, LoadedData, load_csv  # noqa: E402
 from trainer.evaluate import evaluate, evaluation_mask, replay  # noqa: E402
 from trainer.fit import TrainConfig, train_and_save  # noqa: E402
 
 HEAD = 400
 
-# name -> TrainConfig changes from the trainer's defaults at the time of the run. "defaults" is
-# whatever `trainer train` does with no flag.
+# name -> TrainConfig changes. Every per-key-normal option is spelled out, so a name means the same
+# whatever the library's defaults are later; "defaults" is what `trainer train` does with no flag.
+CENTRE = {"scale": False, "drift": 0.1, "drift_cap": 3.0}
+SCALED = {"scale": True, "drift": 0.1, "drift_cap": 3.0}
+SCALED_FAST = {"scale": True, "drift": 0.3, "drift_cap": 1.0}
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "steps8-q99": {"score_steps": 8, "threshold_quantile": 0.99},
-    "steps8-q99-scaled": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": {"scale": True}},
-    "steps8-q99-scaled-fast": {"score_steps": 8, "threshold_quantile": 0.99,
-                               "key_normal_options": {"scale": True, "drift": 0.3, "drift_cap": 1.0}},
-    "steps8-q95-scaled-fast": {"score_steps": 8, "threshold_quantile": 0.95,
-                               "key_normal_options": {"scale": True, "drift": 0.3, "drift_cap": 1.0}},
-    "steps8-q99-frozen": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": {"drift": 0.0}},
+    "defaults": dict(DEFAULTS_BY_PROFILE["sensors"]),
+    "steps1-q999-centre": {"score_steps": 1, "threshold_quantile": 0.999, "key_normal_options": CENTRE},
+    "steps8-q99-centre": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": CENTRE},
+    "steps8-q99-centre-frozen": {"score_steps": 8, "threshold_quantile": 0.99,
+                                 "key_normal_options": {**CENTRE, "drift": 0.0}},
+    "steps8-q99-centre-slow": {"score_steps": 8, "threshold_quantile": 0.99,
+                               "key_normal_options": {**CENTRE, "drift": 0.02}},
+    "steps8-q99-scaled": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": SCALED},
+    "steps8-q99-scaled-fast": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_options": SCALED_FAST},
+    "steps8-q95-scaled": {"score_steps": 8, "threshold_quantile": 0.95, "key_normal_options": SCALED},
+    "steps8-q95-scaled-fast": {"score_steps": 8, "threshold_quantile": 0.95, "key_normal_options": SCALED_FAST},
     "steps8-q99-no-key-normal": {"score_steps": 8, "threshold_quantile": 0.99, "key_normal_blocks": 0},
 }
 
@@ -107,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     p.add_argument("--epochs", type=int, default=0, help="override the trainer's epochs (0: its default)")
+    p.add_argument("--mixed-regimes", action="store_true",
+                   help="move every training file to its own regime too (one model across regimes)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     skab = Path(args.data) / "skab"
@@ -125,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     train_keys = set(keys) - held
                     heads = load_csv([str(skab / "valve1")], full.profile, skab_spec(HEAD))
                     train_events, train_labels = by_keys(heads, train_keys)
+                    if args.mixed_regimes:
+                        train_events = shifted(train_events, 200 + f)
                     config = replace(TrainConfig(window=32, seed=seed, threads=1), **changes)
                     t0 = time.perf_counter()
                     path, result = train_and_save(train_events, full.profile, config, Path(tmp) / f"{name}-{seed}-{f}",
@@ -150,7 +161,8 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], seconds: 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
-        "# Detection defaults by cross-validation (SKAB valve1, files left out)",
+        "# Detection defaults by cross-validation (SKAB valve1, files left out)"
+        + (": training files in mixed regimes" if args.mixed_regimes else ""),
         "",
         f"Command: `{shlex.join(['.venv/bin/python', 'benchmarks/detection_cv.py', *sys.argv[1:]])}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or platform.platform()}, 1 torch thread, no GPU; "

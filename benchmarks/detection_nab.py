@@ -33,6 +33,7 @@ from stream_detector.artifacts import load_artifact  # noqa: E402
 from stream_detector.detector import Detector  # noqa: E402
 from stream_detector.scoring import ModelRunner  # noqa: E402
 from trainer.data import CsvSpec, load_csv  # noqa: E402
+from trainer.cli import DEFAULTS_BY_PROFILE  # noqa: E402
 from trainer.fit import TrainConfig, train_and_save  # noqa: E402
 
 
@@ -81,7 +82,8 @@ def main() -> int:
         for relative in sorted(labels):
             path = nab / "data" / relative
             rows = [line.rstrip("\n").split(",") for line in path.read_text().splitlines()[1:]]
-            severity, published, _, _ = run_series(path, TrainConfig(threads=args.threads), Path(tmp))
+            config = TrainConfig(threads=args.threads, **DEFAULTS_BY_PROFILE["sensors"])  # `trainer train`'s defaults
+            severity, published, _, _ = run_series(path, config, Path(tmp))
             marked = set(labels[relative])
             category, name = relative.split("/")
             for detector, values in (("sdseverity", severity / (1.0 + severity)), ("sdalerts", published)):

@@ -51,9 +51,9 @@ class KeyNormalConfig:
     """How a key's own normal is learned (stored in the artifact under ``training.key_normal``)."""
 
     blocks: int = 8  # warm-up blocks of one window each; 0 disables per-key normals
-    scale: bool = False  # divide by the key's own spread too (else centre only; the global scaler scales)
-    drift: float = 0.1  # after the warm-up, the level moves this share of the way to each block's median
-    drift_cap: float = 3.0  # ... by at most this many of the key's spreads per block
+    scale: bool = True  # divide by the key's own spread too (else centre only; the global scaler scales)
+    drift: float = 0.3  # after the warm-up, the level moves this share of the way to each block's median
+    drift_cap: float = 1.0  # ... by at most this many of the key's spreads per block
     rel_floor: float = 1e-3  # a key's spread is at least this share of its level's magnitude
 
     def __post_init__(self) -> None:
