@@ -24,6 +24,7 @@ import orjson
 
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
+from .calibration import KeyNormal, KeyNormalConfig, build_key_normal
 from .errors import DECODE_FAILED, WINDOW_FAILED
 from .events import Envelope, Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
@@ -35,9 +36,10 @@ from .windows import DROPPED_REVOKED, SnapshotError, WindowStore
 
 log = logging.getLogger(__name__)
 # A key's alert state after its window in a snapshot: format version, incident JSON length,
-# threshold calibration length; then both.
-_KEY_STATE = struct.Struct("<BII")
-_KEY_STATE_VERSION = 1
+# threshold calibration length (version 2: and the length of the key's learned normal); then each.
+_KEY_STATE_V1 = struct.Struct("<BII")
+_KEY_STATE = struct.Struct("<BIII")
+_KEY_STATE_VERSION = 2
 
 
 @dataclass(slots=True)
@@ -61,6 +63,10 @@ class PreparedBatch:
     warming_up: int = 0  # valid events whose key has fewer than W events so far
     replayed: int = 0  # redelivered records whose event the restored window already holds
     unscored: int = 0  # events of hot keys skipped by the scoring stride (still in their windows)
+    # Each window's key normal (offset and inverse scale per feature), applied by Detector.score
+    # in the scoring thread; None when the model has no per-key normal or once applied.
+    offsets: np.ndarray | None = None
+    inv_scales: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -103,9 +109,12 @@ class FeatureWindows:
 
     def __init__(self, profile: Profile, window: int, max_keys: int = 100_000, key_ttl_s: float = float("inf"),
                  on_evict: Callable[[str, int], None] | None = None,
-                 restore: Callable[[str], bytes | None] | None = None):
+                 restore: Callable[[str], bytes | None] | None = None, key_normal: KeyNormal | None = None):
         self.profile = profile
         self.window = window
+        # Each key's own normal (per-feature centre and spread from its first events), when the
+        # model was trained with one: learned here, block by block, as the key's windows fill.
+        self.key_normal = key_normal
         self.store = WindowStore(window, profile.n_features, profile.state_size, max_keys, key_ttl_s,
                                  on_evict=on_evict)
         self.restore = restore
@@ -159,7 +168,12 @@ class FeatureWindows:
         if not store.observe_time(slot, event.timestamp):
             self.out_of_order += 1
         self.profile.featurize(event.values, event.timestamp, store.state(slot), store.next_row(slot))
-        full = store.commit(slot) >= self.window
+        count = store.commit(slot)
+        full = count >= self.window
+        normal = self.key_normal
+        if full and normal is not None and (count % self.window == 0 or event.key not in normal.rows):
+            # Exactly the last W events; or, for a key restored without its normal, the window it has.
+            normal.learn_block(event.key, store.ring(slot))
         if offset >= 0:
             store.set_position(slot, partition, offset)
             touched = self.touched
@@ -167,6 +181,13 @@ class FeatureWindows:
                 self._fresh.append(event.key)
             touched[event.key] = slot
         return slot if full else None
+
+    def copy_scaled(self, key: str, slot: int, out: np.ndarray) -> None:
+        """The key's window, oldest first, scaled by the key's own normal when there is one: what the
+        model sees (the trainer's path; the detector scales learned keys in bulk)."""
+        self.store.copy_window(slot, out)
+        if self.key_normal is not None:
+            self.key_normal.scale_window(key, out)
 
     def seal(self, tag: Any, now: float) -> None:
         """Closes a generation: the keys first changed since the last seal (by the micro-batch
@@ -255,17 +276,21 @@ class Detector:
         # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
         self.key_clock = key_clock or clock
         self.stats = DetectorStats()
+        self.key_normal = build_key_normal(artifact.metadata, self.profile.n_features, self.window, max_keys)
         # `envelope`: where a record's key, time, id and fields are; `topic` names record positions.
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
                                     max_future_s=max_future_s, clock=clock, envelope=envelope, topic=topic)
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
-                                      restore=restore)
+                                      restore=restore, key_normal=self.key_normal)
         self.windows.restore_extra = self._restore_key_state
         self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
         # Two row buffers, a micro-batch's windows in one, the next batch's in the other: a pipelined
         # worker prepares batch k+1 while the model still reads batch k's rows.
         self._buffers = [np.zeros((max_batch, self.window, self.profile.n_features), dtype=np.float32)
                          for _ in range(2)]
+        # With per-key normals: each buffer's windows' offsets and inverse scales (flipped with it).
+        self._normal_buffers = [(np.zeros((max_batch, self.profile.n_features), dtype=np.float32),
+                                 np.ones((max_batch, self.profile.n_features), dtype=np.float32)) for _ in range(2)]
         self._next_idle_sweep = 0.0
         self.windows.store.drop_listeners.append(self._drop_key_state)
 
@@ -285,11 +310,14 @@ class Detector:
         incident = self.incidents.export_key(key)
         export = getattr(self.threshold, "export_key", None)
         calibration = export(key) if export is not None else None
-        if incident is None and calibration is None:
+        normal = self.key_normal.export_key(key) if self.key_normal is not None else None
+        if incident is None and calibration is None and normal is None:
             return b""
         incident_bytes = orjson.dumps(incident) if incident is not None else b""
         calibration = calibration or b""
-        return _KEY_STATE.pack(_KEY_STATE_VERSION, len(incident_bytes), len(calibration)) + incident_bytes + calibration
+        normal = normal or b""
+        return (_KEY_STATE.pack(_KEY_STATE_VERSION, len(incident_bytes), len(calibration), len(normal))
+                + incident_bytes + calibration + normal)
 
     @property
     def model_swap_pending(self) -> bool:
@@ -299,15 +327,22 @@ class Detector:
 
     def _restore_key_state(self, key: str, extra: bytes) -> None:
         try:
-            version, n_incident, n_calibration = _KEY_STATE.unpack_from(extra)
-            if version != _KEY_STATE_VERSION or len(extra) != _KEY_STATE.size + n_incident + n_calibration:
+            version = extra[0] if extra else 0
+            if version == 1:  # written before keys had their own normal
+                _, n_incident, n_calibration = _KEY_STATE_V1.unpack_from(extra)
+                n_normal, start = 0, _KEY_STATE_V1.size
+            else:
+                version, n_incident, n_calibration, n_normal = _KEY_STATE.unpack_from(extra)
+                start = _KEY_STATE.size
+            if version not in (1, _KEY_STATE_VERSION) or len(extra) != start + n_incident + n_calibration + n_normal:
                 raise ValueError(f"key state version {version} of {len(extra)} bytes not understood")
-            start = _KEY_STATE.size
             if n_incident:
                 self.incidents.adopt_key(key, orjson.loads(extra[start:start + n_incident]), self.clock())
             adopt = getattr(self.threshold, "adopt_key", None)
             if n_calibration and adopt is not None:
-                adopt(key, extra[start + n_incident:])
+                adopt(key, extra[start + n_incident:start + n_incident + n_calibration])
+            if n_normal and self.key_normal is not None:
+                self.key_normal.adopt_key(key, extra[start + n_incident + n_calibration:])
         except (ValueError, struct.error) as exc:  # orjson.JSONDecodeError is a ValueError
             self.windows.restore_failures += 1
             log.warning("alert state of key %r not restored (%s); its window was", key, exc)
@@ -323,6 +358,8 @@ class Detector:
         evict = getattr(self.threshold, "evict", None)
         if evict is not None:
             evict(key)
+        if self.key_normal is not None:
+            self.key_normal.evict(key)
         if reason == DROPPED_REVOKED and self.windows.restore is not None:
             # Handed over, not ended: the new owner restores the incident with the key's snapshot.
             self.incidents.forget(key)
@@ -345,10 +382,11 @@ class Detector:
                    threshold: ThresholdPolicy | None = None) -> None:
         """Serves another model from the next micro-batch on; its windows must fit the ones held."""
         if (artifact.window != self.window or artifact.profile.to_config() != self.profile.to_config()
-                or artifact.feature_names != self.profile.feature_names):
+                or artifact.feature_names != self.profile.feature_names
+                or KeyNormalConfig.from_metadata(artifact.metadata) != KeyNormalConfig.from_metadata(self.artifact.metadata)):
             raise ArtifactError(
                 f"model {artifact.version} does not fit the windows being served (profile, features or window "
-                f"differ from {self.artifact.version}); restart the worker to switch to it")
+                f"(or per-key normal) differ from {self.artifact.version}); restart the worker to switch to it")
         self._pending_model = (artifact, scorer, threshold)
 
     def _apply_pending_model(self) -> None:
@@ -376,8 +414,10 @@ class Detector:
             self._next_idle_sweep = now + 1.0
         if first_row + len(records) > len(self._batch):
             # Earlier parts keep their views of the old buffer (still being scored, maybe).
-            self._buffers[0] = np.zeros((first_row + len(records),) + self._batch.shape[1:], dtype=np.float32)
+            self._grow_buffer(first_row + len(records))
         rows = self._batch
+        if self.key_normal is not None:
+            self.key_normal.target = self._normal_buffers[0]
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = first_row
         for record in records:
@@ -400,6 +440,7 @@ class Detector:
                 self.stats.invalid[invalid.reason] += 1
         self.stats.consumed += len(records)
         batch.windows = rows[first_row:n]
+        self._attach_normals(batch, first_row, n)
         return batch
 
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
@@ -407,8 +448,10 @@ class Detector:
         now = self.key_clock()
         self._flip_buffer()
         if len(events) > len(self._batch):
-            self._buffers[0] = np.zeros((len(events),) + self._batch.shape[1:], dtype=np.float32)
+            self._grow_buffer(len(events))
         rows = self._batch
+        if self.key_normal is not None:
+            self.key_normal.target = self._normal_buffers[0]
         batch = PreparedBatch(windows=rows[:0], events=[], records=[])
         n = 0
         empty = RawRecord(None)
@@ -416,7 +459,22 @@ class Detector:
             n = self._add_event(event, empty, batch, rows, n, now)
         self.stats.consumed += len(events)
         batch.windows = rows[:n]
+        self._attach_normals(batch, 0, n)
         return batch
+
+    def _grow_buffer(self, rows: int) -> None:
+        self._buffers[0] = np.zeros((rows,) + self._batch.shape[1:], dtype=np.float32)
+        features = self.profile.n_features
+        self._normal_buffers[0] = (np.zeros((rows, features), dtype=np.float32),
+                                   np.ones((rows, features), dtype=np.float32))
+
+    def _attach_normals(self, batch: PreparedBatch, first_row: int, n: int) -> None:
+        """Gives the batch its windows' key normals (applied in :meth:`score`, off the event loop)."""
+        if self.key_normal is None:
+            return
+        self.key_normal.flush()
+        offsets, inv_scales = self._normal_buffers[0]
+        batch.offsets, batch.inv_scales = offsets[first_row:n], inv_scales[first_row:n]
 
     @property
     def _batch(self) -> np.ndarray:
@@ -426,6 +484,7 @@ class Detector:
     def _flip_buffer(self) -> None:
         """A new micro-batch takes the other row buffer (the previous batch's may still be scored)."""
         self._buffers.reverse()
+        self._normal_buffers.reverse()
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
                    now: float) -> int:
@@ -445,11 +504,22 @@ class Detector:
             self.stats.unscored += 1
             return n
         store.copy_window(slot, rows[n])
+        normal = self.key_normal
+        if normal is not None:  # scaled in bulk, before the key's normal next changes (KeyNormal.defer, inlined)
+            pending = normal.pending
+            pending.append(n)
+            pending.append(normal.rows[event.key])
+            normal.pending_keys.add(event.key)
         batch.events.append(event)
         batch.records.append(record)
         return n + 1
 
     def score(self, batch: PreparedBatch) -> Scores:
+        """The model call (the worker runs it in its inference thread); windows of a model with
+        per-key normals are scaled by them first, here, off the event loop."""
+        if batch.offsets is not None:
+            KeyNormal.apply(batch.windows, batch.offsets, batch.inv_scales)  # type: ignore[arg-type]
+            batch.offsets = batch.inv_scales = None
         return self.scorer(batch.windows)
 
     def finish(self, batch: PreparedBatch, scores: Scores) -> list[Decision]:
@@ -478,6 +548,7 @@ class Detector:
         tops = dict(zip(over_rows.tolist(), top_features_of_rows(
             self.profile.feature_names, scores.feature_errors[over_rows], self.top_features)))
         observe = self.incidents.observe
+        store = self.windows.store
         tracked = self.incidents.tracking  # keys with an incident (open or pending)
         append, records = decisions.append, batch.records
         # Plain floats and bools, converted once for the batch (a numpy scalar per event costs more).
@@ -488,7 +559,7 @@ class Detector:
                 append(Decision(event, records[i], score, limit, None, False, ratio))
                 continue
             info = WindowInfo(event.event_id, event.timestamp, score, limit, tops[i]) if is_over else None
-            alert = observe(event.key, is_over, info, now, context)
+            alert = observe(event.key, is_over, info, now, context, store.gap_of(event.key))
             if alert is not None:
                 self.stats.alerts += 1
             append(Decision(event, records[i], score, limit, alert, is_over, ratio))

@@ -9,7 +9,9 @@ A threshold says which *windows* look anomalous; a subscriber wants one alert th
   one as soon as the peak severity grows by ``update_growth`` over the last published one, and at
   least one every ``update_every`` new over-threshold windows;
 - it closes after ``close_after`` consecutive windows at or below threshold (``recovered``), when
-  the key has had no scored window for ``idle_close_s`` (``idle``), when the key's window is
+  the key has had no scored window for ``idle_close_s`` or ``idle_close_gaps`` of its own typical
+  event-time gaps, whichever is longer (``idle``: a key sampled hourly is not idle after ten
+  minutes of silence), when the key's window is
   dropped (``evicted``) or its partition handed to another worker (``revoked``, only where the
   key's state is not persisted; with the worker's changelog the incident is handed over instead).
   A window over threshold during the closing streak keeps the incident open.
@@ -49,6 +51,7 @@ class AlertPolicy:
     update_every: int = 16
     update_growth: float = 1.5
     idle_close_s: float = 600.0
+    idle_close_gaps: float = 4.0  # ... or this many of the key's typical inter-event gaps, if longer
 
     @classmethod
     def from_settings(cls, settings: Any) -> "AlertPolicy":
@@ -65,6 +68,8 @@ class AlertPolicy:
             raise ValueError("update_growth must be at least 1")
         if not self.idle_close_s > 0:
             raise ValueError("idle_close_s must be positive")
+        if not self.idle_close_gaps >= 0:
+            raise ValueError("idle_close_gaps must not be negative")
 
 
 @dataclass(slots=True)
@@ -93,6 +98,7 @@ class Incident:
     pending: list[str] = field(default_factory=list)  # over-threshold event ids not published yet
     published_peak: float | None = None  # peak severity as of the last message
     last_seen: float = 0.0  # wall clock of the key's last scored window
+    idle_after: float = 0.0  # silence (s) after which it closes as idle: the policy's, or the key's cadence
 
     @property
     def id(self) -> str:
@@ -157,9 +163,15 @@ class IncidentTracker:
         """Incidents that have been opened (published) and not closed yet."""
         return self._open
 
+    def idle_after(self, gap_s: float = -1.0) -> float:
+        """How long a key whose events come every ``gap_s`` seconds (event time; negative when not
+        known yet) may be silent before its incident closes as idle."""
+        return max(self.policy.idle_close_s, self.policy.idle_close_gaps * gap_s)
+
     def observe(self, key: str, over: bool, info: WindowInfo | None, now: float,
-                context: dict[str, Any]) -> dict[str, Any] | None:
-        """One scored window of ``key``; ``info`` is needed when ``over`` (else may be None).
+                context: dict[str, Any], gap_s: float = -1.0) -> dict[str, Any] | None:
+        """One scored window of ``key``; ``info`` is needed when ``over`` (else may be None);
+        ``gap_s`` is the key's typical inter-event gap in event time (negative when not known).
 
         Returns the message this window triggers (open, update or close), if any.
         """
@@ -169,11 +181,13 @@ class IncidentTracker:
                 return None  # the common case: nothing going on for this key
             assert info is not None
             self.stats.windows_over += 1
-            inc = Incident(key, info.event_id, info.timestamp, info, info, pending=[info.event_id], last_seen=now)
+            inc = Incident(key, info.event_id, info.timestamp, info, info, pending=[info.event_id], last_seen=now,
+                           idle_after=self.idle_after(gap_s))
             self._incidents[key] = inc
             return self._maybe_open(inc, context)
         self._incidents.move_to_end(key)
         inc.last_seen = now
+        inc.idle_after = self.idle_after(gap_s)
         inc.windows_total += 1
         if not over:
             if not inc.opened:  # a blip shorter than min_windows
@@ -215,7 +229,8 @@ class IncidentTracker:
         return {"first_event_id": inc.first_event_id, "first_timestamp": inc.first_timestamp,
                 "last": _info_data(inc.last), "peak": _info_data(inc.peak), "windows_over": inc.windows_over,
                 "windows_total": inc.windows_total, "below_streak": inc.below_streak, "opened": inc.opened,
-                "sequence": inc.sequence, "pending": list(inc.pending), "published_peak": inc.published_peak}
+                "sequence": inc.sequence, "pending": list(inc.pending), "published_peak": inc.published_peak,
+                "idle_after": inc.idle_after}
 
     def adopt_key(self, key: str, data: dict[str, Any], now: float) -> None:
         """Takes over an incident from :meth:`export_key` (a restored key); raises ValueError if malformed."""
@@ -226,7 +241,7 @@ class IncidentTracker:
                            below_streak=int(data["below_streak"]), opened=bool(data["opened"]),
                            sequence=int(data["sequence"]), pending=[str(i) for i in data["pending"]],
                            published_peak=None if data["published_peak"] is None else float(data["published_peak"]),
-                           last_seen=now)
+                           last_seen=now, idle_after=float(data.get("idle_after", self.policy.idle_close_s)))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ValueError(f"incident state not understood: {exc!r}") from exc
         old = self._incidents.pop(key, None)
@@ -237,13 +252,20 @@ class IncidentTracker:
             self._open += 1
 
     def sweep_idle(self, now: float, context: dict[str, Any]) -> list[dict[str, Any]]:
-        """Closes incidents whose key has had no scored window for ``idle_close_s``."""
+        """Closes incidents whose key has been silent for its ``idle_after`` (at least ``idle_close_s``).
+
+        Incidents are kept least recently active first, so the walk stops at the first one silent for
+        less than ``idle_close_s``; the few slow keys before it are checked against their own limit.
+        """
         out = []
         limit = now - self.policy.idle_close_s
-        while self._incidents:
-            key, inc = next(iter(self._incidents.items()))
+        idle = []
+        for key, inc in self._incidents.items():
             if inc.last_seen > limit:
                 break
+            if now - inc.last_seen >= inc.idle_after:
+                idle.append(key)
+        for key in idle:
             msg = self.drop(key, IDLE, context)
             if msg is not None:
                 out.append(msg)

@@ -123,6 +123,10 @@ class WindowStore:
     def is_full(self, slot: int) -> bool:
         return self._count[slot] >= self.window
 
+    def ring(self, slot: int) -> np.ndarray:
+        """The key's last W rows in ring order (a view; for order-free summaries of a full window)."""
+        return self._data[slot]
+
     def copy_window(self, slot: int, out: np.ndarray) -> None:
         """Writes the key's last W rows, oldest first, into ``out`` (shape W x F)."""
         count = int(self._count[slot])
@@ -157,6 +161,11 @@ class WindowStore:
         """The key's recent rate in event time (moving average of its gaps); 0 until its second event."""
         gap = float(self._gap[slot])
         return 0.0 if gap < 0 else (1.0 / gap if gap > 0 else float("inf"))
+
+    def gap_of(self, key: str) -> float:
+        """The key's typical gap between events (event time, seconds); -1 when not known."""
+        slot = self._slots.get(key)
+        return -1.0 if slot is None else float(self._gap[slot])
 
     def mark_persisted(self, slot: int) -> None:
         self._persisted[slot] = True
@@ -198,8 +207,10 @@ class WindowStore:
             raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
         slot = self.slot(key, now)
         body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=_SNAPSHOT_HEADER.size).reshape(w, f)
-        self._data[slot] = body  # stored oldest-first: ring position 0 is the oldest row
-        self._count[slot] = count if count < w else w
+        # Stored oldest-first; the ring is rotated so the key keeps its true event count (per-key
+        # normals learn at every W-th event of a key, and must keep that phase across a restart).
+        self._data[slot] = body if count < w else np.roll(body, count % w, axis=0)
+        self._count[slot] = count
         self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=_SNAPSHOT_HEADER.size + w * f * 4)
         self._partition[slot] = partition
         self._offset[slot] = offset

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from stream_detector.artifacts import save_artifact
+from stream_detector.calibration import KeyNormal, KeyNormalConfig, default_blocks
 from stream_detector.detector import FeatureWindows
 from stream_detector.events import Event
 from stream_detector.models import MODEL_KINDS, AnomalyModel, build_model
@@ -39,9 +40,11 @@ class WindowSet:
 
 
 def windows_from_events(events: Sequence[Event], profile: Profile, window: int,
-                        labels: Sequence[int] | None = None) -> WindowSet:
-    """Replays events through the worker's feature windows, in the given (timestamp) order."""
-    fw = FeatureWindows(profile, window, max_keys=max(len(events), 1))
+                        labels: Sequence[int] | None = None, key_normal: KeyNormalConfig | None = None) -> WindowSet:
+    """Replays events through the worker's feature windows, in the given (timestamp) order; with
+    ``key_normal``, each key's windows are scaled by its own normal as the worker scales them."""
+    normal = KeyNormal(profile.n_features, window, key_normal) if key_normal is not None and key_normal.enabled else None
+    fw = FeatureWindows(profile, window, max_keys=max(len(events), 1), key_normal=normal)
     out = np.zeros((len(events), window, profile.n_features), dtype=np.float32)
     key_ids: dict[str, int] = {}
     recent_labels: dict[str, deque[int]] = defaultdict(lambda: deque(maxlen=window))
@@ -54,7 +57,7 @@ def windows_from_events(events: Sequence[Event], profile: Profile, window: int,
         slot = fw.add(event, 0.0)
         if slot is None:
             continue
-        fw.store.copy_window(slot, out[n])
+        fw.copy_scaled(event.key, slot, out[n])
         key_index.append(key_ids.setdefault(event.key, len(key_ids)))
         event_index.append(i)
         label.append(lab)
@@ -90,6 +93,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
+    key_normal_blocks: int | None = None  # each key's own normal: warm-up in windows; None: the profile's default
+    key_normal_options: dict[str, Any] = field(default_factory=dict)  # other KeyNormalConfig fields
+
+    def key_normal(self, profile: Profile) -> KeyNormalConfig:
+        blocks = default_blocks(profile.name) if self.key_normal_blocks is None else self.key_normal_blocks
+        return KeyNormalConfig(blocks=blocks, **self.key_normal_options)
 
     @property
     def model_class(self) -> type[AnomalyModel]:
@@ -374,9 +383,11 @@ def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: 
 def train_and_save(events: Sequence[Event], profile: Profile, config: TrainConfig, model_dir: str | Path,
                    labels: Sequence[int] | None = None, progress: bool = True,
                    data_description: dict[str, Any] | None = None) -> tuple[Path, TrainResult]:
-    ws = windows_from_events(events, profile, config.window, labels)
+    key_normal = config.key_normal(profile)
+    ws = windows_from_events(events, profile, config.window, labels, key_normal)
     result = train_model(ws, profile, config, progress=progress)
     training = dict(result.metrics)
+    training["key_normal"] = key_normal.to_dict()
     if data_description:
         training["data"] = data_description
     path = save_artifact(model_dir, result.model, profile, result.scaler, result.threshold, training)
