@@ -120,17 +120,11 @@ def save_artifact(
 
 
 def resolve_version_dir(path: str | os.PathLike[str]) -> Path:
-    """An artifact directory itself, or the newest complete version inside a model directory."""
-    path = Path(path)
-    if (path / METADATA_FILE).is_file():
-        return path
-    if not path.is_dir():
-        raise ArtifactError(f"no model at {path}: train one with `trainer train` first")
-    versions = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and (p / METADATA_FILE).is_file())
-    if not versions:
-        raise ArtifactError(f"no model version in {path}: train one with `trainer train` first")
-    return versions[-1]
+    """An artifact directory itself, or the version a model directory serves: its champion, or
+    without aliases the newest complete version by metadata creation time (never by name)."""
+    from .registry import served_candidates  # the registry builds on this module
+
+    return served_candidates(path)[0]
 
 
 def content_digest(metadata: dict[str, Any]) -> str:

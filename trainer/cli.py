@@ -86,6 +86,7 @@ def _profile(args: argparse.Namespace) -> str | TransactionProfile:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    signing_key = _signing_key(args)
     profile_choice = _profile(args)
     if args.synthetic:
         if args.context_fields:
@@ -119,7 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {config.model} on {described['events']} events from {described['keys']} keys "
           f"(window {window}, features: {', '.join(data.profile.feature_names)})", flush=True)
     path, result = train_and_save(data.events, data.profile, config, args.out, labels=data.labels,
-                                  progress=not args.no_progress, data_description=described)
+                                  progress=not args.no_progress, data_description=described,
+                                  signing_key=signing_key)
+    _register_trained(args, path)
     m = result.metrics
     summary = {
         "artifact": str(path),
@@ -216,6 +219,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+from trainer.registry_cli import (  # noqa: E402  (registry subcommands live in their own module)
+    _register_trained, _registry_train_flags, _signing_key, add_registry_commands,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--summary-json", help="also write the training summary here")
+    _registry_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="replay a labelled CSV through a model and the detector; report quality")
@@ -281,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
+    add_registry_commands(sub)
     return parser
 
 
