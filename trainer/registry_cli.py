@@ -1,4 +1,4 @@
-"""`trainer` subcommands of the model registry: promote, rollback, models; train's registry flags."""
+"""`trainer` subcommands of the model registry: promote, rollback, models, export; train's registry flags."""
 
 from __future__ import annotations
 
@@ -86,6 +86,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import ExportError, export_model, resolve_export_source
+
+    try:
+        source = resolve_export_source(args.model_dir, args.version)
+        out = export_model(source, args.format, args.out, signing_key=_key_for(args))
+    except (ArtifactError, ExportError) as exc:
+        print(f"trainer: not exported: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {source} as {args.format} to {out}")
+    return 0
+
+
 def add_registry_commands(sub) -> None:
     p = sub.add_parser("promote", help="point an alias (champion by default) at a version, once it loads")
     p.add_argument("version")
@@ -103,3 +116,11 @@ def add_registry_commands(sub) -> None:
     m = sub.add_parser("models", help="list the versions of a model directory with their aliases")
     m.add_argument("--model-dir", default="artifacts/model")
     m.set_defaults(func=cmd_models)
+
+    x = sub.add_parser("export", help="write a version as TorchScript or ONNX (preprocessing included)")
+    x.add_argument("--model-dir", default="artifacts/model")
+    x.add_argument("--version", help="version to export (default: the one the worker serves)")
+    x.add_argument("--format", required=True, choices=["torchscript", "onnx"])
+    x.add_argument("--out", required=True, help="file to write")
+    x.add_argument("--signing-key", metavar="PATH", help="also require a valid signature with this key")
+    x.set_defaults(func=cmd_export)
