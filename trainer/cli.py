@@ -21,6 +21,7 @@ from .fit import TrainConfig, train_and_save
 
 
 def _csv_flags(p: argparse.ArgumentParser) -> None:
+    _jsonl_flags(p)
     p.add_argument("--csv", action="append", default=[], help="CSV file, directory or glob (repeatable; .gz ok)")
     p.add_argument("--sep", default=",", help="column separator (SKAB uses ';')")
     p.add_argument("--key-column", help="column holding the key (default: one key per file)")
@@ -97,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         per_key = args.synthetic_events_per_key or (200 if args.profile == "sensors" else 60)
         runs = 5 if args.profile == "sensors" else 1
         data = from_synthetic(generate_runs(args.profile, keys, per_key, runs, seed=args.seed + 1000), profile)
+    elif args.jsonl:
+        data = _jsonl_data(args, profile_choice)
     elif args.csv:
         data = load_csv(args.csv, profile_choice, _spec(args))
         if args.extra_normal_csv:
@@ -104,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec.label_column, spec.head_rows_per_key, spec.skip_rows_per_key = None, None, None
             data = _merge(data, load_csv(args.extra_normal_csv, data.profile, spec))
     else:
-        print("trainer: give --csv PATH or --synthetic", file=sys.stderr)
+        print("trainer: give --csv PATH, --jsonl PATH or --synthetic", file=sys.stderr)
         return 2
     window = args.window or (32 if args.profile == "sensors" else 16)
     config = TrainConfig(
@@ -172,18 +175,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate, evaluation_mask, format_table, replay, write_json, write_plots
 
-    if not args.csv:
-        print("trainer: give --csv PATH (a labelled CSV)", file=sys.stderr)
+    if not args.csv and not args.jsonl:
+        print("trainer: give --csv PATH (a labelled CSV) or --jsonl PATH (a labelled topic dump)", file=sys.stderr)
         return 2
-    if not args.label_column:
+    if not args.label_column and not args.jsonl:
         print("trainer: give --label-column (the 0/1 anomaly label)", file=sys.stderr)
         return 2
     configure_threads(args.threads)
     started = time.perf_counter()
     artifact = load_artifact(args.model_dir)
-    data = load_csv(args.csv, artifact.profile, _spec(args))
+    data = _jsonl_data(args, artifact.profile) if args.jsonl else load_csv(args.csv, artifact.profile, _spec(args))
     if not data.events:
-        print("trainer: no valid events in the CSV", file=sys.stderr)
+        print("trainer: no valid events in the input", file=sys.stderr)
         return 2
     policy = None
     if args.global_threshold:
@@ -219,6 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+from trainer.jsonl_cli import _jsonl_data, _jsonl_flags  # noqa: E402
 from trainer.registry_cli import (  # noqa: E402  (registry subcommands live in their own module)
     _register_trained, _registry_train_flags, _signing_key, add_registry_commands,
 )
