@@ -14,7 +14,7 @@ from stream_detector.registry import CHAMPION, set_alias
 from stream_detector.scoring import ModelRunner
 from trainer.cli import main as trainer_main
 from trainer.export import ExportError, export_model
-from tests.test_artifacts import save_tiny, windows
+from test_artifacts import save_tiny, windows
 
 
 def test_torchscript_export_gives_the_same_scores_as_the_model_runner(tmp_path):

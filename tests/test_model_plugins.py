@@ -11,7 +11,7 @@ import pytest
 from stream_detector.artifacts import load_artifact, save_artifact
 from stream_detector.models import ENTRY_POINT_GROUP, MODEL_KINDS, build_model, load_entry_point_kinds
 from stream_detector.scoring import ModelRunner
-from tests.test_artifacts import CHANNELS, WINDOW, tiny_parts, windows
+from test_artifacts import CHANNELS, WINDOW, tiny_parts, windows
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from stream_detector.registry import (
 from stream_detector.settings import Settings
 from stream_detector.worker import DetectorService
 from trainer.cli import main as trainer_main
-from tests.test_artifacts import save_tiny, signed_tiny
+from test_artifacts import save_tiny, signed_tiny
 
 
 def set_created(path: Path, created_at: str) -> None:
