@@ -53,10 +53,15 @@ def _configure_logging(level: str, json_logs: bool = False) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level, settings.log_json)
+    from .artifacts import ArtifactError
     from .worker import run_worker
 
     log.info("settings: %s", settings.redacted())
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except ArtifactError as exc:  # no servable model (champion refused, none trained, bad key): say why
+        log.error("cannot start: %s", exc)
+        return 2
     return 0
 
 
