@@ -7,12 +7,17 @@ Layout of one version::
 
 A version is written to a hidden temporary directory and renamed into place, so a worker watching
 the directory never sees half an artifact. The weights' SHA-256 is recorded in the metadata and
-checked on load: a tampered or truncated file is refused.
+checked on load: a tampered or truncated file is refused. ``content_sha256`` is a digest over the
+canonical JSON of every other metadata entry (the weights' SHA-256 among them), so an edited
+threshold, scaler or window is refused as well. With a signing key (a file kept outside the model
+directory) the trainer adds ``signature``, an HMAC-SHA256 of ``content_sha256``; a loader given the
+key refuses unsigned or wrongly signed artifacts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -29,7 +34,7 @@ from .models import AnomalyModel, build_model
 from .preprocessing import Preprocessor, ScalerParams
 from .profiles import Profile, profile_from_config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content_sha256 covers the metadata too (format 1 covered the weights only)
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "metadata.json"
 
@@ -74,8 +79,12 @@ def save_artifact(
     threshold: dict[str, Any],
     training: dict[str, Any] | None = None,
     version: str | None = None,
+    signing_key: bytes | None = None,
 ) -> Path:
-    """Writes a new version under ``model_dir`` atomically and returns its directory."""
+    """Writes a new version under ``model_dir`` atomically and returns its directory.
+
+    With ``signing_key`` the metadata carries an HMAC-SHA256 signature of its content digest.
+    """
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
     version = version or new_version()
@@ -101,27 +110,73 @@ def save_artifact(
         "training": training or {},
         "weights_sha256": _sha256(tmp / WEIGHTS_FILE),
     }
+    metadata["content_sha256"] = content_digest(metadata)
+    if signing_key is not None:
+        metadata["signature"] = {"algorithm": "hmac-sha256", "value": sign_digest(metadata["content_sha256"],
+                                                                                  signing_key)}
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     os.replace(tmp, final)
     return final
 
 
 def resolve_version_dir(path: str | os.PathLike[str]) -> Path:
-    """An artifact directory itself, or the newest complete version inside a model directory."""
-    path = Path(path)
-    if (path / METADATA_FILE).is_file():
-        return path
-    if not path.is_dir():
-        raise ArtifactError(f"no model at {path}: train one with `trainer train` first")
-    versions = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")
-                      and (p / METADATA_FILE).is_file())
-    if not versions:
-        raise ArtifactError(f"no model version in {path}: train one with `trainer train` first")
-    return versions[-1]
+    """An artifact directory itself, or the version a model directory serves: its champion, or
+    without aliases the newest complete version by metadata creation time (never by name)."""
+    from .registry import served_candidates  # the registry builds on this module
+
+    return served_candidates(path)[0]
 
 
-def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
-    """Loads weights without pickle and checks them against the metadata before serving them."""
+def content_digest(metadata: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the metadata minus its own digest and signature."""
+    body = {k: v for k, v in metadata.items() if k not in UNDIGESTED_KEYS}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def sign_digest(digest: str, key: bytes) -> str:
+    return hmac.new(key, digest.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def read_signing_key(path: str | os.PathLike[str]) -> bytes:
+    """The key file's bytes (surrounding whitespace stripped); an empty or missing file is an error."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read signing key {path}: {exc.strerror or exc}") from None
+    if not key:
+        raise ArtifactError(f"signing key {path} is empty")
+    return key
+
+
+UNDIGESTED_KEYS = frozenset({"content_sha256", "signature"})
+
+
+def verify_metadata(directory: Path, metadata: dict[str, Any], signing_key: bytes | None) -> None:
+    """Refuses metadata whose content digest (or, given a key, signature) does not match."""
+    recorded = metadata.get("content_sha256")
+    try:
+        actual = content_digest(metadata)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: metadata cannot be digested: {exc}") from None
+    if not isinstance(recorded, str) or not hmac.compare_digest(recorded, actual):
+        raise ArtifactError(f"{directory}: metadata checksum mismatch (content {actual[:12]}..., recorded "
+                            f"{str(recorded)[:12]}...): metadata.json was modified; refusing to load")
+    if signing_key is None:
+        return
+    signature = metadata.get("signature")
+    if not isinstance(signature, dict) or signature.get("algorithm") != "hmac-sha256":
+        raise ArtifactError(f"{directory}: artifact is not signed, and a signing key is configured; "
+                            f"refusing to load (sign it with `trainer train --signing-key`)")
+    if not hmac.compare_digest(str(signature.get("value", "")), sign_digest(actual, signing_key)):
+        raise ArtifactError(f"{directory}: signature does not match the configured signing key; refusing to load")
+
+
+def load_artifact(path: str | os.PathLike[str], signing_key: bytes | None = None) -> ModelArtifact:
+    """Loads weights without pickle and checks them against the metadata before serving them.
+
+    The metadata's own digest is checked too; with ``signing_key`` an HMAC signature is required.
+    """
     directory = resolve_version_dir(path)
     try:
         metadata = json.loads((directory / METADATA_FILE).read_text())
@@ -133,7 +188,10 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
         raise ArtifactError(
             f"{directory}: artifact format {metadata.get('format_version')!r} is not supported "
             f"(this worker reads format {FORMAT_VERSION})"
+            + ("; format 1 does not protect its metadata (threshold, scaler) by a checksum: retrain it"
+               if metadata.get("format_version") == 1 else "")
         )
+    verify_metadata(directory, metadata, signing_key)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{directory}: {WEIGHTS_FILE} is missing")

@@ -85,10 +85,15 @@ def _configure_logging(level: str, json_logs: bool = False) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level, settings.log_json)
+    from .artifacts import ArtifactError
     from .worker import run_worker
 
     log.info("settings: %s", settings.redacted())
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except ArtifactError as exc:  # no servable model (champion refused, none trained, bad key): say why
+        log.error("cannot start: %s", exc)
+        return 2
     return 0
 
 
@@ -249,21 +254,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Local broker, a model (trained on generated data if none), the worker, demo events, alerts."""
     import tempfile
 
-    from .artifacts import ArtifactError, resolve_version_dir
+    from .artifacts import ArtifactError
+    from .registry import load_served
     from .kafka.local_broker import LocalBroker, ensure_topics
     from .producer import iter_messages, produce_events
     from .synthetic import generate
 
     model_dir = Path(args.model_dir or f"artifacts/demo-{args.profile}")
     try:
-        version = resolve_version_dir(model_dir)
+        version = load_served(model_dir).path
         print(f"[demo] using model {version}", flush=True)
-    except ArtifactError:
-        print(f"[demo] no model in {model_dir}: training one on generated normal {args.profile} data", flush=True)
+    except ArtifactError as exc:
+        print(f"[demo] no loadable model in {model_dir} ({exc}): training one on generated normal "
+              f"{args.profile} data", flush=True)
         from trainer.cli import main as trainer_main
 
         code = trainer_main(["train", "--profile", args.profile, "--synthetic", "--out", str(model_dir),
-                             "--epochs", str(args.train_epochs)])
+                             "--epochs", str(args.train_epochs), "--promote"])
         if code:
             return code
 

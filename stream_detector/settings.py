@@ -109,11 +109,18 @@ class Settings:
     )
     model_dir: str = field(
         default="artifacts/model",
-        metadata=_doc("Model artifact directory, or a directory of versions (the newest is served)."),
+        metadata=_doc("Model artifact directory, or a directory of versions: its `champion` alias is served "
+                      "(without aliases, the newest loadable version by creation time)."),
+    )
+    model_signing_key_file: str = field(
+        default="",
+        metadata=_doc("HMAC-SHA256 key file (kept outside the model directory); when set, unsigned or wrongly "
+                      "signed artifacts are refused."),
     )
     model_poll_s: float = field(
         default=10.0,
-        metadata=_doc("How often the model directory is checked for a newer version to hot-swap; 0 disables."),
+        metadata=_doc("How often the model directory is checked for a new champion (or newer version) to "
+                      "hot-swap; 0 disables."),
     )
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."))
     torch_threads: int = field(

@@ -60,7 +60,8 @@ from typing import Any
 
 import faust
 
-from .artifacts import ArtifactError, ModelArtifact, load_artifact, resolve_version_dir
+from .artifacts import ArtifactError, ModelArtifact, load_artifact, read_signing_key
+from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector
 from .kafka import faust_fastpath, faust_fixes
@@ -91,7 +92,11 @@ class DetectorService:
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
         worker_threads(settings.torch_threads)
-        artifact = load_artifact(settings.model_path)
+        self.signing_key = (read_signing_key(settings.model_signing_key_file)
+                            if settings.model_signing_key_file else None)
+        # The champion (a champion that fails to load is an error); without aliases the newest
+        # version by creation time that loads.
+        artifact = load_served(settings.model_path, signing_key=self.signing_key)
         self.runner = ModelRunner(artifact, device=settings.device, max_batch=settings.batch_max)
         self._refused: set[str] = set()
         self.threshold_config = ThresholdConfig.from_settings(settings)
@@ -133,19 +138,31 @@ class DetectorService:
                  threshold)
 
     def _load_runner(self, path) -> ModelRunner:
-        return ModelRunner(load_artifact(path), device=self.settings.device, max_batch=self.settings.batch_max)
+        return ModelRunner(load_artifact(path, signing_key=self.signing_key), device=self.settings.device,
+                           max_batch=self.settings.batch_max)
+
+    def _reload_target(self):
+        """The version to serve now: the champion, or (no aliases) the newest not yet refused."""
+        try:
+            candidates = served_candidates(self.settings.model_path)
+        except ArtifactError:
+            return None
+        for path in candidates:
+            if path == self.runner.artifact.path:
+                return None  # already serving the preferred version
+            if str(path) not in self._refused:
+                return path
+        return None
 
     async def maybe_reload(self) -> bool:
-        """Hot reload: serve a newer version found in ``model_dir`` from the next micro-batch on.
+        """Hot reload: serve the champion (or, without aliases, a newer version) from the next
+        micro-batch on, once the alias moves or the version appears.
 
         Loading and checking happen on the inference thread; a version that fails (checksum,
-        format, shape) is refused once, logged and counted, and the running model keeps serving.
+        signature, format, shape) is refused once, logged and counted, and the running model keeps serving.
         """
-        try:
-            newest = resolve_version_dir(self.settings.model_path)
-        except ArtifactError:
-            return False
-        if newest == self.runner.artifact.path or str(newest) in self._refused:
+        newest = self._reload_target()
+        if newest is None:
             return False
         loop = asyncio.get_running_loop()
         try:

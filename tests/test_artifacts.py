@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from stream_detector.artifacts import (
-    FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, new_version, resolve_version_dir,
-    save_artifact,
+    FORMAT_VERSION, METADATA_FILE, WEIGHTS_FILE, ArtifactError, content_digest, load_artifact, new_version,
+    read_signing_key, resolve_version_dir, save_artifact,
 )
 from stream_detector.models import build_model
 from stream_detector.preprocessing import ScalerParams
@@ -129,9 +129,13 @@ def test_missing_weights_refused(tmp_path):
         load_artifact(path)
 
 
-def rewrite_metadata(path: Path, **changes) -> None:
+def rewrite_metadata(path: Path, redigest: bool = True, **changes) -> None:
+    """Edits the metadata; with ``redigest`` its content digest is recomputed, so that the check
+    under test (format, features, shapes) is the one that refuses it, not the digest."""
     meta = json.loads((path / METADATA_FILE).read_text())
     meta.update(changes)
+    if redigest:
+        meta["content_sha256"] = content_digest(meta)
     (path / METADATA_FILE).write_text(json.dumps(meta))
 
 
@@ -161,6 +165,7 @@ def test_incompatible_model_config_refused(tmp_path):
     path = save_tiny(tmp_path)
     meta = json.loads((path / METADATA_FILE).read_text())
     meta["model"]["config"]["hidden"] = 16  # weights no longer fit the architecture
+    meta["content_sha256"] = content_digest(meta)
     (path / METADATA_FILE).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match="incompatible"):
         load_artifact(path)
@@ -227,3 +232,77 @@ def test_new_version_is_time_sortable_and_unique():
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", a)
     assert a != b
     assert a[:16] <= b[:16]
+
+
+def test_threshold_edited_in_metadata_is_refused(tmp_path):
+    path = save_tiny(tmp_path)
+    meta = json.loads((path / METADATA_FILE).read_text())
+    meta["threshold"]["value"] *= 1e6  # would silence every alert
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="metadata checksum mismatch"):
+        load_artifact(path)
+
+
+@pytest.mark.parametrize("entry", ["scaler", "window", "profile"])
+def test_any_metadata_entry_edited_is_refused(tmp_path, entry):
+    path = save_tiny(tmp_path)
+    meta = json.loads((path / METADATA_FILE).read_text())
+    meta[entry] = {"edited": True} if entry != "window" else meta["window"] + 1
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="metadata checksum mismatch"):
+        load_artifact(path)
+
+
+def test_format_1_artifact_is_refused_with_a_retrain_hint(tmp_path):
+    path = save_tiny(tmp_path)
+    meta = json.loads((path / METADATA_FILE).read_text())
+    meta["format_version"] = 1
+    del meta["content_sha256"]
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="retrain"):
+        load_artifact(path)
+
+
+def signed_tiny(root: Path, key: bytes, version: str = "v1") -> Path:
+    model, profile, scaler, threshold = tiny_parts()
+    return save_artifact(root, model, profile, scaler, threshold, version=version, signing_key=key)
+
+
+def test_signed_artifact_loads_with_its_key_and_without_one(tmp_path):
+    path = signed_tiny(tmp_path / "models", b"secret-1")
+    meta = json.loads((path / METADATA_FILE).read_text())
+    assert meta["signature"]["algorithm"] == "hmac-sha256"
+    assert b"secret-1" not in (path / METADATA_FILE).read_bytes()
+    assert load_artifact(path, signing_key=b"secret-1").version == "v1"
+    assert load_artifact(path).version == "v1"  # no key configured: the digest alone is checked
+
+
+def test_wrong_key_or_unsigned_artifact_is_refused_when_a_key_is_configured(tmp_path):
+    signed = signed_tiny(tmp_path / "a", b"secret-1")
+    with pytest.raises(ArtifactError, match="signature does not match"):
+        load_artifact(signed, signing_key=b"secret-2")
+    unsigned = save_tiny(tmp_path / "b")
+    with pytest.raises(ArtifactError, match="not signed"):
+        load_artifact(unsigned, signing_key=b"secret-1")
+
+
+def test_resigned_metadata_without_the_key_is_refused(tmp_path):
+    """Whoever edits the threshold and recomputes the digest still cannot forge the signature."""
+    path = signed_tiny(tmp_path, b"secret-1")
+    meta = json.loads((path / METADATA_FILE).read_text())
+    meta["threshold"]["value"] *= 1e6
+    meta["content_sha256"] = content_digest(meta)
+    (path / METADATA_FILE).write_text(json.dumps(meta))
+    assert load_artifact(path).threshold > 1e3  # digest alone: consistent, so it loads without a key
+    with pytest.raises(ArtifactError, match="signature does not match"):
+        load_artifact(path, signing_key=b"secret-1")
+
+
+def test_signing_key_file_errors_are_clear(tmp_path):
+    with pytest.raises(ArtifactError, match="cannot read signing key"):
+        read_signing_key(tmp_path / "missing.key")
+    (tmp_path / "empty.key").write_text("  \n")
+    with pytest.raises(ArtifactError, match="empty"):
+        read_signing_key(tmp_path / "empty.key")
+    (tmp_path / "k.key").write_text("abc\n")
+    assert read_signing_key(tmp_path / "k.key") == b"abc"

@@ -23,6 +23,7 @@ from .fit import TrainConfig, train_and_save
 
 
 def _csv_flags(p: argparse.ArgumentParser) -> None:
+    _jsonl_flags(p)
     p.add_argument("--csv", action="append", default=[], help="CSV file, directory or glob (repeatable; .gz ok)")
     p.add_argument("--sep", default=",", help="column separator (SKAB uses ';')")
     p.add_argument("--key-column", help="column holding the key (default: one key per file)")
@@ -96,6 +97,7 @@ DEFAULTS_BY_PROFILE: dict[str, dict[str, Any]] = {
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    signing_key = _signing_key(args)
     profile_choice = _profile(args)
     if args.synthetic:
         if args.context_fields:
@@ -106,6 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         per_key = args.synthetic_events_per_key or (200 if args.profile == "sensors" else 60)
         runs = 5 if args.profile == "sensors" else 1
         data = from_synthetic(generate_runs(args.profile, keys, per_key, runs, seed=args.seed + 1000), profile)
+    elif args.jsonl:
+        data = _jsonl_data(args, profile_choice)
     elif args.csv:
         data = load_csv(args.csv, profile_choice, _spec(args))
         if args.extra_normal_csv:
@@ -113,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec.label_column, spec.head_rows_per_key, spec.skip_rows_per_key = None, None, None
             data = _merge(data, load_csv(args.extra_normal_csv, data.profile, spec))
     else:
-        print("trainer: give --csv PATH or --synthetic", file=sys.stderr)
+        print("trainer: give --csv PATH, --jsonl PATH or --synthetic", file=sys.stderr)
         return 2
     window = args.window or (32 if args.profile == "sensors" else 16)
     defaults = DEFAULTS_BY_PROFILE[args.profile]
@@ -133,7 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {config.model} on {described['events']} events from {described['keys']} keys "
           f"(window {window}, features: {', '.join(data.profile.feature_names)})", flush=True)
     path, result = train_and_save(data.events, data.profile, config, args.out, labels=data.labels,
-                                  progress=not args.no_progress, data_description=described)
+                                  progress=not args.no_progress, data_description=described,
+                                  signing_key=signing_key)
+    _register_trained(args, path)
     m = result.metrics
     summary = {
         "artifact": str(path),
@@ -187,10 +193,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from .nab import read_windows
 
-    if not args.csv:
-        print("trainer: give --csv PATH (a labelled CSV)", file=sys.stderr)
+    if not args.csv and not args.jsonl:
+        print("trainer: give --csv PATH (a labelled CSV) or --jsonl PATH (a labelled topic dump)", file=sys.stderr)
         return 2
-    if not args.label_column and not args.nab_windows:
+    if not args.label_column and not args.nab_windows and not args.jsonl:
         print("trainer: give --label-column (the 0/1 anomaly label) or --nab-windows (NAB's windows JSON)",
               file=sys.stderr)
         return 2
@@ -200,9 +206,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
     started = time.perf_counter()
     artifact = load_artifact(args.model_dir)
-    data = load_csv(args.csv, artifact.profile, _spec(args))
+    data = _jsonl_data(args, artifact.profile) if args.jsonl else load_csv(args.csv, artifact.profile, _spec(args))
     if not data.events:
-        print("trainer: no valid events in the CSV", file=sys.stderr)
+        print("trainer: no valid events in the input", file=sys.stderr)
         return 2
     keys = [e.key for e in data.events]
     if args.nab_windows:
@@ -255,6 +261,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         write_json(args.json, payload)
         print(f"metrics JSON: {args.json}")
     return 0
+
+
+from trainer.jsonl_cli import _jsonl_data, _jsonl_flags  # noqa: E402
+from trainer.registry_cli import (  # noqa: E402  (registry subcommands live in their own module)
+    _register_trained, _registry_train_flags, _signing_key, add_registry_commands,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--summary-json", help="also write the training summary here")
+    _registry_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="replay a labelled CSV through a model and the detector; report quality")
@@ -335,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
+    add_registry_commands(sub)
     return parser
 
 

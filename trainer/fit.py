@@ -382,7 +382,8 @@ def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: 
 
 def train_and_save(events: Sequence[Event], profile: Profile, config: TrainConfig, model_dir: str | Path,
                    labels: Sequence[int] | None = None, progress: bool = True,
-                   data_description: dict[str, Any] | None = None) -> tuple[Path, TrainResult]:
+                   data_description: dict[str, Any] | None = None,
+                   signing_key: bytes | None = None) -> tuple[Path, TrainResult]:
     key_normal = config.key_normal(profile)
     ws = windows_from_events(events, profile, config.window, labels, key_normal)
     result = train_model(ws, profile, config, progress=progress)
@@ -390,5 +391,6 @@ def train_and_save(events: Sequence[Event], profile: Profile, config: TrainConfi
     training["key_normal"] = key_normal.to_dict()
     if data_description:
         training["data"] = data_description
-    path = save_artifact(model_dir, result.model, profile, result.scaler, result.threshold, training)
+    path = save_artifact(model_dir, result.model, profile, result.scaler, result.threshold, training,
+                         signing_key=signing_key)
     return path, result
