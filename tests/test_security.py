@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from stream_detector.kafka.local_broker import LocalBroker, ensure_topics
-from stream_detector.producer import iter_messages, produce_events
+from stream_detector.producer import BrokerUnreachable, iter_messages, produce_events
 from stream_detector.synthetic import generate
 
 from worker_harness import WorkerProcess, free_port
@@ -74,9 +74,10 @@ def test_worker_consumes_and_alerts_over_tls_and_keeps_secrets_out_of_its_log(se
         alerts = list(iter_messages(tls, worker.alerts_topic, idle_timeout=5.0, extra_config=client_tls))
         assert alerts, "anomalies were injected: alerts must arrive over TLS"
 
-        # A plaintext client gets nothing from the TLS listener.
-        assert list(iter_messages(tls, worker.alerts_topic, idle_timeout=3.0,
-                                  extra_config={"security.protocol": "plaintext"})) == []
+        # A plaintext client gets nothing from the TLS listener, and is told so rather than reading nothing.
+        with pytest.raises(BrokerUnreachable, match="security settings"):
+            list(iter_messages(tls, worker.alerts_topic, idle_timeout=3.0,
+                               extra_config={"security.protocol": "plaintext"}))
         log = worker.log_path.read_text()
         assert secret not in log
         assert "ssl_key_password" in log and "'***'" in log  # the settings line is there, masked
