@@ -33,8 +33,6 @@ import csv
 import io
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -52,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 from stream_detector.artifacts import load_artifact  # noqa: E402
 from stream_detector.preprocessing import ScalerParams  # noqa: E402
 from stream_detector.thresholds import fit_quantile_threshold  # noqa: E402
+from benchmarks.quality import machine  # noqa: E402  (one description of the machine for every benchmark)
 from trainer.baselines import RollingZScoreBaseline, scale_windows  # noqa: E402
 from trainer.cli import build_parser  # noqa: E402
 from trainer.data import CsvSpec, LoadedData, load_csv  # noqa: E402
@@ -257,20 +256,6 @@ def spread(per_series: dict[str, Any]) -> dict[str, Any]:
     q1, med, q3 = np.percentile(values, [25, 50, 75])
     return {"series": int(len(values)), "min": float(values.min()), "q1": float(q1), "median": float(med),
             "q3": float(q3), "max": float(values.max())}
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available()}
 
 
 def fmt(v: Any) -> str:
