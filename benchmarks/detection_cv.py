@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from stream_detector.artifacts import load_artifact  # noqa: E402
 from stream_detector.events import Event  # noqa: E402
+from stream_detector.surprise import TailConfig  # noqa: E402
+from stream_detector.thresholds import ThresholdConfig, build_threshold_policy  # noqa: E402
 from trainer.cli import DEFAULTS_BY_PROFILE  # noqa: E402
 from trainer.data import CsvSpec, LoadedData, load_csv  # noqa: E402
 from trainer.evaluate import evaluate, evaluation_mask, replay  # noqa: E402
@@ -92,8 +94,29 @@ def shifted(events: Sequence[Event], seed: int) -> list[Event]:
     return out
 
 
-def score(artifact, events: list[Event], labels: list[int]) -> dict[str, Any]:
-    result = replay(artifact, events, labels, device="cpu")
+def policy_for(name: str, artifact) -> Any:
+    """A threshold policy by name: ``default`` (the worker's), ``adaptive`` (tail calibration off),
+    ``tail-s<surprise>[-novalues]`` (tail calibration at that alert surprise), ``tail:field=value,...``
+    (any TailConfig fields)."""
+    if name == "default":
+        return None
+    if name == "adaptive":
+        return build_threshold_policy(artifact, ThresholdConfig(tail=TailConfig(enabled=False)))
+    if name.startswith("tail-s"):
+        surprise, _, rest = name[len("tail-s"):].partition("-")
+        config = TailConfig(alert_surprise=float(surprise), values=rest != "novalues")
+        return build_threshold_policy(artifact, ThresholdConfig(tail=config))
+    if name.startswith("tail:"):  # tail:alert_surprise=6,values=0,learn_clip=3
+        fields = {k: v for k, v in (part.split("=") for part in name[5:].split(",") if part)}
+        types = {f: type(getattr(TailConfig(), f)) for f in fields}
+        config = TailConfig(**{f: (v not in ("0", "false")) if types[f] is bool else types[f](v)
+                               for f, v in fields.items()})
+        return build_threshold_policy(artifact, ThresholdConfig(tail=config))
+    raise SystemExit(f"unknown policy {name!r}")
+
+
+def score(artifact, events: list[Event], labels: list[int], policy: str = "default") -> dict[str, Any]:
+    result = replay(artifact, events, labels, device="cpu", threshold=policy_for(policy, artifact))
     result.evaluated = evaluation_mask(events, HEAD)
     m = evaluate(result)
     return {k: m.get(k) for k in ("f1", "far", "mar", "precision", "recall", "average_precision", "tp", "fp", "tn", "fn")}
@@ -113,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    p.add_argument("--policies", nargs="+", default=["default"],
+                   help="threshold policies to replay each model with: default, adaptive, tail-s<surprise>[-novalues]")
     p.add_argument("--epochs", type=int, default=0, help="override the trainer's epochs (0: its default)")
     p.add_argument("--mixed-regimes", action="store_true",
                    help="move every training file to its own regime too (one model across regimes)")
@@ -142,17 +167,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                   labels=train_labels, progress=False)
                     artifact = load_artifact(path)
                     events, labels = by_keys(full, held)
-                    row = {"candidate": name, "seed": seed, "fold": f, "held_out": sorted(held),
-                           "epochs_run": result.metrics["epochs_run"], "train_s": round(time.perf_counter() - t0, 1),
-                           "held_out_metrics": score(artifact, events, labels),
-                           "shifted_metrics": score(artifact, shifted(events, 100 + f), labels),
-                           "anomaly_free_metrics": score(artifact, free.events, free.labels)}
-                    rows.append(row)
-                    h, s, a = row["held_out_metrics"], row["shifted_metrics"], row["anomaly_free_metrics"]
-                    write_report(args, rows, time.perf_counter() - started)  # partial results survive a stop
-                    print(f"{name} seed {seed} fold {f}: F1 {h['f1']:.3f} FAR {h['far']:.3f} MAR {h['mar']:.3f} | "
-                          f"shifted F1 {s['f1']:.3f} FAR {s['far']:.3f} | anomaly-free FAR {a['far']:.4f} "
-                          f"({row['epochs_run']} epochs, {row['train_s']} s)", flush=True)
+                    train_s = round(time.perf_counter() - t0, 1)
+                    for policy in args.policies:
+                        label = name if policy == "default" else f"{name} / {policy}"
+                        row = {"candidate": label, "changes": name, "seed": seed, "fold": f, "held_out": sorted(held),
+                               "epochs_run": result.metrics["epochs_run"], "train_s": train_s,
+                               "held_out_metrics": score(artifact, events, labels, policy),
+                               "shifted_metrics": score(artifact, shifted(events, 100 + f), labels, policy),
+                               "anomaly_free_metrics": score(artifact, free.events, free.labels, policy)}
+                        rows.append(row)
+                        h, s, a = row["held_out_metrics"], row["shifted_metrics"], row["anomaly_free_metrics"]
+                        write_report(args, rows, time.perf_counter() - started)  # partial results survive a stop
+                        print(f"{label} seed {seed} fold {f}: F1 {h['f1']:.3f} FAR {h['far']:.3f} MAR {h['mar']:.3f} | "
+                              f"shifted F1 {s['f1']:.3f} FAR {s['far']:.3f} | anomaly-free FAR {a['far']:.4f} "
+                              f"({row['epochs_run']} epochs, {row['train_s']} s)", flush=True)
     write_report(args, rows, time.perf_counter() - started)
     return 0
 
@@ -181,7 +209,7 @@ def write_report(args: argparse.Namespace, rows: list[dict[str, Any]], seconds: 
     for name in dict.fromkeys(r["candidate"] for r in rows):
         mine = [r for r in rows if r["candidate"] == name]
         col = lambda part, m: spread([r[part][m] for r in mine])  # noqa: E731
-        changes = ", ".join(f"{k}={v}" for k, v in CANDIDATES[name].items()) or "(none)"
+        changes = ", ".join(f"{k}={v}" for k, v in CANDIDATES[mine[0].get("changes", name)].items()) or "(none)"
         epochs = spread([float(r["epochs_run"]) for r in mine]).split(" ")[0]
         lines.append(f"| {name} | {changes} | {col('held_out_metrics', 'f1')} | {col('held_out_metrics', 'far')} | "
                      f"{col('held_out_metrics', 'mar')} | {col('shifted_metrics', 'f1')} | {col('shifted_metrics', 'far')} | "

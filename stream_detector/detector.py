@@ -67,6 +67,8 @@ class PreparedBatch:
     # in the scoring thread; None when the model has no per-key normal or once applied.
     offsets: np.ndarray | None = None
     inv_scales: np.ndarray | None = None
+    # The newest event's (scaled) values per window, copied by Detector.score for the threshold policy.
+    newest: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -520,6 +522,9 @@ class Detector:
         if batch.offsets is not None:
             KeyNormal.apply(batch.windows, batch.offsets, batch.inv_scales)  # type: ignore[arg-type]
             batch.offsets = batch.inv_scales = None
+        # The newest event of each window, kept for the threshold policy: the buffer is reused for
+        # a later batch while this one is judged.
+        batch.newest = batch.windows[:len(batch.events), -1, :].copy()
         return self.scorer(batch.windows)
 
     def finish(self, batch: PreparedBatch, scores: Scores) -> list[Decision]:
@@ -536,8 +541,12 @@ class Detector:
         self.stats.alerts += len(idle)
         keys = [e.key for e in batch.events]
         values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)
+        judge = getattr(self.threshold, "judge", None)
         assess = getattr(self.threshold, "assess", None)
-        if assess is not None:
+        if judge is not None:  # a policy that reads the newest event's values too (tail calibration)
+            limits = judge(keys, values, batch.newest)
+            over = values > limits
+        elif assess is not None:
             limits = assess(keys, values)
             over = values > limits
         else:  # a policy with only the minimal protocol
@@ -550,6 +559,9 @@ class Detector:
         observe = self.incidents.observe
         store = self.windows.store
         tracked = self.incidents.tracking  # keys with an incident (open or pending)
+        # Hysteresis: with a policy that has it, an open incident closes only after windows clearly
+        # back to normal (severity under calm_below), not after windows just under the threshold.
+        calm_below = float(getattr(self.threshold, "calm_below", 1.0))
         append, records = decisions.append, batch.records
         # Plain floats and bools, converted once for the batch (a numpy scalar per event costs more).
         for i, (event, score, limit, is_over) in enumerate(zip(batch.events, values.tolist(), limits.tolist(),
@@ -559,7 +571,8 @@ class Detector:
                 append(Decision(event, records[i], score, limit, None, False, ratio))
                 continue
             info = WindowInfo(event.event_id, event.timestamp, score, limit, tops[i]) if is_over else None
-            alert = observe(event.key, is_over, info, now, context, store.gap_of(event.key))
+            calm = is_over or ratio is None or ratio <= calm_below
+            alert = observe(event.key, is_over, info, now, context, store.gap_of(event.key), calm)
             if alert is not None:
                 self.stats.alerts += 1
             append(Decision(event, records[i], score, limit, alert, is_over, ratio))

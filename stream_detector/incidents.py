@@ -169,9 +169,11 @@ class IncidentTracker:
         return max(self.policy.idle_close_s, self.policy.idle_close_gaps * gap_s)
 
     def observe(self, key: str, over: bool, info: WindowInfo | None, now: float,
-                context: dict[str, Any], gap_s: float = -1.0) -> dict[str, Any] | None:
+                context: dict[str, Any], gap_s: float = -1.0, calm: bool = True) -> dict[str, Any] | None:
         """One scored window of ``key``; ``info`` is needed when ``over`` (else may be None);
-        ``gap_s`` is the key's typical inter-event gap in event time (negative when not known).
+        ``gap_s`` is the key's typical inter-event gap in event time (negative when not known);
+        ``calm``: a window not over its threshold counts towards closing an open incident only when
+        calm (a threshold policy with hysteresis says a window just under the threshold is not).
 
         Returns the message this window triggers (open, update or close), if any.
         """
@@ -193,6 +195,9 @@ class IncidentTracker:
             if not inc.opened:  # a blip shorter than min_windows
                 del self._incidents[key]
                 self.stats.suppressed += 1
+                return None
+            if not calm:  # under the threshold, not clearly back to normal: the incident stays open
+                inc.below_streak = 0
                 return None
             inc.below_streak += 1
             if inc.below_streak >= self.policy.close_after:

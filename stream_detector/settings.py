@@ -209,11 +209,33 @@ class Settings:
         default=5.0, metadata=_doc("Seconds between reads of the consumer group's lag (`stream_detector_consumer_lag`).")
     )
     # Thresholds and the alert lifecycle (README: "Thresholds and alert lifecycle").
+    tail_calibration: bool = field(
+        default=True,
+        metadata=_doc("Judge each window by its *surprise*: -log10 of its tail probability under its key's own "
+                      "running statistics of model scores and of feature values (the larger of the two). Replaces "
+                      "`adaptive_thresholds` when true; a key uses the global threshold during its warm-up."),
+    )
+    tail_alert_surprise: float = field(
+        default=8.0, metadata=_doc("Surprise at which a window is over threshold (8 = a tail probability of "
+                                   "1e-8); the alert's severity is surprise / this value.")
+    )
+    tail_horizon: int = field(
+        default=2000, metadata=_doc("Windows of memory of a key's running statistics (exponential; exact until "
+                                    "then), so slow drift is followed.")
+    )
+    tail_warmup: int = field(
+        default=100, metadata=_doc("Windows of a key before its own statistics judge it (the global threshold "
+                                   "applies until then).")
+    )
+    tail_values: bool = field(
+        default=True, metadata=_doc("Also judge the newest event's feature values against the key's running "
+                                    "mean and spread of each feature (false = the model's score alone).")
+    )
     adaptive_thresholds: bool = field(
         default=True,
-        metadata=_doc("Per-key thresholds that follow each key's recent normal scores, within bounds around the "
-                      "global threshold (which a key uses until its warm-up is over); false = the global threshold "
-                      "for every key."),
+        metadata=_doc("With `tail_calibration` false: per-key thresholds that follow each key's recent normal "
+                      "scores, within bounds around the global threshold (which a key uses until its warm-up is "
+                      "over); false = the global threshold for every key."),
     )
     threshold_warmup_windows: int = field(
         default=64, metadata=_doc("Windows of a key at or below threshold before its own threshold replaces the "
@@ -352,6 +374,10 @@ class Settings:
             problems.append("threshold_warmup_windows must not exceed threshold_history")
         if not 0 < self.threshold_min_ratio <= 1:
             problems.append("threshold_min_ratio must be in (0, 1]")
+        if not (self.tail_alert_surprise > 0 and self.tail_alert_surprise < float("inf")):
+            problems.append("tail_alert_surprise must be positive and finite")
+        if self.tail_horizon < 2 or not 2 <= self.tail_warmup <= self.tail_horizon:
+            problems.append("tail_horizon must be at least 2 and tail_warmup in [2, tail_horizon]")
         if not 1 <= self.threshold_max_ratio < float("inf"):
             problems.append("threshold_max_ratio must be at least 1 and finite")
         for name in ("alert_open_severity", "alert_update_growth"):

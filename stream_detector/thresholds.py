@@ -38,10 +38,12 @@ from __future__ import annotations
 import logging
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from .surprise import TailCalibration, TailConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +94,16 @@ class ThresholdConfig:
     min_ratio: float = 0.5
     max_ratio: float = 2.0
     override: float | None = None  # replaces the artifact's global threshold
+    # Per-key tail calibration (stream_detector/surprise.py); when enabled it replaces ``adaptive``.
+    tail: TailConfig = field(default_factory=TailConfig)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "ThresholdConfig":
+        tail = TailConfig(enabled=settings.tail_calibration, alert_surprise=settings.tail_alert_surprise,
+                          horizon=settings.tail_horizon, warmup=settings.tail_warmup, values=settings.tail_values)
         return cls(adaptive=settings.adaptive_thresholds, warmup=settings.threshold_warmup_windows,
                    history=settings.threshold_history, min_ratio=settings.threshold_min_ratio,
-                   max_ratio=settings.threshold_max_ratio, override=settings.threshold)
+                   max_ratio=settings.threshold_max_ratio, override=settings.threshold, tail=tail)
 
     def __post_init__(self) -> None:
         if self.history < 1 or not 1 <= self.warmup <= self.history:
@@ -338,13 +344,17 @@ def reference_median(metadata: Mapping[str, Any]) -> float | None:
 
 
 def build_threshold_policy(artifact: Any, config: ThresholdConfig | None = None,
-                           max_keys: int | None = None) -> GlobalThreshold | AdaptiveThreshold:
+                           max_keys: int | None = None) -> GlobalThreshold | AdaptiveThreshold | TailCalibration:
     """The policy the worker serves an artifact with; the replay evaluator gets the same one."""
     config = config or ThresholdConfig()
     value = float(config.override if config.override is not None else artifact.threshold)
+    record = artifact.metadata.get("threshold") or {}
+    # Per-key tail calibration reads unsupervised scores (a quantile threshold of normal ones); a
+    # supervised classifier's probability keeps its fitted threshold.
+    if config.tail.enabled and record.get("method", "quantile") == "quantile" and math.isfinite(value) and value > 0:
+        return TailCalibration(value, artifact.profile.n_features, config.tail, max_keys=max_keys)
     if not config.adaptive:
         return GlobalThreshold(value)
-    record = artifact.metadata.get("threshold") or {}
     reference = reference_median(artifact.metadata)
     if record.get("method", "quantile") != "quantile" or reference is None or not value > 0:
         log.info("per-key adaptive thresholds need a quantile threshold with its reference median; "

@@ -19,7 +19,8 @@ from stream_detector.models import build_model
 from stream_detector.preprocessing import ScalerParams
 from stream_detector.profiles import SensorProfile
 from stream_detector.scoring import Scores
-from stream_detector.thresholds import AdaptiveThreshold, GlobalThreshold, fit_quantile_threshold
+from stream_detector.surprise import TailConfig
+from stream_detector.thresholds import AdaptiveThreshold, GlobalThreshold, ThresholdConfig, fit_quantile_threshold
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "stream_detector" / "schemas" / "alert.schema.json"
 CONTEXT = {"model_version": "v1", "model_kind": "lstm_ae", "window_size": 4}
@@ -194,8 +195,11 @@ def rec(key: str, i: int, score: float) -> RawRecord:
     return RawRecord(encode_event(key, f"{key}-{i}", T0 + i, {"a": score, "b": 0.0, "c": 0.0}))
 
 
-def test_detector_default_policy_is_adaptive_and_per_key(artifact):
-    detector = Detector(artifact, newest_a, clock=lambda: T0)
+ADAPTIVE = ThresholdConfig(tail=TailConfig(enabled=False))  # per-key adaptive thresholds, tail calibration off
+
+
+def test_detector_adaptive_policy_is_per_key(artifact):
+    detector = Detector(artifact, newest_a, clock=lambda: T0, thresholds=ADAPTIVE)
     assert isinstance(detector.threshold, AdaptiveThreshold)
     warmup = detector.threshold.warmup
     quiet = [rec("quiet", i, 0.5) for i in range(WINDOW - 1 + warmup + 5)]
@@ -289,7 +293,7 @@ def snapshots_of(detector: Detector) -> dict[str, bytes]:
 
 
 def test_a_restarted_worker_goes_on_with_a_restored_open_incident_and_publishes_its_pending_windows(artifact):
-    first = Detector(artifact, newest_a, clock=lambda: T0)
+    first = Detector(artifact, newest_a, clock=lambda: T0, thresholds=ADAPTIVE)
     warm = WINDOW - 1 + first.threshold.warmup + 5
     scores = [0.5] * warm + [0.8] * 3  # calibrated at 0.5; then the 2nd window over it opens, the 3rd waits
     decisions, _ = first.process([rec_at("k", i, s, i) for i, s in enumerate(scores)])
@@ -299,7 +303,7 @@ def test_a_restarted_worker_goes_on_with_a_restored_open_incident_and_publishes_
     snapshots = snapshots_of(first)
 
     # kill -9 here: a new worker restores the key from its snapshot and reads on.
-    second = Detector(artifact, newest_a, clock=lambda: T0, restore=snapshots.get)
+    second = Detector(artifact, newest_a, clock=lambda: T0, restore=snapshots.get, thresholds=ADAPTIVE)
     n = len(scores)
     decisions, _ = second.process([rec_at("k", n + i, 0.5, n + i) for i in range(8)])
     assert decisions[0].threshold == pytest.approx(0.5)  # the key's calibration, not the global 1.0
@@ -328,7 +332,7 @@ def test_redelivered_events_after_a_restore_do_not_repeat_an_incidents_windows(a
 
 
 def test_a_calibration_made_for_another_model_is_not_taken_over(artifact):
-    first = Detector(artifact, newest_a, clock=lambda: T0)
+    first = Detector(artifact, newest_a, clock=lambda: T0, thresholds=ADAPTIVE)
     warm = WINDOW - 1 + first.threshold.warmup + 5
     first.process([rec_at("k", i, 0.5, i) for i in range(warm)])
     snapshots = snapshots_of(first)

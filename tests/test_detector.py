@@ -22,7 +22,8 @@ from stream_detector.preprocessing import ScalerParams
 from stream_detector.profiles import SensorProfile
 from stream_detector.scoring import ModelRunner, Scores
 from stream_detector.incidents import AlertPolicy
-from stream_detector.thresholds import AdaptiveThreshold, GlobalThreshold, fit_quantile_threshold
+from stream_detector.surprise import TailCalibration
+from stream_detector.thresholds import GlobalThreshold, fit_quantile_threshold
 
 EVERY_WINDOW = AlertPolicy(min_windows=1, update_every=1)  # a message for every window over threshold
 
@@ -156,9 +157,9 @@ def test_no_alerts_at_an_unreachable_threshold(artifact):
 def test_default_threshold_comes_from_the_artifact(artifact):
     detector, _ = make_detector(artifact)
     assert detector.threshold.value_for("any") == artifact.threshold
-    # Per-key adaptive thresholds around it, as the worker serves by default.
-    assert isinstance(detector.threshold, AdaptiveThreshold)
-    assert detector.threshold.reference_median == artifact.metadata["threshold"]["reference_median"]
+    # Per-key tail calibration, as the worker serves by default; the artifact's threshold during warm-up.
+    assert isinstance(detector.threshold, TailCalibration)
+    assert detector.threshold.value == artifact.threshold
 
 
 def check_alert(validator, alert):

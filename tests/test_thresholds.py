@@ -69,7 +69,10 @@ from stream_detector.thresholds import (  # noqa: E402
     learn_ceiling,
     reference_median,
 )
+from stream_detector.surprise import TailConfig  # noqa: E402
 
+TAIL_OFF = TailConfig(enabled=False)
+NO_TAIL = ThresholdConfig(tail=TAIL_OFF)  # the per-key adaptive policy (tail calibration replaces it by default)
 T = 10.0  # global threshold
 REF = 2.0  # median of the normal scores it was fitted on
 
@@ -253,14 +256,15 @@ def _artifact(threshold_record=None, training=None, value=T):
 
 def test_policy_built_from_an_artifact():
     record = {"method": "quantile", "value": T, "reference_median": REF}
-    policy = build_threshold_policy(_artifact(record))
+    policy = build_threshold_policy(_artifact(record), NO_TAIL)
     assert isinstance(policy, AdaptiveThreshold) and policy.value == T and policy.reference_median == REF
-    config = ThresholdConfig(warmup=8, history=16, min_ratio=0.8, max_ratio=1.25, override=4.0)
+    config = ThresholdConfig(warmup=8, history=16, min_ratio=0.8, max_ratio=1.25, override=4.0, tail=TAIL_OFF)
     policy = build_threshold_policy(_artifact(record), config)
     assert (policy.value, policy.warmup, policy.history, policy.min_ratio, policy.max_ratio) == (4.0, 8, 16, 0.8, 1.25)
-    assert type(build_threshold_policy(_artifact(record), ThresholdConfig(adaptive=False))) is GlobalThreshold
+    assert type(build_threshold_policy(_artifact(record), ThresholdConfig(adaptive=False, tail=TAIL_OFF))) \
+        is GlobalThreshold
     # No reference median, a supervised (F1) threshold, or a non-positive threshold: the global one.
-    assert type(build_threshold_policy(_artifact({"method": "quantile", "value": T}))) is GlobalThreshold
+    assert type(build_threshold_policy(_artifact({"method": "quantile", "value": T}), NO_TAIL)) is GlobalThreshold
     assert type(build_threshold_policy(_artifact({"method": "max_f1", "value": 0.5, "reference_median": 0.1}))) \
         is GlobalThreshold
     assert type(build_threshold_policy(_artifact(record, value=-1.0))) is GlobalThreshold
@@ -268,7 +272,7 @@ def test_policy_built_from_an_artifact():
 
 def test_the_learning_ceiling_comes_from_the_artifact():
     policy = build_threshold_policy(_artifact({"method": "quantile", "value": T, "reference_median": REF,
-                                               "learn_ceiling": 4.0}))
+                                               "learn_ceiling": 4.0}), NO_TAIL)
     assert policy.learn_fraction == pytest.approx(4.0 / T) and policy.level_quantile == pytest.approx(0.5 / 0.9)
     assert learn_ceiling({"training": {"val_score_quantiles": {"0.9": 3.0}}}, REF) == 3.0  # older artifacts
     assert learn_ceiling({}, REF) is None

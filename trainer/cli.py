@@ -230,6 +230,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from stream_detector.thresholds import GlobalThreshold
 
         policy = GlobalThreshold(artifact.threshold)
+    elif args.no_tail_calibration:
+        from stream_detector.surprise import TailConfig
+        from stream_detector.thresholds import ThresholdConfig, build_threshold_policy
+
+        policy = build_threshold_policy(artifact, ThresholdConfig(tail=TailConfig(enabled=False)), args.max_keys)
     result = replay(artifact, data.events, data.labels, batch_events=args.batch_events, device=args.device,
                     max_keys=args.max_keys, threshold=policy)
     result.evaluated = evaluation_mask(data.events, args.warmup_rows_per_key, _time_flag(args.eval_from),
@@ -342,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot-keys", type=int, default=4, help="keys to plot scores of")
     e.add_argument("--global-threshold", action="store_true",
                    help="judge every key against the artifact's global threshold instead of the worker's "
-                        "default policy (per-key adaptive thresholds)")
+                        "default policy (per-key tail calibration)")
+    e.add_argument("--no-tail-calibration", action="store_true",
+                   help="judge keys by per-key adaptive thresholds, as the worker does with tail_calibration=false")
     e.add_argument("--batch-events", type=int, default=1024, help="events per micro-batch")
     e.add_argument("--max-keys", type=int, default=100_000)
     e.add_argument("--device", default="cpu")

@@ -3,7 +3,8 @@
 Events are replayed in timestamp order through :class:`stream_detector.detector.Detector`, the
 object the worker wraps with Kafka I/O: the same per-key windows and profile features, the same
 model runner (scaling, micro-batches) and the Detector's own threshold policy (whatever the
-Detector builds from the artifact: a global threshold, or per-key adaptive thresholds), so what is
+Detector builds from the artifact: per-key tail calibration, per-key adaptive thresholds or a global
+threshold), so what is
 measured offline is what runs online. An event counts as *alerted* when the Detector's threshold
 policy judged its window over its key's threshold (``Decision.over``; whether the alert lifecycle
 published a new message for it or folded it into an open incident does not matter here).

@@ -1,0 +1,342 @@
+"""Each key judged against its own normal: scores calibrated to a per-key tail probability.
+
+A model's raw score (a reconstruction error) means different things on different keys: a noisy key's
+normal error is another key's fault. :class:`TailCalibration` turns every window into a *surprise*,
+``-log10`` of how unlikely the window is under the key's own recent behaviour, so one number means
+the same on every key and ranks windows within and across keys (the idea of Numenta's anomaly
+likelihood, which calibrates HTM's raw prediction errors per stream; Merlion calibrates every
+detector's scores to a common scale the same way). Two checks, the larger surprise wins:
+
+- **the model's score** against the key's running mean and spread of its own scores (upper tail of a
+  normal distribution fitted to them);
+- **the newest event's values** against the key's running mean and spread of each feature (both
+  tails, Bonferroni-corrected over the features): a cheap robust statistic that sees what a model
+  trained on a short warm-up may not, a level never seen before (the windowed Gaussian of NAB).
+
+A window alerts when its surprise reaches ``alert_surprise`` (8 means a tail probability of 1e-8).
+Running statistics follow each key with an exponential horizon of ``horizon`` windows (the exact mean
+and variance until then), so slow drift is followed and a step change stops alerting once it is the
+key's new normal. Alerting windows are learned at ``over_weight`` of the usual rate. A short run
+of them (a spike, even one that recurs) is learned as it is, so spikes that are part of a key's
+normal life stop alerting; once a run (ended only by a calm window, one under ``calm_share`` of the
+alert level) holds more than ``sustain`` alerting windows (a fault), its updates are slowed and
+winsorised (a window moves the statistics as if it were at most ``learn_clip`` spreads away), so a
+long fault does not quickly become normal.
+
+During a key's first ``warmup`` windows there are no statistics to judge by: the artifact's global
+threshold applies to the model's score, as without calibration.
+
+The policy reports, for each window, the threshold the incident lifecycle compares the raw score
+with: ``score * alert_surprise / surprise``, so that ``score / threshold`` (the alert's severity) is
+``surprise / alert_surprise`` and every downstream rule (opening, peaks, updates) reads calibrated
+severities. State per key is fixed (a count, two floats for the score, two per feature), in
+preallocated arrays grown by doubling; decisions are vectorised over a micro-batch and equal to
+deciding window by window.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+_LN10 = math.log(10.0)
+# One key's statistics in a snapshot: the configuration they were learned under (horizon, features),
+# windows seen, score mean and variance, current run of alerting windows; then the features' means and
+# variances (float64).
+_STATE_HEADER = struct.Struct("<iiqddi")
+_MAX_SURPRISE = 300.0  # beyond float64's tail resolution; a cap keeps severities finite
+
+
+@dataclass(frozen=True)
+class TailConfig:
+    """How scores are calibrated to per-key tail probabilities (see the module docstring)."""
+
+    enabled: bool = True
+    alert_surprise: float = 8.0  # -log10 of the tail probability at which a window alerts
+    horizon: int = 2000  # windows: the exponential memory of a key's statistics
+    warmup: int = 100  # windows of a key before it is judged by its own statistics
+    values: bool = True  # also judge the newest event's values against the key's own
+    over_weight: float = 0.1  # learning rate of windows at or over the alert level, relative to others
+    rel_floor: float = 0.01  # a spread is at least this share of its mean's magnitude
+    learn_clip: float = 3.0  # a window moves the statistics as if at most this many spreads away (0: no clip)
+    sustain: int = 8  # consecutive alerting windows after which a key's run counts as sustained
+    calm_share: float = 0.5  # an open incident's windows count towards closing it under this share of alert_surprise
+
+    def __post_init__(self) -> None:
+        if not (self.alert_surprise > 0 and math.isfinite(self.alert_surprise)):
+            raise ValueError("tail alert_surprise must be a positive number")
+        if self.horizon < 2 or not 2 <= self.warmup <= self.horizon:
+            raise ValueError("tail horizon must be at least 2 and warmup in [2, horizon]")
+        if self.sustain < 0:
+            raise ValueError("tail sustain must not be negative")
+        if not 0.0 < self.calm_share <= 1.0:
+            raise ValueError("tail calm_share must be in (0, 1]")
+        if not 0.0 <= self.over_weight <= 1.0 or not self.rel_floor >= 0 or not self.learn_clip >= 0:
+            raise ValueError("tail over_weight must be in [0, 1], rel_floor and learn_clip not negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def surprise_upper(z: np.ndarray) -> np.ndarray:
+    """``-log10 P(Z > z)`` for a standard normal Z (0 for z <= -inf, capped for huge z)."""
+    z = np.clip(np.nan_to_num(np.asarray(z, dtype=np.float64), nan=0.0), -1e6, 1e6)
+    out = -torch.special.log_ndtr(torch.from_numpy(-z)).numpy() / _LN10
+    return np.minimum(out, _MAX_SURPRISE)
+
+
+def surprise_two_sided(z_abs: np.ndarray, tests: int) -> np.ndarray:
+    """``-log10`` of the Bonferroni-corrected two-sided tail of the largest of ``tests`` |z| values."""
+    return np.maximum(surprise_upper(z_abs) - math.log10(2.0 * max(tests, 1)), 0.0)
+
+
+class TailCalibration:
+    """Per-key tail calibration of scores (see the module docstring); a threshold policy."""
+
+    def __init__(self, value: float, n_features: int, config: TailConfig | None = None,
+                 initial_capacity: int = 1024, max_keys: int | None = None):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError("tail calibration needs a positive global threshold for the warm-up")
+        self.value = float(value)  # the artifact's global threshold (warm-up)
+        self.config = config or TailConfig()
+        self.n_features = int(n_features)
+        self.calm_below = self.config.calm_share  # severity (surprise / alert level) under which a window is calm
+        self._z_alert = float(-_inverse_upper(self.config.alert_surprise))
+        self._rows: dict[str, int] = {}
+        self._free: list[int] = []
+        self._calibrated = 0
+        self._count = np.zeros(0, dtype=np.int64)
+        self._run = np.zeros(0, dtype=np.int64)  # consecutive alerting windows
+        self._score = np.zeros((0, 2), dtype=np.float64)  # mean, variance
+        self._values = np.zeros((0, 2, self.n_features), dtype=np.float64)
+        self._grow(max(min(initial_capacity, max_keys or initial_capacity), 1))
+        self.last_surprise = np.zeros(0, dtype=np.float64)  # of the last judged batch, per window
+
+    # -- the policy ---------------------------------------------------------------------------
+
+    def judge(self, keys: Sequence[str], scores: np.ndarray, newest: np.ndarray | None) -> np.ndarray:
+        """The threshold each window's raw score is compared with (see the module docstring);
+        learns from the windows. ``newest``: the newest event's (scaled) values per window."""
+        n = len(keys)
+        limits = np.empty(n, dtype=np.float64)
+        surprise = np.zeros(n, dtype=np.float64)
+        if n == 0:
+            self.last_surprise = surprise
+            return limits
+        scores = np.asarray(scores, dtype=np.float64)
+        values = None
+        if self.config.values and newest is not None and self.n_features:
+            values = np.asarray(newest, dtype=np.float64).reshape(n, self.n_features)
+        rows = np.empty(n, dtype=np.int64)
+        occurrence = np.empty(n, dtype=np.int64)
+        seen: dict[int, int] = {}
+        get = self._rows.get
+        for i, key in enumerate(keys):
+            row = get(key)
+            if row is None:
+                row = self._allocate(key)
+            rows[i] = row
+            k = seen.get(row, 0)
+            occurrence[i] = k
+            seen[row] = k + 1
+        # Round r holds each key's r-th window of the batch, so a key's windows go in event order.
+        if len(seen) == n:
+            rounds = [np.arange(n)]
+        else:
+            order = np.argsort(occurrence, kind="stable")
+            bounds = np.cumsum(np.bincount(occurrence))[:-1]
+            rounds = np.split(order, bounds)
+        for idx in rounds:
+            self._round(idx, rows[idx], scores, values, limits, surprise)
+        self.last_surprise = surprise
+        return limits
+
+    def assess(self, keys: Sequence[str], scores: np.ndarray) -> np.ndarray:
+        """:meth:`judge` without the values check (callers that have no windows)."""
+        return self.judge(keys, scores, None)
+
+    def exceeds(self, keys: list[str], scores: np.ndarray) -> np.ndarray:
+        return np.asarray(scores) > self.assess(keys, scores)
+
+    def value_for(self, key: str) -> float:
+        """The raw score at which the key's next window would alert by the model check alone."""
+        row = self._rows.get(key)
+        if row is None or self._count[row] < self.config.warmup:
+            return self.value
+        mean, var = self._score[row]
+        return float(mean + self._z_alert * self._spread(np.array([mean]), np.array([var]))[0])
+
+    def calibrated(self, key: str) -> bool:
+        row = self._rows.get(key)
+        return row is not None and int(self._count[row]) >= self.config.warmup
+
+    @property
+    def calibrated_keys(self) -> int:
+        return self._calibrated
+
+    def evict(self, key: str) -> None:
+        """Drops the key's state; a returning key warms up again."""
+        row = self._rows.pop(key, None)
+        if row is not None:
+            self._free.append(row)
+            if self._count[row] >= self.config.warmup:
+                self._calibrated -= 1
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    @property
+    def bytes_per_key(self) -> int:
+        return 8 + 8 + 16 + 16 * self.n_features
+
+    def export_key(self, key: str) -> bytes | None:
+        """The key's statistics, for its changelog snapshot; None for a key not seen."""
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        mean, var = self._score[row]
+        return (_STATE_HEADER.pack(self.config.horizon, self.n_features, int(self._count[row]), mean, var,
+                                   int(self._run[row])) + self._values[row].tobytes())
+
+    def adopt_key(self, key: str, blob: bytes) -> bool:
+        """Takes over a key's statistics from :meth:`export_key`; False (the key warms up again) when
+        they were learned under another horizon or feature count."""
+        if len(blob) != _STATE_HEADER.size + 16 * self.n_features:
+            return False
+        horizon, features, count, mean, var, run = _STATE_HEADER.unpack_from(blob)
+        if horizon != self.config.horizon or features != self.n_features or count < 0 or run < 0:
+            return False
+        stats = np.frombuffer(blob, dtype=np.float64, offset=_STATE_HEADER.size).reshape(2, self.n_features)
+        if not (math.isfinite(mean) and math.isfinite(var) and np.isfinite(stats).all()):
+            return False
+        row = self._rows.get(key)
+        if row is None:
+            row = self._allocate(key)
+        elif self._count[row] >= self.config.warmup:
+            self._calibrated -= 1
+        self._count[row] = count
+        self._run[row] = run
+        self._score[row] = (mean, var)
+        self._values[row] = stats
+        if count >= self.config.warmup:
+            self._calibrated += 1
+        return True
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _spread(self, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+        return np.maximum(np.sqrt(np.maximum(var, 0.0)), np.maximum(self.config.rel_floor * np.abs(mean), 1e-9))
+
+    def _round(self, idx: np.ndarray, rr: np.ndarray, scores: np.ndarray, values: np.ndarray | None,
+               limits: np.ndarray, surprise: np.ndarray) -> None:
+        """Judges then learns one window per key (rows distinct)."""
+        cfg = self.config
+        s = scores[idx]
+        finite = np.isfinite(s)
+        count = self._count[rr]
+        ready = count >= cfg.warmup
+        mean, var = self._score[rr, 0], self._score[rr, 1]
+        sp = surprise_upper((s - mean) / self._spread(mean, var))
+        if values is not None:
+            x = values[idx]
+            vm, vv = self._values[rr, 0], self._values[rr, 1]
+            z = np.abs(x - vm) / self._spread(vm, vv)
+            z_max = np.nan_to_num(z, nan=0.0).max(axis=1)
+            sp = np.maximum(sp, surprise_two_sided(z_max, self.n_features))
+        sp = np.where(ready & finite, sp, 0.0)
+        surprise[idx] = sp
+        with np.errstate(divide="ignore", invalid="ignore"):
+            calibrated = np.where(sp > 0, np.maximum(s, 1e-12) * cfg.alert_surprise / sp, np.inf)
+        limits[idx] = np.where(ready, calibrated, self.value)
+        # Learn: exact running moments until the horizon, exponential after; slower while alerting.
+        learn = finite
+        if not learn.any():
+            return
+        rl, sl = rr[learn], s[learn]
+        n_new = count[learn] + 1
+        rate = 1.0 / np.minimum(n_new, cfg.horizon).astype(np.float64)
+        # Alerting windows are learned at over_weight of the rate. A key's run of alerting windows (it
+        # ends at a calm window, surprise under calm_share of the alert level): a short one (a spike,
+        # even a recurring one) is learned as it is, so recurring spikes become normal; in a sustained
+        # one (a fault) updates are slowed and winsorised, so the fault stays visible.
+        alerting = ready[learn] & (sp[learn] >= cfg.alert_surprise)
+        unsettled = ready[learn] & (sp[learn] >= cfg.alert_surprise * cfg.calm_share)  # not calm
+        run = np.where(alerting, self._run[rl] + 1, np.where(unsettled, self._run[rl], 0))
+        self._run[rl] = run
+        sustained = unsettled & (run > cfg.sustain)
+        rate = np.where(alerting | sustained, rate * cfg.over_weight, rate)
+        clip = cfg.learn_clip
+        moments = self._score[rl]
+        if clip > 0 and sustained.any():
+            band = clip * self._spread(moments[:, 0], moments[:, 1])
+            sl = np.where(sustained, np.clip(sl, moments[:, 0] - band, moments[:, 0] + band), sl)
+        self._score[rl] = _update(moments, sl, rate)
+        if values is not None:
+            xl = values[idx][learn]
+            ok = np.isfinite(xl)
+            vm = self._values[rl]
+            if clip > 0 and sustained.any():
+                band = clip * self._spread(vm[:, 0], vm[:, 1])
+                xl = np.where(sustained[:, None], np.clip(xl, vm[:, 0] - band, vm[:, 0] + band), xl)
+            upd = _update_many(vm, np.where(ok, xl, vm[:, 0]), rate)
+            self._values[rl] = np.where(ok[:, None, :], upd, self._values[rl])
+        self._count[rl] = n_new
+        self._calibrated += int((n_new == cfg.warmup).sum())
+
+    def _allocate(self, key: str) -> int:
+        if self._free:
+            row = self._free.pop()
+        else:
+            row = len(self._rows)
+            if row >= len(self._count):
+                self._grow(2 * len(self._count))
+        self._rows[key] = row
+        self._count[row] = 0
+        self._run[row] = 0
+        self._score[row] = 0.0
+        self._values[row] = 0.0
+        return row
+
+    def _grow(self, capacity: int) -> None:
+        old = len(self._count)
+        self._count = np.concatenate([self._count, np.zeros(capacity - old, np.int64)])
+        self._run = np.concatenate([self._run, np.zeros(capacity - old, np.int64)])
+        self._score = np.concatenate([self._score, np.zeros((capacity - old, 2))])
+        self._values = np.concatenate([self._values, np.zeros((capacity - old, 2, self.n_features))])
+
+
+def _update(moments: np.ndarray, x: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Exponentially weighted mean and variance (West's update), rows of (mean, variance)."""
+    mean, var = moments[:, 0], moments[:, 1]
+    delta = x - mean
+    new_mean = mean + rate * delta
+    new_var = (1.0 - rate) * (var + rate * delta * delta)
+    return np.stack([new_mean, new_var], axis=1)
+
+
+def _update_many(moments: np.ndarray, x: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """:func:`_update` per feature: moments (n, 2, F), x (n, F)."""
+    mean, var = moments[:, 0], moments[:, 1]
+    r = rate[:, None]
+    delta = x - mean
+    return np.stack([mean + r * delta, (1.0 - r) * (var + r * delta * delta)], axis=1)
+
+
+def _inverse_upper(surprise: float) -> float:
+    """``-z`` such that ``-log10 P(Z > z) == surprise`` (bisection; called once per policy)."""
+    lo, hi = -40.0, 40.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if float(surprise_upper(np.array([mid]))[0]) < surprise:
+            lo = mid
+        else:
+            hi = mid
+    return -(lo + hi) / 2
