@@ -71,10 +71,12 @@ class FeatureDrift:
         n = len(windows)
         if n == 0:
             return
-        rows = (np.asarray(windows)[:, -1, :] - self.center) * self.inv_scale
-        np.nan_to_num(rows, copy=False, nan=0.0)
+        rows = np.asarray(windows)[:, -1, :] - self.center
+        rows *= self.inv_scale
         np.clip(rows, -self.clip, self.clip, out=rows)
-        batch = rows.mean(axis=0, dtype=np.float64)
+        nan = np.isnan(rows)  # the training median: 0, adds nothing to the sum
+        total = rows.sum(axis=0, dtype=np.float64, where=~nan) if nan.any() else rows.sum(axis=0, dtype=np.float64)
+        batch = total / n
         keep = 0.5 ** (n / self.halflife)  # the old mean's share: as if the windows came one by one
         weight = keep * self.weight + (1.0 - keep)
         # Replaced, not updated in place: the metrics thread reads it while the loop goes on.
