@@ -174,3 +174,18 @@ def test_a_feedback_dump_gives_the_latest_verdict_of_each_incident(tmp_path):
     dump.write_bytes(lines[0] + b"\n{}\n")
     with pytest.raises(ValueError, match=r"feedback.jsonl:2: missing"):
         read_feedback_jsonl(str(dump))
+
+
+def test_verdicts_relabel_their_incidents_events_for_training():
+    from trainer.feedback import apply_verdicts
+
+    alerts = [{"incident_id": "tp", "event_ids": ["e1", "e2"]}, {"incident_id": "tp", "event_ids": ["e3"]},
+              {"incident_id": "fp", "event_ids": ["e5"]}, {"incident_id": "chg", "event_ids": ["e6"]},
+              {"incident_id": "unjudged", "event_ids": ["e7"]}]
+    verdicts = {"tp": Feedback.new("tp", "k", TRUE_POSITIVE, at=T0), "fp": Feedback.new("fp", "k", FALSE_POSITIVE, at=T0),
+                "chg": Feedback.new("chg", "k", EXPECTED_CHANGE, at=T0)}
+    ids = ["e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7"]
+    labels, counts = apply_verdicts(ids, [0, 0, 0, 0, 1, 1, 0, 1], verdicts, alerts)
+    # true positives anomalous; a false positive normal even where the data said otherwise; others untouched
+    assert labels == [0, 1, 1, 1, 1, 0, 0, 1]
+    assert counts == {TRUE_POSITIVE: 3, FALSE_POSITIVE: 1}
