@@ -130,6 +130,38 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ack(args: argparse.Namespace) -> int:
+    """Publishes one verdict on an incident to the feedback topic (created compacted if missing)."""
+    from .feedback import Feedback, InvalidFeedback
+    from .kafka.admin import ensure_topics
+    from .kafka.security import client_config
+    from .producer import find_incident_key, publish_message
+
+    settings = _settings(args)
+    key = args.key
+    if not key:
+        key = find_incident_key(settings.bootstrap_servers, settings.alerts_topic, args.incident_id,
+                                extra_config=client_config(settings, "consumer"), idle_timeout=args.search_timeout)
+        if key is None:
+            print(f"stream-detector: error: incident {args.incident_id} not found on {settings.alerts_topic}; "
+                  "give its key with --key", file=sys.stderr)
+            return 2
+    try:
+        feedback = Feedback.new(args.incident_id, key, args.verdict, by=args.by, note=args.note)
+    except InvalidFeedback as exc:
+        print(f"stream-detector: error: {exc}", file=sys.stderr)
+        return 2
+    topic = settings.feedback_topic_name
+    ensure_topics(settings.bootstrap_servers, {topic: 1}, client_config=client_config(settings, "admin"),
+                  replication_factor=settings.topic_replication_factor,
+                  topic_configs={topic: {"cleanup.policy": "compact"}})
+    record_key, value = feedback.encode()
+    publish_message(settings.bootstrap_servers, topic, record_key, value,
+                    extra_config=client_config(settings, "producer"))
+    print(f"{feedback.verdict} for incident {feedback.incident_id} (key {feedback.key}) published to {topic}")
+    return 0
+
+
 def format_alert(alert: dict, labels: dict[str, int] | None = None) -> str:
     """One line per alert message; with the demo's labels, how many of its events were injected."""
     top = ", ".join(f"{f['feature']}={f['error']:.1f}" for f in alert.get("top_features", []))
@@ -395,6 +427,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=None, help="stop after this many quiet seconds")
     _add_settings_flags(p)
     p.set_defaults(func=cmd_alerts)
+
+    p = command("ack", help="give a verdict on an incident (feedback topic)",
+                description="Publish an operator's verdict on an incident to the compacted feedback topic, keyed by "
+                            "the incident id: true_positive, false_positive (a false alarm: normal training data "
+                            "for the next model) or expected_change (the worker closes the incident, reason "
+                            "acknowledged, and restarts the key's threshold warm-up).")
+    p.add_argument("incident_id", metavar="INCIDENT_ID", help="the incident_id of the incident's alert messages")
+    p.add_argument("--verdict", required=True, choices=["true_positive", "false_positive", "expected_change"])
+    p.add_argument("--key", default=None,
+                   help="the incident's key (default: looked up in the alerts topic, read from the beginning)")
+    p.add_argument("--by", default=None, help="who gives the verdict")
+    p.add_argument("--note", default=None, help="free text kept with the verdict")
+    p.add_argument("--search-timeout", type=float, default=5.0,
+                   help="without --key: stop reading the alerts topic after this many quiet seconds")
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_ack)
 
     p = command("demo", help="broker + model + worker + demo events, alerts printed as they arrive",
                        description="Start a local Kafka broker, train a model on generated data if none exists, "

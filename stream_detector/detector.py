@@ -27,7 +27,8 @@ from .artifacts import ArtifactError, ModelArtifact
 from .calibration import KeyNormal, KeyNormalConfig, build_key_normal
 from .errors import DECODE_FAILED, WINDOW_FAILED
 from .events import Envelope, Event, EventDecoder, Invalid
-from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
+from .drift import FeatureDrift
+from .incidents import ACKNOWLEDGED, EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
 from .scoring import Scores
 from .thresholds import ThresholdConfig, ThresholdPolicy, build_threshold_policy
@@ -258,6 +259,7 @@ class Detector:
         key_clock: Callable[[], float] | None = None,
         envelope: Envelope | None = None,
         topic: str = "",
+        drift_halflife: float = 10_000,
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -278,6 +280,8 @@ class Detector:
         # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
         self.key_clock = key_clock or clock
         self.stats = DetectorStats()
+        # Per-feature shift of the scored windows from the model's training data (stream_detector.drift).
+        self.drift = FeatureDrift.for_artifact(artifact, drift_halflife)
         self.key_normal = build_key_normal(artifact.metadata, self.profile.n_features, self.window, max_keys)
         # `envelope`: where a record's key, time, id and fields are; `topic` names record positions.
         self.decoder = EventDecoder(self.profile.fields, key_field=key_field, max_bytes=max_message_bytes,
@@ -371,6 +375,22 @@ class Detector:
             self._closed.append(msg)
             self.stats.alerts += 1
 
+    def acknowledge(self, key: str, incident_id: str) -> dict[str, Any] | None:
+        """An ``expected_change`` verdict: when ``incident_id`` is the key's open incident here, closes
+        it (reason ``acknowledged``) and restarts the key's threshold warm-up; returns the close
+        message to publish (None when the incident is not open here: closed already, or another
+        worker's key). The key's snapshot is written again with its next batch."""
+        inc = self.incidents.get(key)
+        if inc is None or not inc.opened or inc.id != incident_id:
+            return None
+        message = self.incidents.drop(key, ACKNOWLEDGED, self._alert_context())
+        restart = getattr(self.threshold, "restart_warmup", None)
+        if restart is not None:
+            restart(key)
+        self.windows.mark_touched(key)
+        self.stats.alerts += 1
+        return message
+
     def drain_closed(self) -> list[dict[str, Any]]:
         """Close messages not tied to a scored window (key evicted or revoked, incident idle).
 
@@ -397,6 +417,7 @@ class Detector:
         self.artifact, self.scorer = artifact, scorer
         if threshold is not None:
             self.threshold = threshold
+        self.drift = FeatureDrift.for_artifact(artifact, self.drift.halflife)  # against the new model's training
 
     def prepare(self, records: Sequence[RawRecord], first_row: int = 0) -> PreparedBatch:
         """Decodes, validates and windows ``records``; their ready windows are copied into the batch
@@ -540,6 +561,7 @@ class Detector:
             self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
         self.stats.alerts += len(idle)
         keys = [e.key for e in batch.events]
+        self.drift.observe(batch.windows[: len(keys)])
         values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)
         judge = getattr(self.threshold, "judge", None)
         assess = getattr(self.threshold, "assess", None)

@@ -13,7 +13,8 @@ A threshold says which *windows* look anomalous; a subscriber wants one alert th
   event-time gaps, whichever is longer (``idle``: a key sampled hourly is not idle after ten
   minutes of silence), when the key's window is
   dropped (``evicted``) or its partition handed to another worker (``revoked``, only where the
-  key's state is not persisted; with the worker's changelog the incident is handed over instead).
+  key's state is not persisted; with the worker's changelog the incident is handed over instead),
+  or when an operator marks it an ``expected_change`` (``acknowledged``, see :mod:`~stream_detector.feedback`).
   A window over threshold during the closing streak keeps the incident open.
 
 Every message lists in ``event_ids`` the over-threshold windows it is the first to report, so the
@@ -38,7 +39,8 @@ from .alerts import build_incident_alert, incident_id as make_incident_id
 OPEN, UPDATE, CLOSE = "open", "update", "close"
 STATES = (OPEN, UPDATE, CLOSE)
 RECOVERED, IDLE, EVICTED, REVOKED, STOPPED = "recovered", "idle", "evicted", "revoked", "stopped"
-CLOSE_REASONS = (RECOVERED, IDLE, EVICTED, REVOKED, STOPPED)
+ACKNOWLEDGED = "acknowledged"  # an operator's `expected_change` verdict (stream_detector.feedback)
+CLOSE_REASONS = (RECOVERED, IDLE, EVICTED, REVOKED, STOPPED, ACKNOWLEDGED)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,20 @@ class WorkerMetrics:
                                               "Scored windows over their key's threshold.", registry=r)
         self.keys_calibrated = Gauge(p + "keys_calibrated",
                                      "Keys served with their own adaptive threshold (warm-up over).", registry=r)
+        # The model lifecycle: operators' verdicts (stream_detector.feedback) and input drift
+        # (stream_detector.drift). The gauges are read when scraped (set_function), per feature, never per key.
+        self.feedback = Counter(p + "feedback", "Operators' verdicts on incidents read from the feedback topic, by "
+                                "verdict.", ["verdict"], registry=r)
+        self.feedback_invalid = Counter(p + "feedback_invalid",
+                                        "Feedback messages refused (dead-lettered with reason invalid_feedback).",
+                                        registry=r)
+        self.feature_drift = Gauge(p + "feature_drift",
+                                   "Per feature: distance of the recent mean standardised value of scored windows "
+                                   "from the training one, in training standard deviations.", ["feature"],
+                                   registry=r)
+        self.keys_on_threshold_bounds = Gauge(p + "keys_on_threshold_bounds",
+                                              "Share of calibrated keys whose adaptive threshold sits at "
+                                              "threshold_min_ratio or threshold_max_ratio.", registry=r)
         # The batch lifecycle's failures (stream_detector.runtime).
         self.dead_letters_truncated = Counter(
             p + "dead_letters_truncated",
@@ -149,8 +163,10 @@ class WorkerMetrics:
             self.keys_evicted.labels(reason=reason)
         for state in ("open", "update", "close"):
             self.alert_messages.labels(state=state)
-        for reason in ("recovered", "idle", "evicted", "revoked", "stopped"):
+        for reason in ("recovered", "idle", "evicted", "revoked", "stopped", "acknowledged"):
             self.incidents_closed.labels(reason=reason)
+        for verdict in ("true_positive", "false_positive", "expected_change"):
+            self.feedback.labels(verdict=verdict)
 
     def serve(self, host: str, port: int) -> None:
         """Exposes /metrics, /healthz and /readyz on a daemon thread; binds to loopback unless told otherwise."""

@@ -111,6 +111,31 @@ def iter_messages(bootstrap_servers: str, topic: str, group: str | None = None, 
         consumer.close()
 
 
+def publish_message(bootstrap_servers: str, topic: str, key: bytes, value: bytes,
+                    extra_config: dict | None = None, timeout_s: float = 30.0) -> None:
+    """Publishes one message and waits for the broker's acknowledgement; raises if it is not given."""
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "logger": _rdkafka_log, **(extra_config or {}),
+                         "acks": "all", "enable.idempotence": True})
+    _check_reachable(producer, bootstrap_servers)
+    failures: list[str] = []
+    producer.produce(topic, key=key, value=value,
+                     on_delivery=lambda err, _msg: failures.append(str(err)) if err is not None else None)
+    if producer.flush(timeout_s):
+        raise RuntimeError(f"message to {topic} not acknowledged within {timeout_s:.0f}s")
+    if failures:
+        raise RuntimeError(f"message to {topic} not delivered: {failures[0]}")
+
+
+def find_incident_key(bootstrap_servers: str, alerts_topic: str, incident_id: str, extra_config: dict | None = None,
+                      idle_timeout: float = 5.0) -> str | None:
+    """The key of the incident ``incident_id``, from its alert messages (the alerts topic read from the
+    beginning until it is quiet for ``idle_timeout`` seconds); None when none is found."""
+    for alert in iter_messages(bootstrap_servers, alerts_topic, idle_timeout=idle_timeout, extra_config=extra_config):
+        if isinstance(alert, dict) and alert.get("incident_id") == incident_id and isinstance(alert.get("key"), str):
+            return alert["key"]
+    return None
+
+
 REACHABLE_TIMEOUT_S = 10.0  # how long a command waits for the first broker answer
 
 

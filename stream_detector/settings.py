@@ -56,6 +56,11 @@ class Settings:
         default="",
         metadata=_doc("When set, every scored event's score is published here too (audits, offline analysis)."),
     )
+    feedback_topic: str = field(
+        default="",
+        metadata=_doc("Compacted topic of operators' verdicts on incidents (`stream-detector ack`), keyed by "
+                      "incident id; empty = `<alerts_topic>.feedback`."),
+    )
     consumer_group: str = field(default="stream-detector", metadata=_doc("Kafka consumer group (Faust app id)."))
     auto_offset_reset: str = field(
         default="earliest", metadata=_doc("Where a new consumer group starts: `earliest` or `latest`.")
@@ -274,6 +279,10 @@ class Settings:
         default=600.0, metadata=_doc("An incident whose key has had no scored window this long (wall clock) is "
                                      "closed.")
     )
+    drift_halflife_windows: int = field(
+        default=10_000, metadata=_doc("Half-life, in scored windows, of the moving mean of each feature's "
+                                      "standardised value behind `stream_detector_feature_drift`.")
+    )
     # Throughput (README: "Performance").
     batch_adaptive: bool = field(
         default=True, metadata=_doc("Micro-batches as large as the backlog: a batch is scored as soon as no more "
@@ -370,6 +379,11 @@ class Settings:
                      "alert_update_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if self.drift_halflife_windows < 1:
+            problems.append("drift_halflife_windows must be at least 1")
+        if self.feedback_topic and self.feedback_topic in (self.input_topic, self.alerts_topic,
+                                                           self.dead_letter_topic):
+            problems.append("feedback_topic must be a topic of its own")
         if self.threshold_warmup_windows > self.threshold_history:
             problems.append("threshold_warmup_windows must not exceed threshold_history")
         if not 0 < self.threshold_min_ratio <= 1:
@@ -507,6 +521,11 @@ class Settings:
                 out[name] = {k: "***" if any(word in k for word in ("password", "secret", "token", "jaas")) else v
                              for k, v in out[name].items()}
         return out
+
+    @property
+    def feedback_topic_name(self) -> str:
+        """The feedback topic: ``feedback_topic``, or ``<alerts_topic>.feedback`` when it is empty."""
+        return self.feedback_topic or f"{self.alerts_topic}.feedback"
 
     @property
     def model_path(self) -> Path:

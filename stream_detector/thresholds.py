@@ -81,6 +81,12 @@ class GlobalThreshold:
     def evict(self, key: str) -> None:
         pass
 
+    def restart_warmup(self, key: str) -> None:
+        pass
+
+    def share_at_bounds(self) -> float:
+        return 0.0
+
     calibrated_keys = 0
 
 
@@ -215,6 +221,29 @@ class AdaptiveThreshold:
             self._free.append(row)
             if self._count[row] >= self.warmup:
                 self._calibrated -= 1
+            self._count[row] = 0  # a free row counts as not calibrated (share_at_bounds)
+
+    def restart_warmup(self, key: str) -> None:
+        """Forgets the key's calibration (an operator said its new behaviour is expected): it is judged
+        against the global threshold until it has ``warmup`` normal windows again."""
+        self.evict(key)
+
+    def share_at_bounds(self) -> float:
+        """Share of the calibrated keys whose threshold sits at ``min_ratio`` or ``max_ratio`` of the
+        global one: keys the bounds hold back from following their scores (0 when none is calibrated).
+
+        One pass over the preallocated arrays; safe to call from the metrics thread (it only reads).
+        """
+        count, threshold = self._count, self._threshold
+        n = min(len(count), len(threshold))
+        calibrated = count[:n] >= self.warmup
+        total = int(calibrated.sum())
+        if total == 0:
+            return 0.0
+        limits = threshold[:n][calibrated]
+        low = np.float32(self.value * self.min_ratio)
+        high = np.float32(self.value * self.max_ratio)
+        return float(((limits <= low) | (limits >= high)).sum()) / total
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -63,7 +63,7 @@ import faust
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, read_signing_key
 from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
-from .detector import Detector
+from .detector import Detector, RawRecord
 from .kafka import faust_fastpath, faust_fixes
 from .kafka.admin import ensure_topics, partition_count
 from .kafka.output import OutputProducer
@@ -75,6 +75,7 @@ from .incidents import AlertPolicy
 from .thresholds import ThresholdConfig, build_threshold_policy
 from .runtime.checkpoint import Published, Scoring, Settler, Snapshots  # noqa: F401 (the worker's API)
 from .runtime.failures import FailurePolicy
+from .runtime.feedback import FeedbackHandler
 from .runtime.pipeline import BatchPipeline, PipelineConfig
 from .runtime.state import ChangelogState
 
@@ -118,10 +119,22 @@ class DetectorService:
             key_clock=time.monotonic,  # a wall-clock step must not evict every key (and tombstone it)
             envelope=settings.envelope(),
             topic=settings.input_topic,
+            drift_halflife=settings.drift_halflife_windows,
         )
         self.detector.windows.store.on_evict = self._on_evict
+        self._export_drift(artifact)
         self.executor = inference_executor(settings.torch_threads)
         self._announce(artifact, threshold.value)
+
+    def _export_drift(self, artifact: ModelArtifact) -> None:
+        """Drift gauges read when scraped, from whichever model and threshold policy serve by then
+        (a swapped-in model has the same features)."""
+        detector = self.detector
+        for index, name in enumerate(artifact.feature_names):
+            self.metrics.feature_drift.labels(feature=name).set_function(
+                lambda index=index: detector.drift.value(index))
+        self.metrics.keys_on_threshold_bounds.set_function(
+            lambda: getattr(detector.threshold, "share_at_bounds", lambda: 0.0)())
 
     def _announce(self, artifact: ModelArtifact, threshold: float) -> None:
         self.metrics.model_info.info({
@@ -252,6 +265,17 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                              changelog, FailurePolicy(on_failure=lambda stage: metrics.batch_failures.labels(
                                  stage=stage).inc()), part_size=service.runner.chunk or max(settings.batch_max, 1))
     app.pipeline = pipeline
+    feedback = FeedbackHandler(detector, metrics, out, settings.feedback_topic_name, settings.alerts_topic,
+                               settings.dead_letter_topic)
+    feedback_source = app.topic(settings.feedback_topic_name, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(feedback_source, concurrency=1)
+    async def take_feedback(stream: faust.StreamT) -> None:
+        """Operators' verdicts (`stream-detector ack`): counted; an expected change closes its incident."""
+        async for event in stream.events():
+            m = event.message
+            await feedback.handle(RawRecord(m.value, m.key, m.timestamp, m.partition, m.offset,
+                                            tuple(m.headers or ())))
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
@@ -323,13 +347,16 @@ def run_worker(settings: Settings) -> None:
     # Idempotent; makes the log format right also when run_worker is called without the CLI.
     setup_logging(settings.log_level, json_logs=settings.log_json)
     admin_config = client_config(settings, "admin")
-    topics = {settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1}
+    topics = {settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1,
+              settings.feedback_topic_name: 1}
     if settings.scores_topic:
         topics[settings.scores_topic] = 1
     ensure_topics(settings.bootstrap_servers, topics, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={settings.alerts_topic: settings.alerts_topic_config,
-                                 settings.dead_letter_topic: settings.dead_letter_topic_config})
+                                 settings.dead_letter_topic: settings.dead_letter_topic_config,
+                                 # the latest verdict of each incident (keyed by incident id)
+                                 settings.feedback_topic_name: {"cleanup.policy": "compact"}})
     partitions = partition_count(settings.bootstrap_servers, settings.input_topic, admin_config)
     service = DetectorService(settings)
     service.metrics.serve(settings.metrics_host, settings.metrics_port)

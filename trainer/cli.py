@@ -119,6 +119,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print("trainer: give --csv PATH, --jsonl PATH or --synthetic", file=sys.stderr)
         return 2
+    if args.feedback_jsonl:
+        if not args.alerts_jsonl:
+            print("trainer: --feedback-jsonl needs --alerts-jsonl (a dump of the alerts topic: the incidents' "
+                  "events)", file=sys.stderr)
+            return 2
+        from stream_detector.feedback import read_feedback_jsonl
+
+        from .feedback import apply_verdicts, read_alerts_jsonl
+
+        try:
+            verdicts = read_feedback_jsonl(args.feedback_jsonl)
+            alerts = read_alerts_jsonl(args.alerts_jsonl)
+        except (OSError, ValueError) as exc:
+            print(f"trainer: {exc}", file=sys.stderr)
+            return 2
+        data.labels, relabelled = apply_verdicts([e.event_id for e in data.events], data.labels, verdicts, alerts)
+        print(f"feedback: {len(verdicts)} verdicts; {relabelled['true_positive']} events of true positives left "
+              f"out as anomalous, {relabelled['false_positive']} events of false positives kept as normal", flush=True)
     window = args.window or (32 if args.profile == "sensors" else 16)
     defaults = DEFAULTS_BY_PROFILE[args.profile]
     config = TrainConfig(
@@ -284,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-events-per-key", type=int, default=0)
     _csv_flags(p)
     p.add_argument("--out", default="artifacts/model", help="model directory; a new version is added inside")
+    p.add_argument("--feedback-jsonl", metavar="FILE",
+                   help="a dump of the feedback topic (stream-detector ack): events of true-positive incidents are "
+                        "labelled anomalous (left out of unsupervised training), those of false positives normal")
+    p.add_argument("--alerts-jsonl", metavar="FILE",
+                   help="with --feedback-jsonl: a dump of the alerts topic, naming each incident's events")
     p.add_argument("--robust-features", action="store_true",
                    help="transactions: add amount_to_key_median and log_tx_last_day to the per-key features")
     p.add_argument("--context-fields", help="transactions: comma-separated extra numeric event fields (CSV "

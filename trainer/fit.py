@@ -19,6 +19,7 @@ from stream_detector.calibration import KeyNormal, KeyNormalConfig, default_bloc
 from stream_detector.detector import FeatureWindows
 from stream_detector.events import Event
 from stream_detector.models import MODEL_KINDS, AnomalyModel, build_model
+from stream_detector.drift import standardised_means
 from stream_detector.preprocessing import Preprocessor, ScalerParams
 from stream_detector.profiles import Profile
 from stream_detector.scoring import configure_threads, resolve_device
@@ -373,6 +374,9 @@ def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: 
         "history": history,
         "calibration": calibration,
         "val_score_quantiles": {str(q): float(np.quantile(val_scores, q)) for q in (0.5, 0.9, 0.99, 0.999)},
+        # The worker's drift reference: each feature's mean standardised value on the newest row of the
+        # normal training windows (stream_detector.drift).
+        "standardised_means": [round(float(v), 6) for v in standardised_means(normal_train_x, scaler)],
         "seconds": round(time.perf_counter() - started, 2),
         "device": str(device),
         "config": asdict(config),
