@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the project needs on a fresh machine; safe to run again (it skips what is done).
-#  - .venv with the project and its dev/eval extras (PyTorch comes from PyPI: large, installed once)
+#  - .venv with the project and its dev, eval and schema-registry extras (PyTorch comes from PyPI: large, installed once)
 #  - Apache Kafka 3.9.1 jars from Maven Central into .cache/ (for the local broker)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -94,7 +94,7 @@ stamp=".venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "bootstrap: installing the project and its dependencies into .venv (first time: several minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[dev,eval]"
+  .venv/bin/python -m pip install -q -e ".[dev,eval,schema-registry]"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -25,7 +25,7 @@ import orjson
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .calibration import KeyNormal, KeyNormalConfig, build_key_normal
-from .errors import DECODE_FAILED, WINDOW_FAILED
+from .errors import DECODE_FAILED, WINDOW_FAILED, RegistryUnavailable
 from .events import Envelope, Event, EventDecoder, Invalid
 from .drift import FeatureDrift
 from .incidents import ACKNOWLEDGED, EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
@@ -449,6 +449,8 @@ class Detector:
             # while nothing is raised).
             try:
                 decoded = self.decoder.decode(record.value, record)
+            except RegistryUnavailable:
+                raise  # the message may be valid: its batch fails and is redelivered, never dead-lettered
             except Exception as exc:
                 decoded = Invalid(DECODE_FAILED, f"{type(exc).__name__}: {exc}"[:200])
             if isinstance(decoded, Invalid):

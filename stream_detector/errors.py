@@ -37,3 +37,8 @@ class BatchFailed(StreamDetectorError):
         super().__init__(f"micro-batch failed at {stage}: {type(cause).__name__}: {cause}")
         self.stage = stage
         self.cause = cause
+
+
+class RegistryUnavailable(StreamDetectorError):
+    """The schema registry could not be asked (down, unreachable, refusing our credentials): the
+    message may be valid, so it is never dead-lettered; its batch fails instead (and is redelivered)."""

@@ -45,10 +45,15 @@ MISSING_FIELD = "missing_field"
 NON_NUMERIC = "non_numeric"
 NON_FINITE = "non_finite"
 BAD_IDENTIFIER = "bad_identifier"
+# Schema-Registry-framed values (stream_detector.schema_registry): the registry has no schema of the
+# frame's id, or the bytes after the frame do not deserialise with that schema.
+UNKNOWN_SCHEMA = "unknown_schema"
+SCHEMA_DECODE_FAILED = "schema_decode_failed"
 
 REASONS = (
     OVERSIZED, EMPTY, MALFORMED_JSON, NOT_AN_OBJECT, MISSING_KEY, BAD_KEY, MISSING_EVENT_ID, BAD_EVENT_ID,
     MISSING_TIMESTAMP, BAD_TIMESTAMP, FUTURE_TIMESTAMP, MISSING_FIELDS, MISSING_FIELD, NON_NUMERIC, NON_FINITE, BAD_IDENTIFIER,
+    UNKNOWN_SCHEMA, SCHEMA_DECODE_FAILED,
 )
 
 MAX_ID_LENGTH = 256
@@ -458,7 +463,8 @@ def _identifier(value: Any) -> str | None:
 
 
 def parse_timestamp(value: Any) -> float | None:
-    """Epoch seconds (or milliseconds, read by magnitude) or an ISO-8601 string, as UTC seconds."""
+    """Epoch seconds (or milliseconds, read by magnitude), an ISO-8601 string or a datetime, as UTC
+    seconds."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
@@ -479,6 +485,10 @@ def parse_timestamp(value: Any) -> float | None:
             parsed = parsed.replace(tzinfo=timezone.utc)
         ts = parsed.timestamp()
         return ts if _MIN_TIMESTAMP <= ts <= _MAX_TIMESTAMP else None
+    if isinstance(value, datetime):  # Avro's timestamp logical types, decoded by the registry path
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.timestamp()
     return None
 
 

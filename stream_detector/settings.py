@@ -168,6 +168,27 @@ class Settings:
         default="fields", metadata=_doc("Body path of the object holding the profile's fields; empty = the top "
                                         "level (a flat event).")
     )
+    # Schema Registry (README: "Schema Registry"): framed Avro, JSON Schema and Protobuf values.
+    schema_registry_url: str = field(
+        default="", metadata=_doc("Confluent-compatible Schema Registry (`http(s)://host:port`); when set, values "
+                                  "starting with the magic byte 0 are decoded with their registered schema (Avro, "
+                                  "JSON Schema, Protobuf), the rest as JSON; empty = JSON only. Needs the "
+                                  "`schema-registry` extra.")
+    )
+    schema_registry_user_info: str = field(
+        default="", metadata=_doc("Registry basic auth as `user:password` (secret: prefer "
+                                  "`STREAM_DETECTOR_SCHEMA_REGISTRY_USER_INFO_FILE`, never logged).")
+    )
+    schema_registry_ca_file: str = field(
+        default="", metadata=_doc("PEM file of the CA that signed the registry's certificate (https).")
+    )
+    schema_registry_timeout_s: float = field(
+        default=10.0, metadata=_doc("Timeout of one registry request (each schema id is fetched once, then cached).")
+    )
+    alerts_schema_register: bool = field(
+        default=False, metadata=_doc("Register the alert JSON Schema under `<alerts_topic>-value` in the registry "
+                                     "at start (alerts stay plain JSON).")
+    )
     max_keys: int = field(
         default=100_000, metadata=_doc("Most keys with a live window; the least recently seen is evicted beyond it.")
     )
@@ -411,6 +432,12 @@ class Settings:
             path = getattr(self, name)
             if (path or name != "event_fields_path") and not all(path.split(".")):
                 problems.append(f"{name} must be dot-separated non-empty names, not {path!r}")
+        if self.schema_registry_url and not self.schema_registry_url.startswith(("http://", "https://")):
+            problems.append("schema_registry_url must start with http:// or https://")
+        if not self.schema_registry_timeout_s > 0:
+            problems.append("schema_registry_timeout_s must be positive")
+        if self.alerts_schema_register and not self.schema_registry_url:
+            problems.append("alerts_schema_register needs schema_registry_url")
         if self.key_field and self.event_key_from != "body":
             problems.append("key_field reads the key from the event's fields: it needs event_key_from=body")
         if problems:
@@ -517,6 +544,9 @@ class Settings:
         for name in out:
             if name in SECRET_FIELDS or any(word in name for word in ("password", "secret", "token")):
                 out[name] = "***" if out[name] else out[name]
+            elif name == "schema_registry_url" and "@" in out[name]:  # credentials in the URL
+                scheme, _, rest = out[name].partition("://")
+                out[name] = f"{scheme}://***@{rest.rpartition('@')[2]}"
             elif name in MAPPING_FIELDS:  # client properties may hold secrets (sasl.oauthbearer.client.secret)
                 out[name] = {k: "***" if any(word in k for word in ("password", "secret", "token", "jaas")) else v
                              for k, v in out[name].items()}
@@ -532,7 +562,7 @@ class Settings:
         return Path(self.model_dir)
 
 
-SECRET_FIELDS = ("ssl_key_password", "sasl_password")
+SECRET_FIELDS = ("ssl_key_password", "sasl_password", "schema_registry_user_info")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER")
 MAPPING_FIELDS = tuple(f.name for f in fields(Settings) if f.metadata.get("mapping"))
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")

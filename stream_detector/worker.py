@@ -121,6 +121,11 @@ class DetectorService:
             topic=settings.input_topic,
             drift_halflife=settings.drift_halflife_windows,
         )
+        if settings.schema_registry_url:  # framed values through the registry, the rest as JSON (unchanged)
+            from .schema_registry import RegistryValueDecoder, registry_client
+
+            self.detector.decoder = RegistryValueDecoder(self.detector.decoder, registry_client(settings),
+                                                         settings.input_topic, proto_client=registry_client(settings))
         self.detector.windows.store.on_evict = self._on_evict
         self._export_drift(artifact)
         self.executor = inference_executor(settings.torch_threads)
@@ -358,6 +363,11 @@ def run_worker(settings: Settings) -> None:
                                  # the latest verdict of each incident (keyed by incident id)
                                  settings.feedback_topic_name: {"cleanup.policy": "compact"}})
     partitions = partition_count(settings.bootstrap_servers, settings.input_topic, admin_config)
+    if settings.alerts_schema_register:
+        from .schema_registry import register_alert_schema, registry_client
+
+        schema_id = register_alert_schema(registry_client(settings), settings.alerts_topic)
+        log.info("alert schema registered as %s-value, schema id %d", settings.alerts_topic, schema_id)
     service = DetectorService(settings)
     service.metrics.serve(settings.metrics_host, settings.metrics_port)
     if settings.metrics_port:

@@ -224,7 +224,7 @@ def test_first_failing_check_wins(decoder):
 
 
 def test_every_reason_code_is_a_distinct_string():
-    assert len(set(ev.REASONS)) == len(ev.REASONS) == 16
+    assert len(set(ev.REASONS)) == len(ev.REASONS) == 18
 
 
 def test_timestamps_far_ahead_of_the_clock_are_refused_when_a_limit_is_set():
