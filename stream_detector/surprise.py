@@ -187,6 +187,11 @@ class TailCalibration:
             if self._count[row] >= self.config.warmup:
                 self._calibrated -= 1
 
+    def restart_warmup(self, key: str) -> None:
+        """Forgets the key's statistics (an operator said its new behaviour is expected): it warms up
+        again on its next windows."""
+        self.evict(key)
+
     def __len__(self) -> int:
         return len(self._rows)
 

@@ -141,6 +141,13 @@ def test_a_snapshot_carries_a_keys_statistics_to_another_worker():
     assert not TailCalibration(GLOBAL, 3, config).adopt_key("k", first.export_key("k"))
 
 
+def test_an_expected_change_restarts_the_keys_warm_up():
+    policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=10, horizon=20))
+    policy.judge(["k"] * 10, np.ones(10), None)
+    policy.restart_warmup("k")
+    assert not policy.calibrated("k") and policy.judge(["k"], np.array([1.0]), None)[0] == GLOBAL
+
+
 def test_an_evicted_key_warms_up_again():
     policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=10, horizon=20))
     policy.judge(["k"] * 10, np.ones(10), None)
