@@ -161,3 +161,4 @@ def test_an_evicted_key_warms_up_again():
 def test_invalid_tail_settings_are_refused(bad):
     with pytest.raises(ValueError):
         TailConfig(**bad)
+
