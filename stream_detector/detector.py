@@ -129,21 +129,29 @@ class FeatureWindows:
         # Given the trailing bytes of a restored snapshot (the owner's per-key state), if any.
         self.restore_extra: Callable[[str, bytes], None] | None = None
 
-    def _restore_if_known(self, key: str, now: float) -> None:
+    def _restore_if_known(self, key: str, now: float) -> bool:
+        """Takes the key's window (and per-key state) from its snapshot, if it has one and is not
+        held yet; whether it did."""
         if self.restore is None or key in self.store:
-            return
+            return False
         blob = self.restore(key)
         if blob is None:
-            return
+            return False
         try:
             self.store.restore(key, blob, now)
         except SnapshotError as exc:
             self.restore_failures += 1
             log.warning("state of key %r not restored (%s); it starts a new window", key, exc)
-            return
+            return False
         extra = blob[self.store.snapshot_body_size:]
         if extra and self.restore_extra is not None:
             self.restore_extra(key, extra)
+        return True
+
+    def restore_now(self, key: str, now: float) -> bool:
+        """Restores a key before its next event (a key with an open incident after a restart or a
+        rebalance: the idle sweep must see it even if no event of it ever comes again)."""
+        return self._restore_if_known(key, now)
 
     def mark_touched(self, key: str) -> None:
         """The key's state changed without an event (e.g. its incident closed idle): persist it again."""
@@ -324,6 +332,38 @@ class Detector:
         """A model swap waits for the next micro-batch (which must not be prepared before the last is
         judged: that one is judged against its own model's thresholds)."""
         return self._pending_model is not None
+
+    def snapshot_has_open_incident(self, blob: bytes) -> bool:
+        """Whether a changelog snapshot holds an incident that was opened (published) and not closed:
+        read at recovery, once per restored key, to restore such keys at once."""
+        extra = blob[self.windows.store.snapshot_body_size:]
+        try:
+            version = extra[0] if extra else 0
+            if version == 1:
+                _, n_incident, _ = _KEY_STATE_V1.unpack_from(extra)
+                start = _KEY_STATE_V1.size
+            elif version == _KEY_STATE_VERSION:
+                _, n_incident, _, _ = _KEY_STATE.unpack_from(extra)
+                start = _KEY_STATE.size
+            else:
+                return False
+            if not n_incident:
+                return False
+            incident = orjson.loads(extra[start:start + n_incident])
+            return isinstance(incident, dict) and bool(incident.get("opened"))
+        except (ValueError, struct.error):  # not restorable anyway: counted when its key comes back
+            return False
+
+    def sweep_idle(self) -> int:
+        """Closes the incidents of keys silent for their idle limit (close messages for
+        :meth:`drain_closed`); how many. Each such key is marked for a new snapshot, which no longer
+        holds the incident."""
+        idle = self.incidents.sweep_idle(self.clock(), self._alert_context())
+        self._closed.extend(idle)
+        for message in idle:
+            self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
+        self.stats.alerts += len(idle)
+        return len(idle)
 
     def _restore_key_state(self, key: str, extra: bytes) -> None:
         try:
@@ -529,11 +569,7 @@ class Detector:
         """
         now = self.clock()
         context = self._alert_context()
-        idle = self.incidents.sweep_idle(now, context)
-        self._closed.extend(idle)
-        for message in idle:
-            self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
-        self.stats.alerts += len(idle)
+        self.sweep_idle()
         keys = [e.key for e in batch.events]
         values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)
         assess = getattr(self.threshold, "assess", None)

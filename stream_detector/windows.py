@@ -284,6 +284,21 @@ class WindowStore:
         self._capacity = capacity
 
 
+def snapshot_partition(blob: bytes) -> int:
+    """The input partition a snapshot's position is on (-1 if the bytes are no snapshot)."""
+    try:
+        return _SNAPSHOT_HEADER.unpack_from(blob)[5]
+    except struct.error:
+        return -1
+
+
+def without_position(blob: bytes) -> bytes:
+    """The snapshot with its offset forgotten (kept: its partition): none of the partition's records
+    is taken for one the window already holds."""
+    version, w, f, st, count, partition, _ = _SNAPSHOT_HEADER.unpack_from(blob)
+    return _SNAPSHOT_HEADER.pack(version, w, f, st, count, partition, -1) + blob[_SNAPSHOT_HEADER.size:]
+
+
 def _resized(array: np.ndarray, rows: int) -> np.ndarray:
     out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
     out[: len(array)] = array

@@ -59,13 +59,14 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, read_signing_key
 from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector
 from .kafka import faust_fastpath, faust_fixes
-from .kafka.admin import ensure_topics, partition_count
+from .kafka.admin import committed_offsets, ensure_topics, partition_count
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
@@ -247,11 +248,33 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     changelog = ChangelogState(detector, out, state.changelog_topic.get_topic_name(), metrics,
                                settings.state_min_events,
                                # the live copy is the window store from now on
-                               restore_source=lambda key: state.data.pop(key, None))
+                               restore_source=lambda key: state.data.pop(key, None),
+                               committed=lambda partition: _faust_committed(app, settings.input_topic, partition))
     pipeline = BatchPipeline(PipelineConfig.from_settings(settings), detector, metrics, service.executor, out,
                              changelog, FailurePolicy(on_failure=lambda stage: metrics.batch_failures.labels(
                                  stage=stage).inc()), part_size=service.runner.chunk or max(settings.batch_max, 1))
     app.pipeline = pipeline
+
+    @state.on_recover
+    async def restore_open_incidents() -> None:
+        # Awaited by Faust's recovery before the input partitions resume.
+        # A group reset or a recreated topic: the restored positions would take every event for a replay.
+        partitions = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.input_topic)
+        if partitions:
+            try:
+                committed_now = await asyncio.get_running_loop().run_in_executor(
+                    None, committed_offsets, settings.bootstrap_servers, settings.consumer_group,
+                    settings.input_topic, partitions, client_config(settings, "consumer"))
+                await changelog.recover(state.data, committed_now)
+            except Exception as exc:  # the positions are kept: at worst a reset's events count as replayed
+                log.warning("committed offsets not read at recovery (%s: %s); snapshot positions kept",
+                            type(exc).__name__, exc)
+        # Keys come back lazily, at their next event; one with an open incident may never send
+        # again, and only a key held in memory has its incident closed by the idle sweep.
+        restored = changelog.restore_open_incidents(state.data.items())
+        if restored:
+            log.info("%d keys with an open incident restored at recovery (closed idle if they stay silent)",
+                     restored)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
@@ -308,6 +331,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                            lambda: app.consumer.assignment(), lambda: app.consumer_generation_id)
 
     return app
+
+
+def _faust_committed(app: faust.App, topic: str, partition: int) -> int | None:
+    """The offset Faust's consumer last committed on an input partition (None if none, or 0): read,
+    not changed (Faust keeps it in its consumer; there is no public accessor)."""
+    return app.consumer._committed_offset.get(TP(topic, partition))
 
 
 async def _replace(target: set, items: Any) -> None:

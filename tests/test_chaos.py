@@ -22,7 +22,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from stream_detector.kafka.local_broker import ensure_topics
 from stream_detector.producer import iter_messages, produce_events
 from stream_detector.runtime.failures import EXIT_BATCH_FAILED
-from stream_detector.synthetic import generate
+from stream_detector.synthetic import LabelledEvent, generate
 
 from test_delivery import (alerted_event_ids, anomaly_segments, collect_scores, expected_scored, shifted,
                            wait_for_group_lag_zero, with_obvious_anomalies)
@@ -187,3 +187,54 @@ def test_a_model_that_raises_stops_the_worker_uncommitted_and_a_restarted_worker
         assert good.metrics()["stream_detector_events_warming_up_total"] == 0  # windows restored
     finally:
         good.stop()
+
+
+def _anomalous_tail(events: list, n: int) -> list:
+    """The stream with its last ``n`` events made obviously anomalous (an incident opens at the end)."""
+    tail = [LabelledEvent(e.key, e.event_id, e.timestamp, e.fields, 1, "test") for e in events[-n:]]
+    return with_obvious_anomalies(events[:-n] + tail)
+
+
+def test_an_open_incident_of_a_key_that_goes_silent_is_closed_idle_by_the_worker_that_takes_over(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    idle_s = 20
+    first = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1,
+                    STREAM_DETECTOR_INCIDENT_IDLE_CLOSE_S=str(idle_s))
+    events = _anomalous_tail(generate("sensors", 1, 120, anomaly_rate=0.0, seed=91), 6)
+    gap = events[1].timestamp - events[0].timestamp
+    assert 4 * gap < idle_s  # the incident's idle limit is the setting's
+    first.start()
+    try:
+        produce_events(bootstrap, first.input_topic, events, rate=0)
+        deadline = time.monotonic() + 60
+        opened: list[dict] = []
+        while not opened:
+            assert time.monotonic() < deadline, f"no incident opened; log:\n{first.log_tail()}"
+            opened = [a for a in iter_messages(bootstrap, first.alerts_topic, idle_timeout=2.0) if a["state"] == "open"]
+        wait_for_group_lag_zero(first, partitions=1, timeout=60)  # every event acked: its snapshot is written
+        assert first.metrics().get('stream_detector_incidents_closed_total{reason="idle"}', 0.0) == 0
+        assert first.process is not None
+        first.process.kill()  # kill -9 with the incident open; the key never sends again
+        first.process.wait(10)
+    finally:
+        first.stop()
+
+    second = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1)
+    for attr in ("input_topic", "alerts_topic", "dead_letter_topic", "consumer_group"):
+        setattr(second, attr, getattr(first, attr))
+    second.extra_env = {**first.extra_env}
+    second.start()
+    try:
+        (incident,) = {a["incident_id"] for a in opened}
+        deadline = time.monotonic() + 120
+        closes: list[dict] = []
+        while not closes:
+            assert time.monotonic() < deadline, f"the incident was never closed; log:\n{second.log_tail()}"
+            second.assert_alive()
+            closes = [a for a in iter_messages(bootstrap, second.alerts_topic, idle_timeout=2.0)
+                      if a["state"] == "close"]
+        assert [(a["incident_id"], a["incident"]["close_reason"]) for a in closes] == [(incident, "idle")]
+        assert second.metrics()["stream_detector_events_consumed_total"] == 0  # closed without a new event
+    finally:
+        second.stop()
