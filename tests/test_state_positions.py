@@ -70,3 +70,21 @@ def test_a_partition_committed_past_its_floor_keeps_its_positions(artifact):
     assert reset == set()
     _, batch = detector.process([rec_at("k", N - 1, 0.5, N - 1)])
     assert batch.replayed == 1
+
+
+def test_the_floor_follows_the_committed_offset_while_the_input_is_quiet(artifact):
+    detector = Detector(artifact, newest_a, threshold=GlobalThreshold(1.0))
+    out = FakeOutput()
+    committed: list[int | None] = [None]  # a burst: its snapshots go out before anything is committed
+    state = ChangelogState(detector, out, "changelog", WorkerMetrics(), 2, committed=lambda partition: committed[0])
+    detector.process([rec_at("k", i, 0.5, i) for i in range(N)])
+
+    async def flush() -> None:
+        await state.send(state.collect_snapshots())
+        assert state.collect_floors() is None
+        committed[0] = N  # Faust commits the burst's offsets later
+        floors = state.collect_floors()
+        assert floors is not None and state.collect_floors() is None  # once
+        await state.send(floors)
+    asyncio.run(flush())
+    assert out.topic("changelog")[-1][1:3] == (floor_key(0), N.to_bytes(8, "little", signed=True))

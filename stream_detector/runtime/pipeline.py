@@ -128,6 +128,8 @@ class BatchPipeline:
                 elif deferred and self._unflushed:  # gone quiet: write every changed key, ack what it covers
                     self._stage = SEND_SNAPSHOTS
                     await settler.put(None, self._covered(self.state.collect_snapshots()), [])
+                elif deferred and (floors := self.state.collect_floors()) is not None:
+                    await settler.put(None, floors, [])  # quiet: the committed offsets moved on
                 elif deferred:
                     settler.check()
                 # Kept in flight only when pipelining under a backlog: a full batch already there to overlap

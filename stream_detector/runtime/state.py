@@ -114,6 +114,8 @@ class ChangelogState:
     def revoke(self, partitions: set[int]) -> int:
         """Partitions handed over: their keys are dropped and their snapshots no longer sent."""
         self.revocations.append(partitions)
+        for partition in partitions:
+            self._floors.pop(partition, None)
         return self.store.drop_partitions(partitions)
 
     def collect_windows(self, sealed_by: float | None = None) -> Snapshots | None:
@@ -163,6 +165,21 @@ class ChangelogState:
         incidents, before the next batch's events)."""
         return self.complete(self.collect_windows())
 
+    def collect_floors(self) -> Snapshots | None:
+        """The floors of the partitions written to whose committed offset moved since (None if
+        none did): written while the input is quiet, since a burst's last snapshots go out before
+        the offsets they cover are committed."""
+        if self._committed is None:
+            return None
+        floors = self._floors
+        items: list[tuple[bytes, bytes | None, int]] = []
+        for partition, written in floors.items():
+            floor = self._committed(partition)
+            if floor is not None and floor > written:
+                items.append((floor_key(partition), _FLOOR.pack(floor), partition))
+                floors[partition] = floor
+        return Snapshots(items, len(self.revocations), [], None) if items else None
+
     def send(self, snapshots: Snapshots | None) -> Awaitable[Any] | None:
         """Sends snapshots once the alerts they follow are acknowledged; None if there were none."""
         if snapshots is None:
@@ -171,16 +188,18 @@ class ChangelogState:
         sent = self.out.group()
         topic = self.changelog_topic
         written: set[int] = set()
+        floors = self._floors
         for key, value, partition in snapshots.items:
             if partition not in revoked:  # its new owner has restored the key already
                 sent.send(topic, key, value, partition)
                 written.add(partition)
         self.metrics.state_writes.inc(len(sent))
         if self._committed is not None:
-            floors = self._floors
             for partition in written:
                 floor = self._committed(partition)
                 if floor is not None and floor > floors.get(partition, -1):
                     floors[partition] = floor
                     sent.send(topic, floor_key(partition), _FLOOR.pack(floor), partition)
+                elif partition not in floors:
+                    floors[partition] = -1  # written to: its floor is written once the group commits
         return sent.wait() if len(sent) else None
