@@ -25,7 +25,7 @@ import orjson
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .calibration import KeyNormal, KeyNormalConfig, build_key_normal
-from .errors import DECODE_FAILED, WINDOW_FAILED
+from .errors import DECODE_FAILED, KEY_PARTITION_MISMATCH, WINDOW_FAILED, KeyPartitionMismatch
 from .events import Envelope, Event, EventDecoder, Invalid
 from .incidents import EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
@@ -118,6 +118,8 @@ class FeatureWindows:
         self.store = WindowStore(window, profile.n_features, profile.state_size, max_keys, key_ttl_s,
                                  on_evict=on_evict)
         self.restore = restore
+        # Refuse events that would split a key's window across partitions (see `add`).
+        self.check_partitions = False
         self.restore_failures = 0
         self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
         # Keys changed since their last snapshot (-> slot). Each becomes due to be written a while
@@ -161,18 +163,35 @@ class FeatureWindows:
                 self._fresh.append(key)
             self.touched[key] = slot
 
-    def add(self, event: Event, now: float, partition: int = -1, offset: int = -1) -> int | None:
+    def add(self, event: Event, now: float, partition: int = -1, offset: int = -1,
+            record_key: bytes | None = None) -> int | None:
         """Appends the event's features; returns the key's slot once its window is full, else None.
 
         For a Kafka record (``offset >= 0``) that the key's (restored) window already holds, a
         redelivery after a crash or a rebalance, nothing is appended and :data:`REPLAYED` is
         returned: the check and the append share one lookup of the key.
+
+        With ``check_partitions``, a record would split its key's window across partitions (and
+        workers) when its record key is not the window key (checked when the key is not held, so
+        that a key is never taken from such a record) or when it comes from another partition than
+        the key's last event (checked for held keys, with the replay check's read): it raises
+        :class:`KeyPartitionMismatch` and nothing is appended. Partitioner-agnostic: librdkafka
+        (CRC32) and Java clients (murmur2) place a key's records on one partition all the same.
         """
         store = self.store
-        self._restore_if_known(event.key, now)
-        slot = store.slot(event.key, now)
-        if offset >= 0 and store.holds(slot, partition, offset):
-            return REPLAYED
+        key = event.key
+        if key not in store:
+            if self.check_partitions and offset >= 0 and record_key != key.encode():
+                raise KeyPartitionMismatch(f"record key {record_key!r:.60} is not the window key {key!r:.60}")
+            self._restore_if_known(key, now)
+        slot = store.slot(key, now)
+        if offset >= 0:
+            placed = store.placed(slot, partition, offset)
+            if placed == 1:
+                return REPLAYED
+            if placed < 0 and self.check_partitions:
+                raise KeyPartitionMismatch(f"key {key!r:.60} is on partition {store.position(slot)[0]}, "
+                                           f"this record on {partition}")
         if not store.observe_time(slot, event.timestamp):
             self.out_of_order += 1
         self.profile.featurize(event.values, event.timestamp, store.state(slot), store.next_row(slot))
@@ -264,6 +283,7 @@ class Detector:
         key_clock: Callable[[], float] | None = None,
         envelope: Envelope | None = None,
         topic: str = "",
+        key_partition_check: bool = False,
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -291,6 +311,7 @@ class Detector:
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
                                       restore=restore, key_normal=self.key_normal)
         self.windows.restore_extra = self._restore_key_state
+        self.windows.check_partitions = key_partition_check
         self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
         # Two row buffers, a micro-batch's windows in one, the next batch's in the other: a pipelined
         # worker prepares batch k+1 while the model still reads batch k's rows.
@@ -474,6 +495,10 @@ class Detector:
                 continue
             try:
                 n = self._add_event(decoded, record, batch, rows, n, now)
+            except KeyPartitionMismatch as exc:
+                invalid = Invalid(KEY_PARTITION_MISMATCH, str(exc)[:200])
+                batch.invalid.append((record, invalid))
+                self.stats.invalid[invalid.reason] += 1
             except Exception as exc:
                 invalid = Invalid(WINDOW_FAILED, f"{type(exc).__name__}: {exc}"[:200])
                 batch.invalid.append((record, invalid))
@@ -528,7 +553,7 @@ class Detector:
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
                    now: float) -> int:
-        slot = self.windows.add(event, now, record.partition, record.offset)
+        slot = self.windows.add(event, now, record.partition, record.offset, record.key)
         if slot is None:
             batch.warming_up += 1
             self.stats.warming_up += 1

@@ -142,6 +142,14 @@ class WindowStore:
         """True when the record at (partition, offset) is at or before the key's last applied one."""
         return self._partition[slot] == partition and offset <= self._offset[slot]
 
+    def placed(self, slot: int, partition: int, offset: int) -> int:
+        """Where the record at (partition, offset) stands for the key: 1 when the key already holds it
+        (:meth:`holds`), -1 when the key's last applied event came from another partition, else 0."""
+        known = self._partition[slot]
+        if known == partition:
+            return 1 if offset <= self._offset[slot] else 0
+        return -1 if known >= 0 else 0
+
     def position(self, slot: int) -> tuple[int, int]:
         """(partition, offset) of the last event applied to the key; (-1, -1) when unknown."""
         return int(self._partition[slot]), int(self._offset[slot])

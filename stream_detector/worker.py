@@ -119,6 +119,7 @@ class DetectorService:
             key_clock=time.monotonic,  # a wall-clock step must not evict every key (and tombstone it)
             envelope=settings.envelope(),
             topic=settings.input_topic,
+            key_partition_check=settings.key_partition_check == "dead_letter",
         )
         self.detector.windows.store.on_evict = self._on_evict
         self.executor = inference_executor(settings.torch_threads)

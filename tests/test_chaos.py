@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
@@ -238,3 +240,96 @@ def test_an_open_incident_of_a_key_that_goes_silent_is_closed_idle_by_the_worker
         assert second.metrics()["stream_detector_events_consumed_total"] == 0  # closed without a new event
     finally:
         second.stop()
+
+
+def _reset_to_earliest(bootstrap: str, group: str, topic: str, timeout: float = 60.0) -> None:
+    """What `kafka-consumer-groups --reset-offsets --to-earliest` does (the group must be empty)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while True:
+        future = admin.alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, 0)])])[group]
+        try:
+            future.result(10)
+            return
+        except Exception:  # the stopped member has not left yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+def test_after_a_group_reset_to_earliest_every_event_is_scored_again_and_none_taken_for_a_replay(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    first = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1)
+    scores_topic = first.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]
+    events = generate("sensors", 2, 100, anomaly_rate=0.0, seed=93)
+    want = expected_scored(events)
+    first.start()
+    try:
+        produce_events(bootstrap, first.input_topic, events, rate=0)
+        counts = collect_scores(bootstrap, scores_topic, want, timeout=120)
+        assert want <= counts.keys(), first.log_tail()
+        wait_for_group_lag_zero(first, partitions=1, timeout=60)
+        time.sleep(2.0)  # the floor follows the commit (written while the input is quiet)
+    finally:
+        first.stop()
+    _reset_to_earliest(bootstrap, first.consumer_group, first.input_topic)
+
+    second = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1)
+    for attr in ("input_topic", "alerts_topic", "dead_letter_topic", "consumer_group"):
+        setattr(second, attr, getattr(first, attr))
+    second.extra_env = {**first.extra_env}
+    second.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            counts = defaultdict(int)
+            for message in iter_messages(bootstrap, scores_topic, idle_timeout=3.0):
+                counts[message["event_id"]] += 1
+            again = {e for e in want if counts.get(e, 0) >= 2}
+            if again == want:
+                break
+            assert time.monotonic() < deadline, (f"{len(want - again)} of {len(want)} events not scored again; "
+                                                 f"log:\n{second.log_tail()}")
+            time.sleep(1.0)
+        metrics = second.metrics()
+        assert metrics["stream_detector_events_replayed_total"] == 0
+        assert metrics["stream_detector_state_positions_dropped_total"] == 2  # both keys' windows kept
+        assert metrics["stream_detector_events_warming_up_total"] == 0
+    finally:
+        second.stop()
+
+
+def test_events_with_null_record_keys_are_dead_lettered_and_never_split_a_keys_window(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    worker = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=2,
+                     STREAM_DETECTOR_KEY_PARTITION_CHECK="dead_letter")
+    scores_topic = worker.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]
+    keyed = generate("sensors", 3, 80, anomaly_rate=0.0, seed=95)
+    unkeyed = shifted(generate("sensors", 3, 40, anomaly_rate=0.0, seed=96), 100_000.0, "nokey")
+    worker.start()
+    try:
+        produce_events(bootstrap, worker.input_topic, keyed, rate=0)
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        for i, e in enumerate(unkeyed):  # no record key: spread over the partitions
+            producer.produce(worker.input_topic, value=orjson.dumps(e.to_message()), partition=i % 2)
+        assert producer.flush(30) == 0
+
+        want = expected_scored(keyed)
+        counts = collect_scores(bootstrap, scores_topic, want, timeout=120)
+        assert want <= counts.keys(), worker.log_tail()
+        letters = _dead_letters(bootstrap, worker.dead_letter_topic, want=len(unkeyed), timeout=60)
+        assert len(letters) == len(unkeyed)
+        assert {h["x-dlq-reason"] for _, h in letters} == {b"key_partition_mismatch"}
+        wait_for_group_lag_zero(worker, partitions=2, timeout=60)
+        counts = collect_scores(bootstrap, scores_topic, want, timeout=10)
+        assert not {e.event_id for e in unkeyed} & counts.keys()  # none windowed on a second partition
+        assert all(n == 1 for n in counts.values())
+        assert worker.metrics()['stream_detector_events_invalid_total{reason="key_partition_mismatch"}'] == len(unkeyed)
+    finally:
+        worker.stop()
