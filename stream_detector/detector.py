@@ -300,8 +300,9 @@ class Detector:
         self.window = artifact.window
         self.top_features = top_features
         self.clock = clock
-        # The clock of the key TTL (windows idle that long are dropped): the worker passes a monotonic
-        # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
+        # The clock of the key TTL (windows idle that long are dropped) and of incidents' idle close:
+        # the worker passes a monotonic one, so that a step of the wall clock never evicts every key
+        # nor closes every open incident. ``clock`` by default.
         self.key_clock = key_clock or clock
         self.stats = DetectorStats()
         self.key_normal = build_key_normal(artifact.metadata, self.profile.n_features, self.window, max_keys)
@@ -379,7 +380,7 @@ class Detector:
         """Closes the incidents of keys silent for their idle limit (close messages for
         :meth:`drain_closed`); how many. Each such key is marked for a new snapshot, which no longer
         holds the incident."""
-        idle = self.incidents.sweep_idle(self.clock(), self._alert_context())
+        idle = self.incidents.sweep_idle(self.key_clock(), self._alert_context())
         self._closed.extend(idle)
         for message in idle:
             self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
@@ -398,7 +399,7 @@ class Detector:
             if version not in (1, _KEY_STATE_VERSION) or len(extra) != start + n_incident + n_calibration + n_normal:
                 raise ValueError(f"key state version {version} of {len(extra)} bytes not understood")
             if n_incident:
-                self.incidents.adopt_key(key, orjson.loads(extra[start:start + n_incident]), self.clock())
+                self.incidents.adopt_key(key, orjson.loads(extra[start:start + n_incident]), self.key_clock())
             adopt = getattr(self.threshold, "adopt_key", None)
             if n_calibration and adopt is not None:
                 adopt(key, extra[start + n_incident:start + n_incident + n_calibration])
@@ -592,7 +593,7 @@ class Detector:
 
         Out-of-band close messages (idle incidents, evicted keys) are collected for :meth:`drain_closed`.
         """
-        now = self.clock()
+        now = self.key_clock()  # an incident's silence, like a key's idle time, is not measured by the wall clock
         context = self._alert_context()
         self.sweep_idle()
         keys = [e.key for e in batch.events]

@@ -256,8 +256,8 @@ class Settings:
                                    "factor over the last one published.")
     )
     incident_idle_close_s: float = field(
-        default=600.0, metadata=_doc("An incident whose key has had no scored window this long (wall clock) is "
-                                     "closed.")
+        default=600.0, metadata=_doc("An incident whose key has had no scored window this long (monotonic "
+                                     "clock: a step of the wall clock closes nothing) is closed.")
     )
     # Throughput (README: "Performance").
     batch_adaptive: bool = field(

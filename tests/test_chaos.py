@@ -333,3 +333,40 @@ def test_events_with_null_record_keys_are_dead_lettered_and_never_split_a_keys_w
         assert worker.metrics()['stream_detector_events_invalid_total{reason="key_partition_mismatch"}'] == len(unkeyed)
     finally:
         worker.stop()
+
+
+def test_wall_clock_steps_of_a_day_ahead_and_an_hour_back_close_no_incident_and_lose_no_event(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    step = tmp_path / "clock-step"
+    worker = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=1, STEPPED_CLOCK_FILE=str(step))
+    worker.command = [sys.executable, str(Path(__file__).with_name("stepped_clock_worker.py"))]
+    scores_topic = worker.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]
+    events = generate("sensors", 1, 360, anomaly_rate=0.0, seed=97)
+    events = with_obvious_anomalies([LabelledEvent(e.key, e.event_id, e.timestamp, e.fields, int(150 <= i < 190),
+                                                   "test" if 150 <= i < 190 else None) for i, e in enumerate(events)])
+    phases = [events[:170], events[170:260], events[260:]]  # the incident opens in the first, closes in the second
+
+    def alerts() -> list[dict]:
+        return list(iter_messages(bootstrap, worker.alerts_topic, idle_timeout=3.0))
+
+    worker.start()
+    try:
+        for phase, clock_step in zip(phases, (None, 25 * 3600.0, -3600.0)):
+            if clock_step is not None:
+                step.write_text(str(clock_step))
+                time.sleep(1.0)  # the worker's clock has moved
+            produce_events(bootstrap, worker.input_topic, phase, rate=0)
+            want = expected_scored(events[:events.index(phase[-1]) + 1])
+            counts = collect_scores(bootstrap, scores_topic, want, timeout=120)
+            assert want <= counts.keys(), f"{len(want - counts.keys())} events not scored; log:\n{worker.log_tail()}"
+            if clock_step is None:
+                assert [a["state"] for a in alerts()][:1] == ["open"]
+        wait_for_group_lag_zero(worker, partitions=1, timeout=60)
+        states = [(a["state"], a["incident"]["close_reason"]) for a in alerts() if a["state"] != "update"]
+        assert states == [("open", None), ("close", "recovered")], worker.log_tail()
+        metrics = worker.metrics()
+        assert metrics.get("stream_detector_events_dead_lettered_total", 0.0) == 0
+        assert sum(v for k, v in metrics.items() if k.startswith("stream_detector_keys_evicted_total")) == 0
+    finally:
+        worker.stop()

@@ -111,3 +111,17 @@ def test_incidents_are_closed_idle_while_the_input_is_quiet(artifact):
     (snapshot,) = [m for m in out.topic("changelog") if m[1] == b"hot"][-1:]
     assert not detector.snapshot_has_open_incident(snapshot[2])  # written after the close
     assert sorted(acked) == list(range(len(events)))
+
+
+def test_a_step_of_the_wall_clock_closes_no_incident_idle(artifact):
+    wall, mono = [T0], [1000.0]
+    detector = Detector(artifact, newest_a, clock=lambda: wall[0], key_clock=lambda: mono[0],
+                        threshold=GlobalThreshold(1.0), alerting=AlertPolicy(min_windows=1, idle_close_s=IDLE))
+    detector.process([rec_at("hot", i, 0.5 if i < WINDOW else 2.0, i) for i in range(WINDOW + 1)])
+    assert detector.incidents.open_count == 1
+    for step in (25 * 3600.0, -3600.0):  # the wall clock stepped a day ahead, then an hour back
+        wall[0] += step
+        detector.process([rec_at("other", i, 0.1, 100 + i) for i in range(WINDOW)])
+        assert detector.drain_closed() == [] and detector.incidents.open_count == 1
+    mono[0] += IDLE + 1  # silent for the idle limit: closed
+    assert detector.sweep_idle() == 1 and detector.drain_closed()[0]["incident"]["close_reason"] == "idle"
