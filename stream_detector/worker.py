@@ -43,7 +43,10 @@ broker has the snapshots covering a batch (every key changed up to its end), its
 acked; the next batches are handled while the writes are in flight, up to ``WRITES_IN_FLIGHT``.
 A crash re-delivers the events not yet acked, which the restored windows take again. Faust
 restores the changelog of newly assigned partitions before the agent resumes, and a key's window
-is taken from it the first time the key is seen. Each snapshot records the offset of the key's
+is taken from it the first time the key is seen (a key whose snapshot holds an open incident at
+once, so that the idle sweep closes it if the key stays silent). A partition whose committed offset
+went back below the floor written with its snapshots (a group reset, a recreated topic) has its
+snapshots' positions dropped at restore: its events are scored again, none taken for a replay. Each snapshot records the offset of the key's
 last event, so records redelivered after a crash are recognised and not appended twice; since
 snapshots are written only after the alerts they follow, a recognised record has already been
 scored and alerted.
