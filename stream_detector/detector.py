@@ -172,17 +172,17 @@ class FeatureWindows:
         returned: the check and the append share one lookup of the key.
 
         With ``check_partitions``, a record would split its key's window across partitions (and
-        workers) when its record key is not the window key (checked when the key is not held, so
-        that a key is never taken from such a record) or when it comes from another partition than
-        the key's last event (checked for held keys, with the replay check's read): it raises
+        workers) when its record key is not the window key (wherever it lands: the same key's
+        other such records land elsewhere) or when it comes from another partition than the key's
+        last event (checked with the replay check's read): it raises
         :class:`KeyPartitionMismatch` and nothing is appended. Partitioner-agnostic: librdkafka
         (CRC32) and Java clients (murmur2) place a key's records on one partition all the same.
         """
         store = self.store
         key = event.key
+        if self.check_partitions and offset >= 0 and record_key != key.encode():
+            raise KeyPartitionMismatch(f"record key {record_key!r:.60} is not the window key {key!r:.60}")
         if key not in store:
-            if self.check_partitions and offset >= 0 and record_key != key.encode():
-                raise KeyPartitionMismatch(f"record key {record_key!r:.60} is not the window key {key!r:.60}")
             self._restore_if_known(key, now)
         slot = store.slot(key, now)
         if offset >= 0:

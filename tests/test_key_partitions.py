@@ -66,3 +66,11 @@ def test_the_setting_takes_off_or_dead_letter(value):
     assert Settings(key_partition_check=value).key_partition_check == value
     with pytest.raises(ValueError, match="invalid settings"):
         Settings(key_partition_check="repartition")
+
+
+def test_a_null_keyed_event_is_dead_lettered_even_on_its_keys_partition(artifact):
+    detector = _detector(artifact, check=True)
+    detector.process([_record("k", i, 0, i, b"k") for i in range(WINDOW)])
+    _, batch = detector.process([_record("k", WINDOW, 0, WINDOW, None)])
+    assert [invalid.reason for _, invalid in batch.invalid] == [KEY_PARTITION_MISMATCH]
+    assert detector.windows.store.count(detector.windows.store.slot_of("k")) == WINDOW
