@@ -25,7 +25,7 @@ import orjson
 from .alerts import top_features_of_rows
 from .artifacts import ArtifactError, ModelArtifact
 from .calibration import KeyNormal, KeyNormalConfig, build_key_normal
-from .errors import DECODE_FAILED, WINDOW_FAILED, RegistryUnavailable
+from .errors import DECODE_FAILED, KEY_PARTITION_MISMATCH, WINDOW_FAILED, KeyPartitionMismatch, RegistryUnavailable
 from .events import Envelope, Event, EventDecoder, Invalid
 from .drift import FeatureDrift
 from .incidents import ACKNOWLEDGED, EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
@@ -121,6 +121,8 @@ class FeatureWindows:
         self.store = WindowStore(window, profile.n_features, profile.state_size, max_keys, key_ttl_s,
                                  on_evict=on_evict)
         self.restore = restore
+        # Refuse events that would split a key's window across partitions (see `add`).
+        self.check_partitions = False
         self.restore_failures = 0
         self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
         # Keys changed since their last snapshot (-> slot). Each becomes due to be written a while
@@ -132,21 +134,29 @@ class FeatureWindows:
         # Given the trailing bytes of a restored snapshot (the owner's per-key state), if any.
         self.restore_extra: Callable[[str, bytes], None] | None = None
 
-    def _restore_if_known(self, key: str, now: float) -> None:
+    def _restore_if_known(self, key: str, now: float) -> bool:
+        """Takes the key's window (and per-key state) from its snapshot, if it has one and is not
+        held yet; whether it did."""
         if self.restore is None or key in self.store:
-            return
+            return False
         blob = self.restore(key)
         if blob is None:
-            return
+            return False
         try:
             self.store.restore(key, blob, now)
         except SnapshotError as exc:
             self.restore_failures += 1
             log.warning("state of key %r not restored (%s); it starts a new window", key, exc)
-            return
+            return False
         extra = blob[self.store.snapshot_body_size:]
         if extra and self.restore_extra is not None:
             self.restore_extra(key, extra)
+        return True
+
+    def restore_now(self, key: str, now: float) -> bool:
+        """Restores a key before its next event (a key with an open incident after a restart or a
+        rebalance: the idle sweep must see it even if no event of it ever comes again)."""
+        return self._restore_if_known(key, now)
 
     def mark_touched(self, key: str) -> None:
         """The key's state changed without an event (e.g. its incident closed idle): persist it again."""
@@ -156,18 +166,35 @@ class FeatureWindows:
                 self._fresh.append(key)
             self.touched[key] = slot
 
-    def add(self, event: Event, now: float, partition: int = -1, offset: int = -1) -> int | None:
+    def add(self, event: Event, now: float, partition: int = -1, offset: int = -1,
+            record_key: bytes | None = None) -> int | None:
         """Appends the event's features; returns the key's slot once its window is full, else None.
 
         For a Kafka record (``offset >= 0``) that the key's (restored) window already holds, a
         redelivery after a crash or a rebalance, nothing is appended and :data:`REPLAYED` is
         returned: the check and the append share one lookup of the key.
+
+        With ``check_partitions``, a record would split its key's window across partitions (and
+        workers) when its record key is not the window key (wherever it lands: the same key's
+        other such records land elsewhere) or when it comes from another partition than the key's
+        last event (checked with the replay check's read): it raises
+        :class:`KeyPartitionMismatch` and nothing is appended. Partitioner-agnostic: librdkafka
+        (CRC32) and Java clients (murmur2) place a key's records on one partition all the same.
         """
         store = self.store
-        self._restore_if_known(event.key, now)
-        slot = store.slot(event.key, now)
-        if offset >= 0 and store.holds(slot, partition, offset):
-            return REPLAYED
+        key = event.key
+        if self.check_partitions and offset >= 0 and record_key != key.encode():
+            raise KeyPartitionMismatch(f"record key {record_key!r:.60} is not the window key {key!r:.60}")
+        if key not in store:
+            self._restore_if_known(key, now)
+        slot = store.slot(key, now)
+        if offset >= 0:
+            placed = store.placed(slot, partition, offset)
+            if placed == 1:
+                return REPLAYED
+            if placed < 0 and self.check_partitions:
+                raise KeyPartitionMismatch(f"key {key!r:.60} is on partition {store.position(slot)[0]}, "
+                                           f"this record on {partition}")
         if not store.observe_time(slot, event.timestamp):
             self.out_of_order += 1
         self.profile.featurize(event.values, event.timestamp, store.state(slot), store.next_row(slot))
@@ -260,6 +287,7 @@ class Detector:
         envelope: Envelope | None = None,
         topic: str = "",
         drift_halflife: float = 10_000,
+        key_partition_check: bool = False,
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -276,8 +304,9 @@ class Detector:
         self.window = artifact.window
         self.top_features = top_features
         self.clock = clock
-        # The clock of the key TTL (windows idle that long are dropped): the worker passes a monotonic
-        # one, so that a step of the wall clock never evicts every key. ``clock`` by default.
+        # The clock of the key TTL (windows idle that long are dropped) and of incidents' idle close:
+        # the worker passes a monotonic one, so that a step of the wall clock never evicts every key
+        # nor closes every open incident. ``clock`` by default.
         self.key_clock = key_clock or clock
         self.stats = DetectorStats()
         # Per-feature shift of the scored windows from the model's training data (stream_detector.drift).
@@ -289,6 +318,7 @@ class Detector:
         self.windows = FeatureWindows(self.profile, self.window, max_keys, key_ttl_s, self._count_eviction,
                                       restore=restore, key_normal=self.key_normal)
         self.windows.restore_extra = self._restore_key_state
+        self.windows.check_partitions = key_partition_check
         self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
         # Two row buffers, a micro-batch's windows in one, the next batch's in the other: a pipelined
         # worker prepares batch k+1 while the model still reads batch k's rows.
@@ -331,6 +361,38 @@ class Detector:
         judged: that one is judged against its own model's thresholds)."""
         return self._pending_model is not None
 
+    def snapshot_has_open_incident(self, blob: bytes) -> bool:
+        """Whether a changelog snapshot holds an incident that was opened (published) and not closed:
+        read at recovery, once per restored key, to restore such keys at once."""
+        extra = blob[self.windows.store.snapshot_body_size:]
+        try:
+            version = extra[0] if extra else 0
+            if version == 1:
+                _, n_incident, _ = _KEY_STATE_V1.unpack_from(extra)
+                start = _KEY_STATE_V1.size
+            elif version == _KEY_STATE_VERSION:
+                _, n_incident, _, _ = _KEY_STATE.unpack_from(extra)
+                start = _KEY_STATE.size
+            else:
+                return False
+            if not n_incident:
+                return False
+            incident = orjson.loads(extra[start:start + n_incident])
+            return isinstance(incident, dict) and bool(incident.get("opened"))
+        except (ValueError, struct.error):  # not restorable anyway: counted when its key comes back
+            return False
+
+    def sweep_idle(self) -> int:
+        """Closes the incidents of keys silent for their idle limit (close messages for
+        :meth:`drain_closed`); how many. Each such key is marked for a new snapshot, which no longer
+        holds the incident."""
+        idle = self.incidents.sweep_idle(self.key_clock(), self._alert_context())
+        self._closed.extend(idle)
+        for message in idle:
+            self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
+        self.stats.alerts += len(idle)
+        return len(idle)
+
     def _restore_key_state(self, key: str, extra: bytes) -> None:
         try:
             version = extra[0] if extra else 0
@@ -343,7 +405,7 @@ class Detector:
             if version not in (1, _KEY_STATE_VERSION) or len(extra) != start + n_incident + n_calibration + n_normal:
                 raise ValueError(f"key state version {version} of {len(extra)} bytes not understood")
             if n_incident:
-                self.incidents.adopt_key(key, orjson.loads(extra[start:start + n_incident]), self.clock())
+                self.incidents.adopt_key(key, orjson.loads(extra[start:start + n_incident]), self.key_clock())
             adopt = getattr(self.threshold, "adopt_key", None)
             if n_calibration and adopt is not None:
                 adopt(key, extra[start + n_incident:start + n_incident + n_calibration])
@@ -459,6 +521,10 @@ class Detector:
                 continue
             try:
                 n = self._add_event(decoded, record, batch, rows, n, now)
+            except KeyPartitionMismatch as exc:
+                invalid = Invalid(KEY_PARTITION_MISMATCH, str(exc)[:200])
+                batch.invalid.append((record, invalid))
+                self.stats.invalid[invalid.reason] += 1
             except Exception as exc:
                 invalid = Invalid(WINDOW_FAILED, f"{type(exc).__name__}: {exc}"[:200])
                 batch.invalid.append((record, invalid))
@@ -513,7 +579,7 @@ class Detector:
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
                    now: float) -> int:
-        slot = self.windows.add(event, now, record.partition, record.offset)
+        slot = self.windows.add(event, now, record.partition, record.offset, record.key)
         if slot is None:
             batch.warming_up += 1
             self.stats.warming_up += 1
@@ -555,15 +621,12 @@ class Detector:
 
         Out-of-band close messages (idle incidents, evicted keys) are collected for :meth:`drain_closed`.
         """
-        now = self.clock()
+        now = self.key_clock()  # an incident's silence, like a key's idle time, is not measured by the wall clock
         context = self._alert_context()
-        idle = self.incidents.sweep_idle(now, context)
-        self._closed.extend(idle)
-        for message in idle:
-            self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
-        self.stats.alerts += len(idle)
+        self.sweep_idle()
         keys = [e.key for e in batch.events]
-        self.drift.observe(batch.windows[: len(keys)])
+        # The newest rows copied at scoring time: the row buffer may hold the next batch by now.
+        self.drift.observe(batch.newest[:, None, :] if batch.newest is not None else batch.windows[: len(keys)])
         values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)
         judge = getattr(self.threshold, "judge", None)
         assess = getattr(self.threshold, "assess", None)

@@ -14,7 +14,15 @@ WINDOW_FAILED = "window_failed"
 # A window whose model score is NaN or infinite: never judged (it is neither calm nor over), and
 # its event is dead-lettered so that it can be replayed.
 NON_FINITE_SCORE = "non_finite_score"
-PROCESSING_REASONS = (DECODE_FAILED, WINDOW_FAILED, NON_FINITE_SCORE)
+# An event whose record key is not its window key, or that reached another partition than its key's
+# earlier events (with key_partition_check=dead_letter): windowed here, its key's window would be
+# split between partitions, and so between workers.
+KEY_PARTITION_MISMATCH = "key_partition_mismatch"
+PROCESSING_REASONS = (DECODE_FAILED, WINDOW_FAILED, NON_FINITE_SCORE, KEY_PARTITION_MISMATCH)
+
+
+class KeyPartitionMismatch(Exception):
+    """An event that would split its key's window across partitions (see KEY_PARTITION_MISMATCH)."""
 
 
 class StreamDetectorError(Exception):

@@ -146,6 +146,13 @@ class Settings:
         default="",
         metadata=_doc("Window key taken from this event field (e.g. `terminal_id`) instead of the event `key`."),
     )
+    key_partition_check: str = field(
+        default="off",
+        metadata=_doc("`dead_letter`: an event whose Kafka record key is not its window key (null, or another "
+                      "key), or that reaches another partition than its key's earlier events, is dead-lettered "
+                      "(`key_partition_mismatch`) instead of splitting the key's window across partitions; `off`: "
+                      "taken as it comes."),
+    )
     # Event envelope (README: "Event schema"): where the key, time, id and fields are in a record.
     event_key_from: str = field(
         default="body", metadata=_doc("Where the event key is: `body` (at `event_key_path`) or `record_key` (the "
@@ -297,8 +304,8 @@ class Settings:
                                    "factor over the last one published.")
     )
     incident_idle_close_s: float = field(
-        default=600.0, metadata=_doc("An incident whose key has had no scored window this long (wall clock) is "
-                                     "closed.")
+        default=600.0, metadata=_doc("An incident whose key has had no scored window this long (monotonic "
+                                     "clock: a step of the wall clock closes nothing) is closed.")
     )
     drift_halflife_windows: int = field(
         default=10_000, metadata=_doc("Half-life, in scored windows, of the moving mean of each feature's "
@@ -424,7 +431,7 @@ class Settings:
             problems.append("score_stride must be at least 1")
         if not 0 <= self.hot_key_rate < float("inf"):
             problems.append("hot_key_rate must be zero or positive and finite")
-        for name, allowed in (("event_key_from", ("body", "record_key")), ("event_time_from", ("body", "record_timestamp")),
+        for name, allowed in (("key_partition_check", ("off", "dead_letter")), ("event_key_from", ("body", "record_key")), ("event_time_from", ("body", "record_timestamp")),
                               ("event_id_from", ("body", "record_position"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be {' or '.join(allowed)}, not {getattr(self, name)!r}")

@@ -142,6 +142,14 @@ class WindowStore:
         """True when the record at (partition, offset) is at or before the key's last applied one."""
         return self._partition[slot] == partition and offset <= self._offset[slot]
 
+    def placed(self, slot: int, partition: int, offset: int) -> int:
+        """Where the record at (partition, offset) stands for the key: 1 when the key already holds it
+        (:meth:`holds`), -1 when the key's last applied event came from another partition, else 0."""
+        known = self._partition[slot]
+        if known == partition:
+            return 1 if offset <= self._offset[slot] else 0
+        return -1 if known >= 0 else 0
+
     def position(self, slot: int) -> tuple[int, int]:
         """(partition, offset) of the last event applied to the key; (-1, -1) when unknown."""
         return int(self._partition[slot]), int(self._offset[slot])
@@ -282,6 +290,21 @@ class WindowStore:
         # Lowest slots are handed out first, which keeps hot data together.
         self._free.extend(range(capacity - 1, old - 1, -1))
         self._capacity = capacity
+
+
+def snapshot_partition(blob: bytes) -> int:
+    """The input partition a snapshot's position is on (-1 if the bytes are no snapshot)."""
+    try:
+        return _SNAPSHOT_HEADER.unpack_from(blob)[5]
+    except struct.error:
+        return -1
+
+
+def without_position(blob: bytes) -> bytes:
+    """The snapshot with its offset forgotten (kept: its partition): none of the partition's records
+    is taken for one the window already holds."""
+    version, w, f, st, count, partition, _ = _SNAPSHOT_HEADER.unpack_from(blob)
+    return _SNAPSHOT_HEADER.pack(version, w, f, st, count, partition, -1) + blob[_SNAPSHOT_HEADER.size:]
 
 
 def _resized(array: np.ndarray, rows: int) -> np.ndarray:

@@ -43,7 +43,10 @@ broker has the snapshots covering a batch (every key changed up to its end), its
 acked; the next batches are handled while the writes are in flight, up to ``WRITES_IN_FLIGHT``.
 A crash re-delivers the events not yet acked, which the restored windows take again. Faust
 restores the changelog of newly assigned partitions before the agent resumes, and a key's window
-is taken from it the first time the key is seen. Each snapshot records the offset of the key's
+is taken from it the first time the key is seen (a key whose snapshot holds an open incident at
+once, so that the idle sweep closes it if the key stays silent). A partition whose committed offset
+went back below the floor written with its snapshots (a group reset, a recreated topic) has its
+snapshots' positions dropped at restore: its events are scored again, none taken for a replay. Each snapshot records the offset of the key's
 last event, so records redelivered after a crash are recognised and not appended twice; since
 snapshots are written only after the alerts they follow, a recognised record has already been
 scored and alerted.
@@ -59,13 +62,14 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, read_signing_key
 from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, RawRecord
 from .kafka import faust_fastpath, faust_fixes
-from .kafka.admin import ensure_topics, partition_count
+from .kafka.admin import committed_offsets, ensure_topics, partition_count
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
@@ -120,6 +124,7 @@ class DetectorService:
             envelope=settings.envelope(),
             topic=settings.input_topic,
             drift_halflife=settings.drift_halflife_windows,
+            key_partition_check=settings.key_partition_check == "dead_letter",
         )
         if settings.schema_registry_url:  # framed values through the registry, the rest as JSON (unchanged)
             from .schema_registry import RegistryValueDecoder, registry_client
@@ -265,7 +270,8 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     changelog = ChangelogState(detector, out, state.changelog_topic.get_topic_name(), metrics,
                                settings.state_min_events,
                                # the live copy is the window store from now on
-                               restore_source=lambda key: state.data.pop(key, None))
+                               restore_source=lambda key: state.data.pop(key, None),
+                               committed=lambda partition: _faust_committed(app, settings.input_topic, partition))
     pipeline = BatchPipeline(PipelineConfig.from_settings(settings), detector, metrics, service.executor, out,
                              changelog, FailurePolicy(on_failure=lambda stage: metrics.batch_failures.labels(
                                  stage=stage).inc()), part_size=service.runner.chunk or max(settings.batch_max, 1))
@@ -281,6 +287,27 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             m = event.message
             await feedback.handle(RawRecord(m.value, m.key, m.timestamp, m.partition, m.offset,
                                             tuple(m.headers or ())))
+
+    @state.on_recover
+    async def restore_open_incidents() -> None:
+        # Awaited by Faust's recovery before the input partitions resume.
+        # A group reset or a recreated topic: the restored positions would take every event for a replay.
+        partitions = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.input_topic)
+        if partitions:
+            try:
+                committed_now = await asyncio.get_running_loop().run_in_executor(
+                    None, committed_offsets, settings.bootstrap_servers, settings.consumer_group,
+                    settings.input_topic, partitions, client_config(settings, "consumer"))
+                await changelog.recover(state.data, committed_now)
+            except Exception as exc:  # the positions are kept: at worst a reset's events count as replayed
+                log.warning("committed offsets not read at recovery (%s: %s); snapshot positions kept",
+                            type(exc).__name__, exc)
+        # Keys come back lazily, at their next event; one with an open incident may never send
+        # again, and only a key held in memory has its incident closed by the idle sweep.
+        restored = changelog.restore_open_incidents(state.data.items())
+        if restored:
+            log.info("%d keys with an open incident restored at recovery (closed idle if they stay silent)",
+                     restored)
 
     @app.on_partitions_revoked.connect
     async def forget_revoked(_app: faust.App, revoked: set, **_: Any) -> None:
@@ -337,6 +364,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                            lambda: app.consumer.assignment(), lambda: app.consumer_generation_id)
 
     return app
+
+
+def _faust_committed(app: faust.App, topic: str, partition: int) -> int | None:
+    """The offset Faust's consumer last committed on an input partition (None if none, or 0): read,
+    not changed (Faust keeps it in its consumer; there is no public accessor)."""
+    return app.consumer._committed_offset.get(TP(topic, partition))
 
 
 async def _replace(target: set, items: Any) -> None:

@@ -19,7 +19,7 @@ from stream_detector.metrics import WorkerMetrics
 from stream_detector.runtime.feedback import FeedbackHandler
 from stream_detector.settings import Settings
 
-from test_alert_lifecycle import T0, WINDOW, artifact, newest_a, rec, validator  # noqa: F401 (fixtures)
+from test_alert_lifecycle import ADAPTIVE, T0, WINDOW, artifact, newest_a, rec, validator  # noqa: F401 (fixtures)
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "stream_detector" / "schemas"
 
@@ -87,7 +87,7 @@ def _open_incident(detector: Detector, key: str = "k") -> dict:
 
 
 def test_expected_change_closes_the_open_incident_as_acknowledged_and_restarts_the_warmup(artifact, validator):
-    detector = Detector(artifact, newest_a, clock=lambda: T0, alerting=AlertPolicy(min_windows=2))
+    detector = Detector(artifact, newest_a, clock=lambda: T0, alerting=AlertPolicy(min_windows=2), thresholds=ADAPTIVE)
     opened = _open_incident(detector)
     detector.windows.drain_touched()
     closed = detector.acknowledge("k", opened["incident_id"])
@@ -103,7 +103,7 @@ def test_expected_change_closes_the_open_incident_as_acknowledged_and_restarts_t
 
 
 def test_a_verdict_for_another_or_closed_incident_changes_nothing(artifact):
-    detector = Detector(artifact, newest_a, clock=lambda: T0, alerting=AlertPolicy(min_windows=2))
+    detector = Detector(artifact, newest_a, clock=lambda: T0, alerting=AlertPolicy(min_windows=2), thresholds=ADAPTIVE)
     opened = _open_incident(detector)
     assert detector.acknowledge("k", "some-other-incident") is None
     assert detector.acknowledge("unknown-key", opened["incident_id"]) is None
@@ -141,7 +141,7 @@ def _handle(handler: FeedbackHandler, value: bytes | None, key: bytes | None, of
 
 
 def test_the_handler_counts_verdicts_dead_letters_invalid_ones_and_publishes_the_acknowledged_close(artifact):
-    detector = Detector(artifact, newest_a, clock=lambda: T0, alerting=AlertPolicy(min_windows=2))
+    detector = Detector(artifact, newest_a, clock=lambda: T0, alerting=AlertPolicy(min_windows=2), thresholds=ADAPTIVE)
     opened = _open_incident(detector)
     metrics, out = WorkerMetrics(), _Out()
     handler = FeedbackHandler(detector, metrics, out, "alerts.feedback", "alerts", "events.dlq")

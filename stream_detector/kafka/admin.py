@@ -91,3 +91,18 @@ def partition_count(bootstrap_servers: str, topic: str, client_config: dict | No
     if tmd is None or tmd.error is not None or not tmd.partitions:
         raise TopicError(f"topic {topic!r} not found: {tmd.error if tmd else 'no metadata'}")
     return len(tmd.partitions)
+
+
+def committed_offsets(bootstrap_servers: str, group: str, topic: str, partitions: list[int],
+                      client_config: dict | None = None, timeout: float = 10) -> dict[int, int]:
+    """The group's committed offset of each partition (-1 where it has none), read with a client of
+    its own that never joins the group (the worker compares them with its snapshots' at recovery)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": group, "enable.auto.commit": False,
+                         "logger": logging.getLogger(__name__ + ".librdkafka"), **(client_config or {})})
+    try:
+        answer = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset if tp.error is None and tp.offset >= 0 else -1 for tp in answer}

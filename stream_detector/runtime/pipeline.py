@@ -123,9 +123,13 @@ class BatchPipeline:
                     await self.conclude(events)  # and starts this batch
                 elif events:
                     self.start(events)
+                elif deferred and len(self.detector.incidents) and await self.close_idle():
+                    pass  # gone quiet, and incidents closed idle: their closes and every changed key written
                 elif deferred and self._unflushed:  # gone quiet: write every changed key, ack what it covers
                     self._stage = SEND_SNAPSHOTS
                     await settler.put(None, self._covered(self.state.collect_snapshots()), [])
+                elif deferred and (floors := self.state.collect_floors()) is not None:
+                    await settler.put(None, floors, [])  # quiet: the committed offsets moved on
                 elif deferred:
                     settler.check()
                 # Kept in flight only when pipelining under a backlog: a full batch already there to overlap
@@ -166,6 +170,25 @@ class BatchPipeline:
                      settler.unsettled() + sum(len(s.events) for s in self.unjudged))
         finally:
             settler.cancel()
+
+    async def close_idle(self) -> bool:
+        """With the input quiet (no batch to judge): closes the incidents of keys silent for their
+        idle limit, which otherwise only the next judged batch would (and, with every key silent,
+        never). Their closes are sent, then every changed key's snapshot; whether any closed."""
+        detector = self.detector
+        self._stage = JUDGE
+        if not detector.sweep_idle():
+            return False
+        sent = self.out.group()
+        messages: list[tuple[dict[str, Any], RawRecord | None]] = [(m, None) for m in detector.drain_closed()]
+        self._stage = SEND_ALERTS
+        for message, _ in messages:
+            sent.send(self.config.alerts_topic, message["key"].encode(), encode_alert(message))
+        self.metrics.incidents_open.set(detector.incidents.open_count)
+        self._stage = SEND_SNAPSHOTS
+        assert self.settler is not None
+        await self.settler.put(Published(sent, messages, 0), self._covered(self.state.collect_snapshots()), [])
+        return True
 
     def _covered(self, snapshots: Snapshots | None) -> Snapshots | None:
         if snapshots is not None and snapshots.covers is not None:

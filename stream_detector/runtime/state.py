@@ -8,19 +8,33 @@ and the key's incident and threshold state once the batch is judged (:meth:`comp
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+import logging
+import struct
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from ..detector import Detector
 from ..kafka.output import OutputProducer
 from ..metrics import WorkerMetrics
+from ..windows import snapshot_partition, without_position
 from .checkpoint import Snapshots
+
+log = logging.getLogger("stream_detector.worker")
+# A partition's floor in its changelog partition: the committed input offset known when the
+# partition's snapshots were last written. Not valid UTF-8, so never a key's name.
+FLOOR_KEY = b"\xff\xfefloor:%d"
+_FLOOR = struct.Struct("<q")
+
+
+def floor_key(partition: int) -> bytes:
+    return FLOOR_KEY % partition
 
 
 class ChangelogState:
     """The changed keys' snapshots, tombstones of evicted keys, and the partitions revoked since."""
 
     def __init__(self, detector: Detector, out: OutputProducer, changelog_topic: str, metrics: WorkerMetrics,
-                 state_min_events: int, restore_source: Callable[[bytes], bytes | None] | None = None):
+                 state_min_events: int, restore_source: Callable[[bytes], bytes | None] | None = None,
+                 committed: Callable[[int], int | None] | None = None):
         self.detector = detector
         self.out = out
         self.changelog_topic = changelog_topic
@@ -33,6 +47,13 @@ class ChangelogState:
         self.tombstones: list[tuple[bytes, int]] = []
         self.revocations: list[set[int]] = []  # partitions revoked, in order: snapshots of those are not sent
         self.store.on_evict_key = self.tombstone
+        # The group's committed offset of an input partition as the consumer knows it now (None if
+        # unknown): written as the partition's floor with its snapshots.
+        self._committed = committed
+        self._floors: dict[int, int] = {}  # the floor last written per partition
+        # Partitions whose committed offset went back below their floor (a group reset, or the input
+        # topic recreated): the positions of their snapshots are dropped at restore.
+        self.reset_partitions: set[int] = set()
         if restore_source is not None:
             detector.windows.restore = self.restore
 
@@ -40,7 +61,51 @@ class ChangelogState:
         blob = self._restore_source(key.encode()) if self._restore_source is not None else None
         if blob is not None:
             self.metrics.keys_restored.inc()
+            if self.reset_partitions and snapshot_partition(blob) in self.reset_partitions:
+                self.metrics.positions_dropped.inc()
+                return without_position(blob)
         return blob
+
+    async def recover(self, data: Mapping[bytes, Any], committed_now: Mapping[int, int]) -> set[int]:
+        """At recovery, with the changelog read (``data``) and the group's committed offset of each
+        assigned input partition (-1 where none): the partitions whose committed offset is below the
+        floor their snapshots were written at. The group was reset (or the topic recreated, which
+        deletes its committed offsets): the events from there on are to be processed again, so
+        those partitions' snapshots lose their positions (their windows are kept). Each new floor
+        is written at once, so a crash later does not take the reset for a new one."""
+        reset = set()
+        for partition, committed in committed_now.items():
+            raw = data.pop(floor_key(partition), None)
+            try:
+                floor = _FLOOR.unpack(raw)[0] if isinstance(raw, bytes) else -1
+            except struct.error:
+                floor = -1
+            if floor > committed:
+                reset.add(partition)
+                log.warning("input partition %d: committed offset %d is behind the %d the state was written at "
+                            "(group reset or topic recreated): its events are processed again, none taken for "
+                            "a replay", partition, committed, floor)
+            self._floors[partition] = min(floor, committed)
+        self.reset_partitions = (self.reset_partitions - set(committed_now)) | reset
+        if reset:
+            sent = self.out.group()
+            for partition in reset:
+                sent.send(self.changelog_topic, floor_key(partition), _FLOOR.pack(committed_now[partition]), partition)
+            await sent.wait()
+        return reset
+
+    def restore_open_incidents(self, snapshots: Iterable[tuple[bytes, bytes]]) -> int:
+        """At recovery: restores at once the keys whose snapshot holds an open incident (the rest are
+        restored lazily, when their next event comes), so that the idle sweep closes the incident of
+        a key that never sends again. How many were restored."""
+        detector = self.detector
+        has_open, restore_now = detector.snapshot_has_open_incident, detector.windows.restore_now
+        now = detector.key_clock()
+        restored = 0
+        for key, blob in list(snapshots):
+            if isinstance(key, bytes) and isinstance(blob, bytes) and has_open(blob):
+                restored += restore_now(key.decode("utf-8", "replace"), now)
+        return restored
 
     def tombstone(self, key: str, slot: int) -> None:
         if self.store.is_persisted(slot):  # nothing to delete for a key never written
@@ -49,6 +114,8 @@ class ChangelogState:
     def revoke(self, partitions: set[int]) -> int:
         """Partitions handed over: their keys are dropped and their snapshots no longer sent."""
         self.revocations.append(partitions)
+        for partition in partitions:
+            self._floors.pop(partition, None)
         return self.store.drop_partitions(partitions)
 
     def collect_windows(self, sealed_by: float | None = None) -> Snapshots | None:
@@ -98,6 +165,21 @@ class ChangelogState:
         incidents, before the next batch's events)."""
         return self.complete(self.collect_windows())
 
+    def collect_floors(self) -> Snapshots | None:
+        """The floors of the partitions written to whose committed offset moved since (None if
+        none did): written while the input is quiet, since a burst's last snapshots go out before
+        the offsets they cover are committed."""
+        if self._committed is None:
+            return None
+        floors = self._floors
+        items: list[tuple[bytes, bytes | None, int]] = []
+        for partition, written in floors.items():
+            floor = self._committed(partition)
+            if floor is not None and floor > written:
+                items.append((floor_key(partition), _FLOOR.pack(floor), partition))
+                floors[partition] = floor
+        return Snapshots(items, len(self.revocations), [], None) if items else None
+
     def send(self, snapshots: Snapshots | None) -> Awaitable[Any] | None:
         """Sends snapshots once the alerts they follow are acknowledged; None if there were none."""
         if snapshots is None:
@@ -105,8 +187,19 @@ class ChangelogState:
         revoked = set().union(*self.revocations[snapshots.revocations:])
         sent = self.out.group()
         topic = self.changelog_topic
+        written: set[int] = set()
+        floors = self._floors
         for key, value, partition in snapshots.items:
             if partition not in revoked:  # its new owner has restored the key already
                 sent.send(topic, key, value, partition)
+                written.add(partition)
         self.metrics.state_writes.inc(len(sent))
+        if self._committed is not None:
+            for partition in written:
+                floor = self._committed(partition)
+                if floor is not None and floor > floors.get(partition, -1):
+                    floors[partition] = floor
+                    sent.send(topic, floor_key(partition), _FLOOR.pack(floor), partition)
+                elif partition not in floors:
+                    floors[partition] = -1  # written to: its floor is written once the group commits
         return sent.wait() if len(sent) else None
