@@ -44,6 +44,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .keyrows import rows_and_occurrences
+
 _LN10 = math.log(10.0)
 # One key's statistics in a snapshot: the configuration they were learned under (horizon, features),
 # windows seen, score mean and variance, current run of alerting windows; then the features' means and
@@ -132,20 +134,9 @@ class TailCalibration:
         values = None
         if self.config.values and newest is not None and self.n_features:
             values = np.asarray(newest, dtype=np.float64).reshape(n, self.n_features)
-        rows = np.empty(n, dtype=np.int64)
-        occurrence = np.empty(n, dtype=np.int64)
-        seen: dict[int, int] = {}
-        get = self._rows.get
-        for i, key in enumerate(keys):
-            row = get(key)
-            if row is None:
-                row = self._allocate(key)
-            rows[i] = row
-            k = seen.get(row, 0)
-            occurrence[i] = k
-            seen[row] = k + 1
+        rows, occurrence, distinct = rows_and_occurrences(keys, self._rows, self._allocate)
         # Round r holds each key's r-th window of the batch, so a key's windows go in event order.
-        if len(seen) == n:
+        if distinct:
             rounds = [np.arange(n)]
         else:
             order = np.argsort(occurrence, kind="stable")

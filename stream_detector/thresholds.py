@@ -43,6 +43,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from .keyrows import rows_and_occurrences
 from .surprise import TailCalibration, TailConfig
 
 log = logging.getLogger(__name__)
@@ -162,22 +163,11 @@ class AdaptiveThreshold:
         if n == 0:
             return out
         scores = np.asarray(scores, dtype=np.float64)
-        rows = np.empty(n, dtype=np.int64)
-        occurrence = np.empty(n, dtype=np.int64)
-        seen: dict[int, int] = {}
-        get = self._rows.get
-        for i, key in enumerate(keys):
-            row = get(key)
-            if row is None:
-                row = self._allocate(key)
-            rows[i] = row
-            k = seen.get(row, 0)
-            occurrence[i] = k
-            seen[row] = k + 1
+        rows, occurrence, distinct = rows_and_occurrences(keys, self._rows, self._allocate)
         # Round r holds each key's r-th window of the batch, so a key's windows go in event order.
         # Rounds shrink (a key in round r is in every earlier one): once a round is small, the rest
         # (a few hot keys) go window by window, in batch order, cheaper than many tiny numpy rounds.
-        if len(seen) == n:
+        if distinct:
             sizes, order = np.array([n]), np.arange(n)
         else:
             sizes, order = np.bincount(occurrence), np.argsort(occurrence, kind="stable")
