@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 def _with_a_lasting_fault(events: list[LabelledEvent], key: str, last: int) -> list[LabelledEvent]:
     """The key's last ``last`` events far off (a fault that is still going on: its incident stays open)."""
     positions = [i for i, e in enumerate(events) if e.key == key][-last:]
+    assert positions, f"no events of {key}"
     out = [LabelledEvent(e.key, e.event_id, e.timestamp, dict(e.fields), 0, None) for e in events]
     for i in positions:
         e = out[i]
@@ -38,12 +39,12 @@ def test_ack_expected_change_closes_the_open_incident_as_acknowledged(kafka_brok
     ensure_topics(bootstrap, {worker.input_topic: 1, worker.alerts_topic: 1})
     worker.start()
     try:
-        events = _with_a_lasting_fault(generate("sensors", 4, 200, anomaly_rate=0.0, seed=71), "sensor-0001", 40)
+        events = _with_a_lasting_fault(generate("sensors", 4, 200, anomaly_rate=0.0, seed=71), "device-0001", 40)
         produce_events(bootstrap, worker.input_topic, events, rate=0)
         worker.wait_for_metric("stream_detector_events_consumed_total", len(events))
         opened = None
         for alert in iter_messages(bootstrap, worker.alerts_topic, idle_timeout=10.0):
-            if alert["key"] == "sensor-0001" and alert["state"] == "open":
+            if alert["key"] == "device-0001" and alert["state"] == "open":
                 opened = alert
                 break
         assert opened is not None, worker.log_tail()
@@ -62,7 +63,7 @@ def test_ack_expected_change_closes_the_open_incident_as_acknowledged(kafka_brok
                                  "--verdict", "expected_change", "--by", "test", "--search-timeout", "3"],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
-        assert "sensor-0001" in result.stdout
+        assert "device-0001" in result.stdout
 
         worker.wait_for_metric('stream_detector_incidents_closed_total{reason="acknowledged"}', 1, timeout=60)
         closes = [a for a in iter_messages(bootstrap, worker.alerts_topic, idle_timeout=5.0)
