@@ -24,6 +24,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from stream_detector.kafka.local_broker import ensure_topics
 from stream_detector.producer import iter_messages, produce_events
 from stream_detector.runtime.failures import EXIT_BATCH_FAILED
+from stream_detector.runtime.state import FLOOR, floor_key
 from stream_detector.synthetic import LabelledEvent, generate
 
 from test_delivery import (alerted_event_ids, anomaly_segments, collect_scores, expected_scored, shifted,
@@ -261,6 +262,31 @@ def _reset_to_earliest(bootstrap: str, group: str, topic: str, timeout: float = 
             time.sleep(1.0)
 
 
+def wait_for_floor(bootstrap: str, changelog_topic: str, at_least: int, timeout: float) -> None:
+    """Until partition 0's floor record in the changelog reaches ``at_least`` (the committed offset)."""
+    deadline = time.monotonic() + timeout
+    floor = -1
+    while time.monotonic() < deadline:
+        consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"floor-{uuid.uuid4().hex[:8]}",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        try:
+            consumer.assign([TopicPartition(changelog_topic, 0, 0)])
+            idle_until = time.monotonic() + 3.0
+            while time.monotonic() < idle_until:
+                msg = consumer.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                idle_until = time.monotonic() + 3.0
+                if msg.key() == floor_key(0) and msg.value():
+                    floor = FLOOR.unpack(msg.value())[0]
+        finally:
+            consumer.close()
+        if floor >= at_least:
+            return
+        time.sleep(1.0)
+    raise AssertionError(f"the changelog's floor of partition 0 is {floor}, not {at_least} or more, after {timeout} s")
+
+
 def test_after_a_group_reset_to_earliest_every_event_is_scored_again_and_none_taken_for_a_replay(
         kafka_broker, sensor_model_dir, tmp_path):
     bootstrap = kafka_broker.bootstrap_servers
@@ -274,7 +300,8 @@ def test_after_a_group_reset_to_earliest_every_event_is_scored_again_and_none_ta
         counts = collect_scores(bootstrap, scores_topic, want, timeout=120)
         assert want <= counts.keys(), first.log_tail()
         wait_for_group_lag_zero(first, partitions=1, timeout=60)
-        time.sleep(2.0)  # the floor follows the commit (written while the input is quiet)
+        # The floor follows the commit (written while the input is quiet): wait until it is there.
+        wait_for_floor(bootstrap, f"{first.consumer_group}-windows-changelog", len(events), timeout=60)
     finally:
         first.stop()
     # Reset to offset 1, not 0: after a reset to 0 the restarted worker consumed nothing in 2 of 3

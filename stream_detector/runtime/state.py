@@ -22,7 +22,7 @@ log = logging.getLogger("stream_detector.worker")
 # A partition's floor in its changelog partition: the committed input offset known when the
 # partition's snapshots were last written. Not valid UTF-8, so never a key's name.
 FLOOR_KEY = b"\xff\xfefloor:%d"
-_FLOOR = struct.Struct("<q")
+FLOOR = struct.Struct("<q")
 
 
 def floor_key(partition: int) -> bytes:
@@ -77,7 +77,7 @@ class ChangelogState:
         for partition, committed in committed_now.items():
             raw = data.pop(floor_key(partition), None)
             try:
-                floor = _FLOOR.unpack(raw)[0] if isinstance(raw, bytes) else -1
+                floor = FLOOR.unpack(raw)[0] if isinstance(raw, bytes) else -1
             except struct.error:
                 floor = -1
             if floor > committed:
@@ -90,7 +90,7 @@ class ChangelogState:
         if reset:
             sent = self.out.group()
             for partition in reset:
-                sent.send(self.changelog_topic, floor_key(partition), _FLOOR.pack(committed_now[partition]), partition)
+                sent.send(self.changelog_topic, floor_key(partition), FLOOR.pack(committed_now[partition]), partition)
             await sent.wait()
         return reset
 
@@ -176,7 +176,7 @@ class ChangelogState:
         for partition, written in floors.items():
             floor = self._committed(partition)
             if floor is not None and floor > written:
-                items.append((floor_key(partition), _FLOOR.pack(floor), partition))
+                items.append((floor_key(partition), FLOOR.pack(floor), partition))
                 floors[partition] = floor
         return Snapshots(items, len(self.revocations), [], None) if items else None
 
@@ -199,7 +199,7 @@ class ChangelogState:
                 floor = self._committed(partition)
                 if floor is not None and floor > floors.get(partition, -1):
                     floors[partition] = floor
-                    sent.send(topic, floor_key(partition), _FLOOR.pack(floor), partition)
+                    sent.send(topic, floor_key(partition), FLOOR.pack(floor), partition)
                 elif partition not in floors:
                     floors[partition] = -1  # written to: its floor is written once the group commits
         return sent.wait() if len(sent) else None
