@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import orjson
 import pytest
 
 from stream_detector.events import Envelope
@@ -87,3 +88,29 @@ def test_train_from_topic_reads_the_window_of_record_times_and_counts_malformed_
     middle = _training_data(tmp_path / "middle")
     assert (middle["events"], middle["records_read"]) == (200, 201)
     assert middle["rejected_rows"] == {"malformed_json": 1}
+    assert "alerted_events_left_out" not in middle
+
+
+@pytest.mark.integration
+def test_exclude_alerted_labels_the_events_named_on_the_alerts_topic(
+        kafka_broker: LocalBroker, make_topic: Callable[..., str], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bootstrap = kafka_broker.bootstrap_servers
+    topic, alerts = make_topic("from-topic"), make_topic("alerts")
+    events = generate("sensors", 2, 100, seed=4)
+    produce_events(bootstrap, topic, events)
+    named = [e.event_id for e in events[150:153]]
+    alert = {"type": "open", "key": events[150].key, "event_id": named[-1], "event_ids": named}
+    publish_message(bootstrap, alerts, events[150].key.encode(), orjson.dumps(alert))
+    publish_message(bootstrap, alerts, events[150].key.encode(), b"")  # a tombstone: no event_ids
+    assert trainer_main(["train", *SMALL, "--from-topic", topic, "--bootstrap-servers", bootstrap,
+                         "--exclude-alerted", "--alerts-topic", alerts, "--out", str(tmp_path / "m")]) == 0
+    data = _training_data(tmp_path / "m")
+    assert (data["events"], data["alerted_events_left_out"], data["labelled_anomalies"]) == (200, 3, 3)
+    assert f"2 alert message(s) on {alerts} (1 without event_ids); 3 events alerted on" in capsys.readouterr().out
+
+
+def test_alerts_topic_without_exclude_alerted_is_refused() -> None:
+    with pytest.raises(SystemExit, match="--alerts-topic needs --exclude-alerted"):
+        trainer_main(["train", *SMALL, "--from-topic", "events", "--bootstrap-servers", "127.0.0.1:1",
+                      "--alerts-topic", "alerts", "--read-timeout", "1"])

@@ -50,11 +50,14 @@ class TopicRead:
     data: LoadedData
     records: int  # records read, refused ones included
     partitions: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> [start, end) offsets
+    alerted: int | None = None  # --exclude-alerted: events the served model alerted on
 
     def describe(self) -> dict[str, Any]:
         out = self.data.describe()
         out["records_read"] = self.records
         out["partitions"] = {str(p): list(span) for p, span in sorted(self.partitions.items())}
+        if self.alerted is not None:
+            out["alerted_events_left_out"] = self.alerted
         return out
 
 
@@ -187,3 +190,23 @@ def read_topic(settings: Settings, topic: str, profile: str | Profile, since: fl
     events = [k[2] for k in keyed]
     data = LoadedData(events, [0] * len(events), profile, rejected, [f"kafka:{topic}"])
     return TopicRead(data, len(records), spans)
+
+
+def alerted_event_ids(bootstrap_servers: str, alerts_topic: str, client_config: dict[str, Any] | None = None,
+                      timeout_s: float = 30.0) -> tuple[set[str], int, int]:
+    """The ``event_ids`` of every open/update/close message on the alerts topic (up to its end now):
+    the events whose windows the served model alerted on. Also the messages read and those unreadable."""
+    records, _ = read_records(bootstrap_servers, alerts_topic, client_config=client_config, timeout_s=timeout_s)
+    ids: set[str] = set()
+    unreadable = 0
+    for record in records:
+        try:
+            doc = orjson.loads(record.value) if record.value else None
+        except orjson.JSONDecodeError:
+            doc = None
+        listed = doc.get("event_ids") if isinstance(doc, dict) else None
+        if not isinstance(listed, list):
+            unreadable += 1  # a tombstone or a message not in the alert schema: named in the summary
+            continue
+        ids.update(i for i in listed if isinstance(i, str))
+    return ids, len(records), unreadable

@@ -8,7 +8,7 @@ import sys
 from stream_detector.profiles import Profile
 from stream_detector.settings import Settings, SettingsError
 
-from .topic import TopicRead, parse_time_flag, read_topic
+from .topic import TopicRead, alerted_event_ids, parse_time_flag, read_topic
 
 
 def _topic_flags(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,11 @@ def _topic_flags(p: argparse.ArgumentParser) -> None:
                    help="--from-topic: TOML settings file, as for stream-detector (also STREAM_DETECTOR_CONFIG)")
     p.add_argument("--bootstrap-servers", metavar="SERVERS",
                    help="--from-topic: Kafka bootstrap servers (default: the bootstrap_servers setting)")
+    p.add_argument("--exclude-alerted", action="store_true",
+                   help="--from-topic: label the events the served model alerted on (the event_ids of the alerts "
+                        "topic's messages) anomalous, so unsupervised training leaves their windows out")
+    p.add_argument("--alerts-topic", metavar="TOPIC",
+                   help="--exclude-alerted: the alerts topic (default: the alerts_topic setting)")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="--from-topic: give up when the broker sends nothing for this long")
 
@@ -38,6 +43,8 @@ def _topic_data(args: argparse.Namespace, profile: str | Profile) -> TopicRead:
         settings = Settings.load(args.config, overrides={"bootstrap_servers": args.bootstrap_servers})
     except (ValueError, SettingsError) as exc:
         raise SystemExit(f"trainer: {exc}") from None
+    if args.alerts_topic and not args.exclude_alerted:
+        raise SystemExit("trainer: --alerts-topic needs --exclude-alerted")
     if since is not None and until is not None and until <= since:
         raise SystemExit("trainer: --until must be after --since")
     fields = [f for f in args.fields.split(",") if f] if getattr(args, "fields", None) else None
@@ -50,4 +57,15 @@ def _topic_data(args: argparse.Namespace, profile: str | Profile) -> TopicRead:
     counts = ", ".join(f"{reason} {n}" for reason, n in sorted(refused.items())) or "none"
     print(f"--from-topic {args.from_topic}: {read.records} records read from {len(read.partitions)} partition(s); "
           f"{sum(refused.values())} refused ({counts}); {len(read.data.events)} events", flush=True, file=sys.stdout)
+    if args.exclude_alerted:
+        alerts_topic = args.alerts_topic or settings.alerts_topic
+        try:
+            ids, messages, unreadable = alerted_event_ids(settings.bootstrap_servers, alerts_topic,
+                                                          client_config(settings, "consumer"), args.read_timeout)
+        except (ValueError, TimeoutError) as exc:
+            raise SystemExit(f"trainer: --alerts-topic {alerts_topic}: {exc}") from None
+        read.data.labels = [1 if e.event_id in ids else label for e, label in zip(read.data.events, read.data.labels)]
+        read.alerted = sum(read.data.labels)
+        print(f"--exclude-alerted: {messages} alert message(s) on {alerts_topic} ({unreadable} without event_ids); "
+              f"{read.alerted} events alerted on, their windows left out of training", flush=True)
     return read
