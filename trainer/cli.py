@@ -99,6 +99,7 @@ DEFAULTS_BY_PROFILE: dict[str, dict[str, Any]] = {
 def cmd_train(args: argparse.Namespace) -> int:
     signing_key = _signing_key(args)
     profile_choice = _profile(args)
+    topic_read = None
     if args.synthetic:
         if args.context_fields:
             print("trainer: generated transactions carry no context fields", file=sys.stderr)
@@ -108,6 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         per_key = args.synthetic_events_per_key or (200 if args.profile == "sensors" else 60)
         runs = 5 if args.profile == "sensors" else 1
         data = from_synthetic(generate_runs(args.profile, keys, per_key, runs, seed=args.seed + 1000), profile)
+    elif args.from_topic:
+        topic_read = _topic_data(args, profile_choice)
+        data = topic_read.data
     elif args.jsonl:
         data = _jsonl_data(args, profile_choice)
     elif args.csv:
@@ -117,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             spec.label_column, spec.head_rows_per_key, spec.skip_rows_per_key = None, None, None
             data = _merge(data, load_csv(args.extra_normal_csv, data.profile, spec))
     else:
-        print("trainer: give --csv PATH, --jsonl PATH or --synthetic", file=sys.stderr)
+        print("trainer: give --csv PATH, --jsonl PATH, --from-topic TOPIC or --synthetic", file=sys.stderr)
         return 2
     if args.feedback_jsonl:
         if not args.alerts_jsonl:
@@ -151,7 +155,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         key_normal_blocks=args.key_normal_blocks,
         key_normal_options={} if args.key_normal_scale is None else {"scale": args.key_normal_scale},
     )
-    described = data.describe()
+    if not data.events:
+        print("trainer: no valid events to train on", file=sys.stderr)
+        return 2
+    described = topic_read.describe() if topic_read is not None else data.describe()
     print(f"training {config.model} on {described['events']} events from {described['keys']} keys "
           f"(window {window}, features: {', '.join(data.profile.feature_names)})", flush=True)
     path, result = train_and_save(data.events, data.profile, config, args.out, labels=data.labels,
@@ -287,6 +294,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 from trainer.jsonl_cli import _jsonl_data, _jsonl_flags  # noqa: E402
+from trainer.topic_cli import _topic_data, _topic_flags  # noqa: E402
 from trainer.registry_cli import (  # noqa: E402  (registry subcommands live in their own module)
     _register_trained, _registry_train_flags, _signing_key, add_registry_commands,
 )
@@ -301,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-keys", type=int, default=0)
     p.add_argument("--synthetic-events-per-key", type=int, default=0)
     _csv_flags(p)
+    _topic_flags(p)
     p.add_argument("--out", default="artifacts/model", help="model directory; a new version is added inside")
     p.add_argument("--feedback-jsonl", metavar="FILE",
                    help="a dump of the feedback topic (stream-detector ack): events of true-positive incidents are "

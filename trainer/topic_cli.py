@@ -1,0 +1,71 @@
+"""`--from-topic` flags of `trainer train`: the input topic's history as training data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stream_detector.profiles import Profile
+from stream_detector.settings import Settings, SettingsError
+
+from .topic import TopicRead, alerted_event_ids, parse_time_flag, read_topic
+
+
+def _topic_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-topic", metavar="TOPIC",
+                   help="train on this Kafka topic's history, decoded as the worker decodes it (its envelope "
+                        "settings, from STREAM_DETECTOR_* variables or --config); reads up to the end the "
+                        "topic had when the read began")
+    p.add_argument("--since", metavar="TIME",
+                   help="--from-topic: first record time (ISO-8601 or epoch seconds; default: the beginning)")
+    p.add_argument("--until", metavar="TIME",
+                   help="--from-topic: records before this time (default: the partitions' current end)")
+    p.add_argument("--config", metavar="FILE",
+                   help="--from-topic: TOML settings file, as for stream-detector (also STREAM_DETECTOR_CONFIG)")
+    p.add_argument("--bootstrap-servers", metavar="SERVERS",
+                   help="--from-topic: Kafka bootstrap servers (default: the bootstrap_servers setting)")
+    p.add_argument("--exclude-alerted", action="store_true",
+                   help="--from-topic: label the events the served model alerted on (the event_ids of the alerts "
+                        "topic's messages) anomalous, so unsupervised training leaves their windows out")
+    p.add_argument("--alerts-topic", metavar="TOPIC",
+                   help="--exclude-alerted: the alerts topic (default: the alerts_topic setting)")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="--from-topic: give up when the broker sends nothing for this long")
+
+
+def _topic_data(args: argparse.Namespace, profile: str | Profile) -> TopicRead:
+    """Reads ``--from-topic``; exits with a one-line error on bad flags, settings or an unreadable topic."""
+    from stream_detector.kafka.security import client_config
+
+    try:
+        since = parse_time_flag(args.since) if args.since else None
+        until = parse_time_flag(args.until) if args.until else None
+        settings = Settings.load(args.config, overrides={"bootstrap_servers": args.bootstrap_servers})
+    except (ValueError, SettingsError) as exc:
+        raise SystemExit(f"trainer: {exc}") from None
+    if args.alerts_topic and not args.exclude_alerted:
+        raise SystemExit("trainer: --alerts-topic needs --exclude-alerted")
+    if since is not None and until is not None and until <= since:
+        raise SystemExit("trainer: --until must be after --since")
+    fields = [f for f in args.fields.split(",") if f] if getattr(args, "fields", None) else None
+    try:
+        read = read_topic(settings, args.from_topic, profile, since, until, fields=fields,
+                          client_config=client_config(settings, "consumer"), timeout_s=args.read_timeout)
+    except (ValueError, TimeoutError) as exc:
+        raise SystemExit(f"trainer: --from-topic {args.from_topic}: {exc}") from None
+    refused = read.data.rejected
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(refused.items())) or "none"
+    print(f"--from-topic {args.from_topic}: {read.records} records read from {len(read.partitions)} partition(s); "
+          f"{sum(refused.values())} refused ({counts}); {len(read.data.events)} events", flush=True, file=sys.stdout)
+    if args.exclude_alerted:
+        alerts_topic = args.alerts_topic or settings.alerts_topic
+        try:
+            ids, messages, unreadable = alerted_event_ids(settings.bootstrap_servers, alerts_topic,
+                                                          client_config(settings, "consumer"), args.read_timeout)
+        except (ValueError, TimeoutError) as exc:
+            raise SystemExit(f"trainer: --alerts-topic {alerts_topic}: {exc}") from None
+        read.data.labels = [1 if e.event_id in ids else label for e, label in zip(read.data.events, read.data.labels)]
+        read.alerted = sum(read.data.labels)
+        print(f"--exclude-alerted: {messages} alert message(s) on {alerts_topic} ({unreadable} without event_ids); "
+              f"{read.alerted} events alerted on, their windows left out of training", flush=True)
+    return read
