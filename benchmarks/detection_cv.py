@@ -96,16 +96,12 @@ def shifted(events: Sequence[Event], seed: int) -> list[Event]:
 
 def policy_for(name: str, artifact) -> Any:
     """A threshold policy by name: ``default`` (the worker's), ``adaptive`` (tail calibration off),
-    ``tail-s<surprise>[-novalues]`` (tail calibration at that alert surprise), ``tail:field=value,...``
-    (any TailConfig fields)."""
+    ``tail:field=value,...`` (tail calibration with those TailConfig fields, e.g.
+    ``tail:alert_surprise=6,values=0``)."""
     if name == "default":
         return None
     if name == "adaptive":
         return build_threshold_policy(artifact, ThresholdConfig(tail=TailConfig(enabled=False)))
-    if name.startswith("tail-s"):
-        surprise, _, rest = name[len("tail-s"):].partition("-")
-        config = TailConfig(alert_surprise=float(surprise), values=rest != "novalues")
-        return build_threshold_policy(artifact, ThresholdConfig(tail=config))
     if name.startswith("tail:"):  # tail:alert_surprise=6,values=0,learn_clip=3
         fields = {k: v for k, v in (part.split("=") for part in name[5:].split(",") if part)}
         types = {f: type(getattr(TailConfig(), f)) for f in fields}
@@ -137,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     p.add_argument("--policies", nargs="+", default=["default"],
-                   help="threshold policies to replay each model with: default, adaptive, tail-s<surprise>[-novalues]")
+                   help="threshold policies to replay each model with: default, adaptive, tail:field=value,...")
     p.add_argument("--epochs", type=int, default=0, help="override the trainer's epochs (0: its default)")
     p.add_argument("--mixed-regimes", action="store_true",
                    help="move every training file to its own regime too (one model across regimes)")

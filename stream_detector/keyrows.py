@@ -7,6 +7,47 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 
+class KeyRows:
+    """Bookkeeping shared by per-key threshold policies: key -> row of preallocated arrays, a free
+    list, and per row the count of windows learned; a key is calibrated once it reaches ``warmup``."""
+
+    warmup: int
+    _rows: dict[str, int]
+    _free: list[int]
+    _count: np.ndarray
+    _calibrated: int
+
+    def calibrated(self, key: str) -> bool:
+        """Whether the key is judged by its own calibration yet (warm-up over)."""
+        row = self._rows.get(key)
+        return row is not None and int(self._count[row]) >= self.warmup
+
+    @property
+    def calibrated_keys(self) -> int:
+        """Keys judged by their own calibration (warm-up over)."""
+        return self._calibrated
+
+    def evict(self, key: str) -> None:
+        """Drops the key's state (its window was evicted); a returning key warms up again."""
+        row = self._rows.pop(key, None)
+        if row is not None:
+            self._free.append(row)
+            if self._count[row] >= self.warmup:
+                self._calibrated -= 1
+            self._count[row] = 0  # a free row counts as not calibrated
+
+    def restart_warmup(self, key: str) -> None:
+        """Forgets the key's calibration (an operator said its new behaviour is expected): it warms up
+        again, judged against the global threshold meanwhile."""
+        self.evict(key)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+
 def rows_and_occurrences(keys: Sequence[str], rows: Mapping[str, int], allocate: Callable[[str], int]
                          ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Each window's state row (allocated for a new key) and which occurrence of its key in the batch

@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .keyrows import rows_and_occurrences
+from .keyrows import KeyRows, rows_and_occurrences
 
 _LN10 = math.log(10.0)
 # One key's statistics in a snapshot: the configuration they were learned under (horizon, features),
@@ -97,7 +97,7 @@ def surprise_two_sided(z_abs: np.ndarray, tests: int) -> np.ndarray:
     return np.maximum(surprise_upper(z_abs) - math.log10(2.0 * max(tests, 1)), 0.0)
 
 
-class TailCalibration:
+class TailCalibration(KeyRows):
     """Per-key tail calibration of scores (see the module docstring); a threshold policy."""
 
     def __init__(self, value: float, n_features: int, config: TailConfig | None = None,
@@ -106,6 +106,7 @@ class TailCalibration:
             raise ValueError("tail calibration needs a positive global threshold for the warm-up")
         self.value = float(value)  # the artifact's global threshold (warm-up)
         self.config = config or TailConfig()
+        self.warmup = self.config.warmup
         self.n_features = int(n_features)
         self.calm_below = self.config.calm_share  # severity (surprise / alert level) under which a window is calm
         self._z_alert = float(-_inverse_upper(self.config.alert_surprise))
@@ -157,37 +158,10 @@ class TailCalibration:
     def value_for(self, key: str) -> float:
         """The raw score at which the key's next window would alert by the model check alone."""
         row = self._rows.get(key)
-        if row is None or self._count[row] < self.config.warmup:
+        if row is None or self._count[row] < self.warmup:
             return self.value
         mean, var = self._score[row]
         return float(mean + self._z_alert * self._spread(np.array([mean]), np.array([var]))[0])
-
-    def calibrated(self, key: str) -> bool:
-        row = self._rows.get(key)
-        return row is not None and int(self._count[row]) >= self.config.warmup
-
-    @property
-    def calibrated_keys(self) -> int:
-        return self._calibrated
-
-    def evict(self, key: str) -> None:
-        """Drops the key's state; a returning key warms up again."""
-        row = self._rows.pop(key, None)
-        if row is not None:
-            self._free.append(row)
-            if self._count[row] >= self.config.warmup:
-                self._calibrated -= 1
-
-    def restart_warmup(self, key: str) -> None:
-        """Forgets the key's statistics (an operator said its new behaviour is expected): it warms up
-        again on its next windows."""
-        self.evict(key)
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._rows
 
     @property
     def bytes_per_key(self) -> int:
@@ -216,13 +190,13 @@ class TailCalibration:
         row = self._rows.get(key)
         if row is None:
             row = self._allocate(key)
-        elif self._count[row] >= self.config.warmup:
+        elif self._count[row] >= self.warmup:
             self._calibrated -= 1
         self._count[row] = count
         self._run[row] = run
         self._score[row] = (mean, var)
         self._values[row] = stats
-        if count >= self.config.warmup:
+        if count >= self.warmup:
             self._calibrated += 1
         return True
 

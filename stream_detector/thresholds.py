@@ -43,7 +43,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .keyrows import rows_and_occurrences
+from .keyrows import KeyRows, rows_and_occurrences
 from .surprise import TailCalibration, TailConfig
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class ThresholdConfig:
             raise ValueError("threshold ratios must satisfy 0 < min_ratio <= 1 <= max_ratio < inf")
 
 
-class AdaptiveThreshold:
+class AdaptiveThreshold(KeyRows):
     """Per-key thresholds from the key's recent normal scores (see the module docstring)."""
 
     def __init__(self, value: float, reference_median: float, warmup: int = 64, history: int = 128,
@@ -194,30 +194,6 @@ class AdaptiveThreshold:
         row = self._rows.get(key)
         return self.value if row is None else float(self._threshold[row])
 
-    def calibrated(self, key: str) -> bool:
-        """Whether the key has its own threshold yet (warm-up over)."""
-        row = self._rows.get(key)
-        return row is not None and int(self._count[row]) >= self.warmup
-
-    @property
-    def calibrated_keys(self) -> int:
-        """Keys whose own threshold is in use (warm-up over)."""
-        return self._calibrated
-
-    def evict(self, key: str) -> None:
-        """Drops the key's state (its window was evicted); a returning key warms up again."""
-        row = self._rows.pop(key, None)
-        if row is not None:
-            self._free.append(row)
-            if self._count[row] >= self.warmup:
-                self._calibrated -= 1
-            self._count[row] = 0  # a free row counts as not calibrated (share_at_bounds)
-
-    def restart_warmup(self, key: str) -> None:
-        """Forgets the key's calibration (an operator said its new behaviour is expected): it is judged
-        against the global threshold until it has ``warmup`` normal windows again."""
-        self.evict(key)
-
     def share_at_bounds(self) -> float:
         """Share of the calibrated keys whose threshold sits at ``min_ratio`` or ``max_ratio`` of the
         global one: keys the bounds hold back from following their scores (0 when none is calibrated).
@@ -234,12 +210,6 @@ class AdaptiveThreshold:
         low = np.float32(self.value * self.min_ratio)
         high = np.float32(self.value * self.max_ratio)
         return float(((limits <= low) | (limits >= high)).sum()) / total
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._rows
 
     @property
     def bytes_per_key(self) -> int:
