@@ -103,6 +103,22 @@ def set_alias(model_dir: str | os.PathLike[str], alias: str, version: str,
     return data
 
 
+def remove_alias(model_dir: str | os.PathLike[str], alias: str, reason: str | None = None) -> str | None:
+    """Removes ``alias`` (a retired challenger, say); returns the version it named, None if unset."""
+    root = Path(model_dir)
+    data = read_aliases(root)
+    previous = data["aliases"].pop(alias, None)
+    if previous is None:
+        return None
+    entry: dict[str, Any] = {"alias": alias, "version": None, "previous": previous,
+                             "at": datetime.now(timezone.utc).isoformat()}
+    if reason:
+        entry["reason"] = reason
+    data["history"].append(entry)
+    _write_aliases(root, data)
+    return previous
+
+
 def rollback(model_dir: str | os.PathLike[str], alias: str = CHAMPION,
              check: Callable[[Path], Any] | None = load_artifact) -> str:
     """Moves ``alias`` back to the version it pointed at before its current one; returns it."""

@@ -295,6 +295,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 from trainer.jsonl_cli import _jsonl_data, _jsonl_flags  # noqa: E402
 from trainer.topic_cli import _topic_data, _topic_flags  # noqa: E402
+from trainer.lifecycle_cli import add_lifecycle_commands  # noqa: E402
 from trainer.registry_cli import (  # noqa: E402  (registry subcommands live in their own module)
     _register_trained, _registry_train_flags, _signing_key, add_registry_commands,
 )
@@ -388,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=0)
     e.set_defaults(func=cmd_evaluate)
     add_registry_commands(sub)
+    add_lifecycle_commands(sub)
     return parser
 
 

@@ -24,6 +24,7 @@ from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, To
 
 from stream_detector.detector import RawRecord
 from stream_detector.events import Envelope, EventDecoder, Invalid, parse_timestamp
+from stream_detector.feedback import Feedback
 from stream_detector.profiles import Profile, SensorProfile, TransactionProfile
 from stream_detector.settings import Settings
 
@@ -51,6 +52,7 @@ class TopicRead:
     records: int  # records read, refused ones included
     partitions: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> [start, end) offsets
     alerted: int | None = None  # --exclude-alerted: events the served model alerted on
+    verdicts: dict[str, int] | None = None  # --with-feedback: verdicts read and events relabelled
 
     def describe(self) -> dict[str, Any]:
         out = self.data.describe()
@@ -58,6 +60,8 @@ class TopicRead:
         out["partitions"] = {str(p): list(span) for p, span in sorted(self.partitions.items())}
         if self.alerted is not None:
             out["alerted_events_left_out"] = self.alerted
+        if self.verdicts is not None:
+            out["feedback"] = dict(self.verdicts)
         return out
 
 
@@ -192,21 +196,70 @@ def read_topic(settings: Settings, topic: str, profile: str | Profile, since: fl
     return TopicRead(data, len(records), spans)
 
 
-def alerted_event_ids(bootstrap_servers: str, alerts_topic: str, client_config: dict[str, Any] | None = None,
-                      timeout_s: float = 30.0) -> tuple[set[str], int, int]:
-    """The ``event_ids`` of every open/update/close message on the alerts topic (up to its end now):
-    the events whose windows the served model alerted on. Also the messages read and those unreadable."""
-    records, _ = read_records(bootstrap_servers, alerts_topic, client_config=client_config, timeout_s=timeout_s)
-    ids: set[str] = set()
+def read_json_records(bootstrap_servers: str, topic: str, since: float | None = None,
+                      client_config: dict[str, Any] | None = None, timeout_s: float = 30.0,
+                      ) -> tuple[list[tuple[float, dict[str, Any]]], int]:
+    """Every JSON-object record of ``topic`` from ``since`` (record time) up to its end now, as
+    ``(record time, object)`` in offset order per partition; also how many records were not JSON
+    objects (tombstones included)."""
+    records, _ = read_records(bootstrap_servers, topic, since, client_config=client_config, timeout_s=timeout_s)
+    out: list[tuple[float, dict[str, Any]]] = []
     unreadable = 0
     for record in records:
         try:
             doc = orjson.loads(record.value) if record.value else None
         except orjson.JSONDecodeError:
             doc = None
-        listed = doc.get("event_ids") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            unreadable += 1
+            continue
+        out.append((record.timestamp if record.timestamp is not None else 0.0, doc))
+    return out, unreadable
+
+
+def topic_exists(bootstrap_servers: str, topic: str, client_config: dict[str, Any] | None = None,
+                 timeout_s: float = 10.0) -> bool:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(client_config or {})})
+    described = admin.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    return described is not None and described.error is None and bool(described.partitions)
+
+
+def alerted_event_ids(bootstrap_servers: str, alerts_topic: str, client_config: dict[str, Any] | None = None,
+                      timeout_s: float = 30.0) -> tuple[set[str], int, int]:
+    """The ``event_ids`` of every open/update/close message on the alerts topic (up to its end now):
+    the events whose windows the served model alerted on. Also the messages read and those unreadable."""
+    docs, not_json = read_json_records(bootstrap_servers, alerts_topic, client_config=client_config,
+                                       timeout_s=timeout_s)
+    ids: set[str] = set()
+    unreadable = not_json  # tombstones and records that are not JSON objects
+    for _, doc in docs:
+        listed = doc.get("event_ids")
         if not isinstance(listed, list):
-            unreadable += 1  # a tombstone or a message not in the alert schema: named in the summary
+            unreadable += 1  # a message not in the alert schema: named in the summary
             continue
         ids.update(i for i in listed if isinstance(i, str))
-    return ids, len(records), unreadable
+    return ids, len(docs) + not_json, unreadable
+
+
+def read_verdicts(bootstrap_servers: str, feedback_topic: str, client_config: dict[str, Any] | None = None,
+                  timeout_s: float = 30.0) -> tuple[dict[str, "Feedback"], int]:
+    """The latest verdict of every incident on the feedback topic, and how many messages were not
+    valid verdicts (the worker dead-letters those; here they are only counted). A topic that does not
+    exist yet (nobody gave a verdict) holds none."""
+    from stream_detector.feedback import InvalidFeedback, parse_feedback
+
+    if not topic_exists(bootstrap_servers, feedback_topic, client_config, timeout_s):
+        return {}, 0
+    records, _ = read_records(bootstrap_servers, feedback_topic, client_config=client_config, timeout_s=timeout_s)
+    verdicts: dict[str, Feedback] = {}
+    invalid = 0
+    for record in records:
+        try:
+            feedback = parse_feedback(record.value, record.key)
+        except InvalidFeedback:
+            invalid += 1
+            continue
+        verdicts[feedback.incident_id] = feedback
+    return verdicts, invalid

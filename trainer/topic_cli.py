@@ -8,7 +8,7 @@ import sys
 from stream_detector.profiles import Profile
 from stream_detector.settings import Settings, SettingsError
 
-from .topic import TopicRead, alerted_event_ids, parse_time_flag, read_topic
+from .topic import TopicRead, alerted_event_ids, parse_time_flag, read_json_records, read_topic, read_verdicts
 
 
 def _topic_flags(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,9 @@ def _topic_flags(p: argparse.ArgumentParser) -> None:
                         "topic's messages) anomalous, so unsupervised training leaves their windows out")
     p.add_argument("--alerts-topic", metavar="TOPIC",
                    help="--exclude-alerted: the alerts topic (default: the alerts_topic setting)")
+    p.add_argument("--with-feedback", action="store_true",
+                   help="--from-topic: apply operators' verdicts from the feedback topic (stream-detector ack): events "
+                        "of false_positive incidents are normal training data, those of true_positive ones anomalous")
     p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="--from-topic: give up when the broker sends nothing for this long")
 
@@ -68,4 +71,35 @@ def _topic_data(args: argparse.Namespace, profile: str | Profile) -> TopicRead:
         read.alerted = sum(read.data.labels)
         print(f"--exclude-alerted: {messages} alert message(s) on {alerts_topic} ({unreadable} without event_ids); "
               f"{read.alerted} events alerted on, their windows left out of training", flush=True)
+    if getattr(args, "with_feedback", False):
+        _apply_topic_feedback(args, settings, read)
     return read
+
+
+def _apply_topic_feedback(args: argparse.Namespace, settings: Settings, read: TopicRead) -> None:
+    """Relabels the read events from the verdicts on the feedback topic; the incidents' events come
+    from the alerts topic. Verdicts win over ``--exclude-alerted``: a false alarm's events are normal."""
+    from stream_detector.kafka.security import client_config
+
+    from .feedback import apply_verdicts
+
+    feedback_topic = settings.feedback_topic_name
+    alerts_topic = args.alerts_topic or settings.alerts_topic
+    config = client_config(settings, "consumer")
+    try:
+        verdicts, invalid = read_verdicts(settings.bootstrap_servers, feedback_topic, config, args.read_timeout)
+        alerts = [doc for _, doc in read_json_records(settings.bootstrap_servers, alerts_topic,
+                                                      client_config=config, timeout_s=args.read_timeout)[0]] \
+            if verdicts else []
+    except (ValueError, TimeoutError) as exc:
+        raise SystemExit(f"trainer: --with-feedback: {exc}") from None
+    read.data.labels, relabelled = apply_verdicts([e.event_id for e in read.data.events], read.data.labels,
+                                                  verdicts, alerts)
+    if read.alerted is not None:
+        read.alerted = sum(read.data.labels)  # left out after the verdicts: false alarms are kept
+    read.verdicts = {"verdicts": len(verdicts), "invalid_messages": invalid,
+                     "true_positive_events": relabelled["true_positive"],
+                     "false_positive_events": relabelled["false_positive"]}
+    print(f"--with-feedback: {len(verdicts)} verdict(s) on {feedback_topic} ({invalid} invalid message(s)); "
+          f"{relabelled['true_positive']} events of true positives left out as anomalous, "
+          f"{relabelled['false_positive']} events of false positives kept as normal", flush=True)
