@@ -119,3 +119,31 @@ def test_retrain_without_a_challenger_needs_the_input_topic(tmp_path: Path, caps
     set_alias(tmp_path, CHAMPION, "v1")
     assert trainer_main(["retrain", "--model-dir", str(tmp_path)]) == 2
     assert "needs --from-topic" in capsys.readouterr().err
+
+
+def test_retrain_with_min_drift_trains_nothing_while_the_workers_drift_is_below_it(tmp_path: Path, capsys) -> None:
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    from stream_detector.registry import set_alias
+    from test_artifacts import save_tiny
+
+    save_tiny(tmp_path, version="v1")
+    set_alias(tmp_path, CHAMPION, "v1")
+    registry = CollectorRegistry()
+    drift = Gauge("stream_detector_feature_drift", "drift", ["feature"], registry=registry)
+    drift.labels("a").set(0.4)
+    drift.labels("b").set(-1.2)
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        args = ["retrain", "--model-dir", str(tmp_path), "--from-topic", "events", "--metrics-url", url,
+                "--json", str(tmp_path / "run.json")]
+        assert trainer_main([*args, "--min-drift", "2"]) == 0
+        assert "largest feature drift 1.200 < --min-drift 2: no candidate trained" in capsys.readouterr().out
+        assert json.loads((tmp_path / "run.json").read_text())["action"] == "no_drift"
+        assert CHALLENGER not in read_aliases(tmp_path)["aliases"]
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert trainer_main(["retrain", "--model-dir", str(tmp_path), "--from-topic", "events", "--min-drift", "2"]) == 2
+    assert "--min-drift needs --metrics-url" in capsys.readouterr().err

@@ -118,6 +118,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         print("trainer: no challenger is set, and training one needs --from-topic TOPIC (the input topic)",
               file=sys.stderr)
         return 2
+    if args.min_drift > 0:
+        drift = _max_drift(args)
+        if drift is None:
+            return 2
+        summary["max_feature_drift"] = drift
+        if drift < args.min_drift:
+            print(f"largest feature drift {drift:.3f} < --min-drift {args.min_drift:g}: no candidate trained")
+            summary.update(action="no_drift")
+            _write_summary(args, summary)
+            return 0
+        print(f"largest feature drift {drift:.3f} >= --min-drift {args.min_drift:g}: training a candidate")
     version = _train_candidate(args, root, signing_key)
     if version is None:
         return 2
@@ -172,6 +183,26 @@ def _train_candidate(args: argparse.Namespace, root: Path, signing_key: bytes | 
     return path.name
 
 
+def _max_drift(args: argparse.Namespace) -> float | None:
+    """The largest ``stream_detector_feature_drift`` over the workers' features (in training standard
+    deviations), or None (after saying why) when it cannot be read."""
+    from .lifecycle import scrape_metrics
+
+    if not args.metrics_url:
+        print("trainer: --min-drift needs --metrics-url (the workers' /metrics pages)", file=sys.stderr)
+        return None
+    try:
+        samples = scrape_metrics(list(args.metrics_url))
+    except (OSError, ValueError) as exc:
+        print(f"trainer: cannot read the workers' metrics: {exc}", file=sys.stderr)
+        return None
+    drifts = [abs(v) for (name, _), v in samples.items() if name == "stream_detector_feature_drift"]
+    if not drifts:
+        print("trainer: the workers' metrics have no stream_detector_feature_drift yet", file=sys.stderr)
+        return None
+    return max(drifts)
+
+
 def _write_summary(args: argparse.Namespace, summary: dict[str, object]) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
@@ -202,6 +233,9 @@ def add_lifecycle_commands(sub) -> None:
                    help="keep the events the served model alerted on in training (default: left out)")
     r.add_argument("--no-feedback", dest="with_feedback", action="store_false",
                    help="ignore the feedback topic's verdicts (default: false positives are normal training data)")
+    r.add_argument("--min-drift", type=float, default=0.0, metavar="SIGMAS",
+                   help="with no challenger set, train a candidate only when a feature's drift "
+                        "(stream_detector_feature_drift, read from --metrics-url) reaches this (default 0: always)")
     r.add_argument("--epochs", type=int, default=0, help="training epochs (default: the champion's)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
