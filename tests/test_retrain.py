@@ -110,6 +110,14 @@ def test_retrain_sets_a_challenger_gates_it_on_the_shadow_record_and_feeds_verdi
     assert trainer_main(["rollback", "--model-dir", str(models)]) == 0
     assert read_aliases(models)["aliases"][CHAMPION] == v1
 
+    # Evaluating on the topic labelled by verdicts: the true positive's events are the anomalies, the
+    # incident nobody reviewed is replayed but left out.
+    assert trainer_main(["evaluate", "--model-dir", str(models), "--from-topic", topic, "--with-feedback",
+                         "--read-timeout", "20", "--threads", "1", "--json", str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert (metrics["events"], metrics["anomalous_events"]) == (len(events) - 4, 4)
+    assert "4 events of incidents without a verdict replayed but not evaluated" in capsys.readouterr().out
+
 
 def test_retrain_without_a_challenger_needs_the_input_topic(tmp_path: Path, capsys) -> None:
     from test_artifacts import save_tiny

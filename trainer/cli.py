@@ -218,10 +218,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     from .nab import read_windows
 
-    if not args.csv and not args.jsonl:
-        print("trainer: give --csv PATH (a labelled CSV) or --jsonl PATH (a labelled topic dump)", file=sys.stderr)
+    if not args.csv and not args.jsonl and not args.from_topic:
+        print("trainer: give --csv PATH (a labelled CSV), --jsonl PATH (a labelled topic dump) or --from-topic TOPIC "
+              "--with-feedback (the topic, labelled by operators' verdicts)", file=sys.stderr)
         return 2
-    if not args.label_column and not args.nab_windows and not args.jsonl:
+    if args.from_topic and not args.with_feedback:
+        print("trainer: evaluate --from-topic needs --with-feedback: the labels are the operators' verdicts",
+              file=sys.stderr)
+        return 2
+    if not args.label_column and not args.nab_windows and not args.jsonl and not args.from_topic:
         print("trainer: give --label-column (the 0/1 anomaly label) or --nab-windows (NAB's windows JSON)",
               file=sys.stderr)
         return 2
@@ -231,7 +236,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     configure_threads(args.threads)
     started = time.perf_counter()
     artifact = load_artifact(args.model_dir)
-    data = _jsonl_data(args, artifact.profile) if args.jsonl else load_csv(args.csv, artifact.profile, _spec(args))
+    unreviewed: set[str] = set()
+    if args.from_topic:  # labels: events of true_positive incidents 1, the rest 0; unreviewed incidents left out
+        read = _topic_data(args, artifact.profile)
+        data, unreviewed = read.data, read.unreviewed
+    elif args.jsonl:
+        data = _jsonl_data(args, artifact.profile)
+    else:
+        data = load_csv(args.csv, artifact.profile, _spec(args))
     if not data.events:
         print("trainer: no valid events in the input", file=sys.stderr)
         return 2
@@ -264,6 +276,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     max_keys=args.max_keys, threshold=policy)
     result.evaluated = evaluation_mask(data.events, args.warmup_rows_per_key, _time_flag(args.eval_from),
                                        _time_flag(args.eval_until))
+    if unreviewed:
+        result.evaluated &= np.array([e.event_id not in unreviewed for e in data.events], dtype=bool)
+        print(f"--with-feedback: {len(unreviewed)} events of incidents without a verdict replayed but not evaluated")
     metrics = evaluate(result)
     nab = nab_evaluation(result, window_ids, args.nab_probation)
     print(f"evaluated {artifact.kind} {artifact.version} on {metrics['events']} events of {metrics['keys']} keys "
@@ -299,6 +314,22 @@ from trainer.lifecycle_cli import add_lifecycle_commands  # noqa: E402
 from trainer.registry_cli import (  # noqa: E402  (registry subcommands live in their own module)
     _register_trained, _registry_train_flags, _signing_key, add_registry_commands,
 )
+
+
+def _evaluate_topic_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-topic", metavar="TOPIC",
+                   help="evaluate on this topic's history (as train --from-topic reads it), labelled by the feedback "
+                        "topic's verdicts: needs --with-feedback")
+    p.add_argument("--with-feedback", action="store_true",
+                   help="--from-topic: events of true_positive incidents are anomalies, those of false_positive ones "
+                        "and every event never alerted on normal; events of incidents without a verdict are "
+                        "replayed but not evaluated")
+    p.add_argument("--since", metavar="TIME", help="--from-topic: first record time")
+    p.add_argument("--until", metavar="TIME", help="--from-topic: records before this time")
+    p.add_argument("--config", metavar="FILE", help="--from-topic: TOML settings file, as for stream-detector")
+    p.add_argument("--bootstrap-servers", metavar="SERVERS", help="--from-topic: Kafka bootstrap servers")
+    p.add_argument("--alerts-topic", metavar="TOPIC", help="--from-topic: the alerts topic naming incidents' events")
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="replay a labelled CSV through a model and the detector; report quality")
     e.add_argument("--model-dir", default="artifacts/model", help="artifact version directory, or a model directory")
     _csv_flags(e)
+    _evaluate_topic_flags(e)
     e.add_argument("--warmup-rows-per-key", type=int, default=0,
                    help="replay but do not evaluate each key's first N events (SKAB: 400, the training part)")
     e.add_argument("--eval-from", help="evaluate events from this time on (ISO-8601 or epoch seconds)")

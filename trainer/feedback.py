@@ -55,3 +55,14 @@ def apply_verdicts(event_ids: Sequence[str], labels: Sequence[int], verdicts: Ma
         else:
             out.append(int(label))
     return out, counts
+
+
+def unreviewed_events(alerts: Iterable[Mapping[str, Any]], verdicts: Mapping[str, Feedback]) -> set[str]:
+    """Events of incidents with no true_positive or false_positive verdict: alerted on, but nobody
+    said whether rightly, so an evaluation by verdicts leaves them out."""
+    reviewed = {i for i, f in verdicts.items() if f.verdict in (TRUE_POSITIVE, FALSE_POSITIVE)}
+    out: set[str] = set()
+    for incident, events in incident_events(alerts).items():
+        if incident not in reviewed:
+            out |= events
+    return out

@@ -53,6 +53,7 @@ class TopicRead:
     partitions: dict[int, tuple[int, int]] = field(default_factory=dict)  # partition -> [start, end) offsets
     alerted: int | None = None  # --exclude-alerted: events the served model alerted on
     verdicts: dict[str, int] | None = None  # --with-feedback: verdicts read and events relabelled
+    unreviewed: set[str] = field(default_factory=set)  # --with-feedback: events of incidents without a verdict
 
     def describe(self) -> dict[str, Any]:
         out = self.data.describe()

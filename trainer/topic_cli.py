@@ -28,7 +28,7 @@ def _topic_flags(p: argparse.ArgumentParser) -> None:
                    help="--from-topic: label the events the served model alerted on (the event_ids of the alerts "
                         "topic's messages) anomalous, so unsupervised training leaves their windows out")
     p.add_argument("--alerts-topic", metavar="TOPIC",
-                   help="--exclude-alerted: the alerts topic (default: the alerts_topic setting)")
+                   help="--exclude-alerted, --with-feedback: the alerts topic (default: the alerts_topic setting)")
     p.add_argument("--with-feedback", action="store_true",
                    help="--from-topic: apply operators' verdicts from the feedback topic (stream-detector ack): events "
                         "of false_positive incidents are normal training data, those of true_positive ones anomalous")
@@ -46,8 +46,8 @@ def _topic_data(args: argparse.Namespace, profile: str | Profile) -> TopicRead:
         settings = Settings.load(args.config, overrides={"bootstrap_servers": args.bootstrap_servers})
     except (ValueError, SettingsError) as exc:
         raise SystemExit(f"trainer: {exc}") from None
-    if args.alerts_topic and not args.exclude_alerted:
-        raise SystemExit("trainer: --alerts-topic needs --exclude-alerted")
+    if args.alerts_topic and not (getattr(args, "exclude_alerted", False) or getattr(args, "with_feedback", False)):
+        raise SystemExit("trainer: --alerts-topic needs --exclude-alerted or --with-feedback")
     if since is not None and until is not None and until <= since:
         raise SystemExit("trainer: --until must be after --since")
     fields = [f for f in args.fields.split(",") if f] if getattr(args, "fields", None) else None
@@ -60,7 +60,7 @@ def _topic_data(args: argparse.Namespace, profile: str | Profile) -> TopicRead:
     counts = ", ".join(f"{reason} {n}" for reason, n in sorted(refused.items())) or "none"
     print(f"--from-topic {args.from_topic}: {read.records} records read from {len(read.partitions)} partition(s); "
           f"{sum(refused.values())} refused ({counts}); {len(read.data.events)} events", flush=True, file=sys.stdout)
-    if args.exclude_alerted:
+    if getattr(args, "exclude_alerted", False):
         alerts_topic = args.alerts_topic or settings.alerts_topic
         try:
             ids, messages, unreadable = alerted_event_ids(settings.bootstrap_servers, alerts_topic,
@@ -81,7 +81,7 @@ def _apply_topic_feedback(args: argparse.Namespace, settings: Settings, read: To
     from the alerts topic. Verdicts win over ``--exclude-alerted``: a false alarm's events are normal."""
     from stream_detector.kafka.security import client_config
 
-    from .feedback import apply_verdicts
+    from .feedback import apply_verdicts, unreviewed_events
 
     feedback_topic = settings.feedback_topic_name
     alerts_topic = args.alerts_topic or settings.alerts_topic
@@ -89,12 +89,12 @@ def _apply_topic_feedback(args: argparse.Namespace, settings: Settings, read: To
     try:
         verdicts, invalid = read_verdicts(settings.bootstrap_servers, feedback_topic, config, args.read_timeout)
         alerts = [doc for _, doc in read_json_records(settings.bootstrap_servers, alerts_topic,
-                                                      client_config=config, timeout_s=args.read_timeout)[0]] \
-            if verdicts else []
+                                                      client_config=config, timeout_s=args.read_timeout)[0]]
     except (ValueError, TimeoutError) as exc:
         raise SystemExit(f"trainer: --with-feedback: {exc}") from None
     read.data.labels, relabelled = apply_verdicts([e.event_id for e in read.data.events], read.data.labels,
                                                   verdicts, alerts)
+    read.unreviewed = unreviewed_events(alerts, verdicts)
     if read.alerted is not None:
         read.alerted = sum(read.data.labels)  # left out after the verdicts: false alarms are kept
     read.verdicts = {"verdicts": len(verdicts), "invalid_messages": invalid,
