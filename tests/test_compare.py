@@ -119,6 +119,9 @@ def test_worker_metrics_give_both_models_over_threshold_rates_and_the_agreement(
     assert result.agreement["neither"] == pytest.approx(0.968)
     assert gate(result, GateConfig(min_challenger_windows=1000))[0]
     assert not gate(result, GateConfig(min_challenger_windows=1001))[0]
+    result.challenger.over_threshold_rate = 0.05  # now it alarms more often than the champion, window by window
+    passed, reasons = gate(result, GateConfig())
+    assert not passed and "judged 5.000 % of windows over its threshold, the champion 3.000 %" in reasons[0]
 
 
 def _registry(tmp_path: Path) -> Path:

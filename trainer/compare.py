@@ -18,9 +18,10 @@ Operators give verdicts on the champion's incidents only (those are the ones the
   say whether those were real, so the gate bounds them through the total alarm ratio.
 
 The gate (:func:`gate`) promotes a challenger that has shadowed long enough, raised no more
-incidents than ``max_alarm_ratio`` times the champion's (plus one, so that a champion with no
-incident does not block a challenger with none), and missed at most ``max_missed_true_positives`` of
-the champion's confirmed anomalies.
+incidents than ``max_alarm_ratio`` times the champion's (one when the champion raised none), missed
+at most ``max_missed_true_positives`` of the champion's confirmed anomalies and, when the workers'
+shadow counters were read, judged no larger share of windows over its threshold than
+``max_over_ratio`` times the champion's share.
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class GateConfig:
     max_alarm_ratio: float = 1.0
     max_missed_true_positives: int = 0
     min_challenger_windows: float = 0.0  # needs the workers' metrics when above 0
+    max_over_ratio: float = 1.0  # with the workers' metrics: challenger's over-threshold rate per champion's
 
 
 def gate(result: Comparison, config: GateConfig) -> tuple[bool, list[str]]:
@@ -194,6 +196,10 @@ def gate(result: Comparison, config: GateConfig) -> tuple[bool, list[str]]:
                            f"{config.min_challenger_windows:g} windows")
         elif judged < config.min_challenger_windows:
             reasons.append(f"the challenger judged {judged:g} windows, the gate needs {config.min_challenger_windows:g}")
+    over = (result.champion.over_threshold_rate, result.challenger.over_threshold_rate)
+    if over[0] is not None and over[1] is not None and over[1] > config.max_over_ratio * over[0]:
+        reasons.append(f"the challenger judged {100 * over[1]:.3f} % of windows over its threshold, the champion "
+                       f"{100 * over[0]:.3f} % (at most {config.max_over_ratio:g} times as many allowed)")
     return not reasons, reasons
 
 

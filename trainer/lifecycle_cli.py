@@ -41,11 +41,14 @@ def _gate_flags(p: argparse.ArgumentParser) -> None:
                    help="champion incidents confirmed true_positive that the challenger may miss")
     p.add_argument("--min-challenger-windows", type=float, default=0.0,
                    help="windows the challenger must have judged (read from --metrics-url)")
+    p.add_argument("--max-over-ratio", type=float, default=1.0,
+                   help="with --metrics-url: the challenger's share of windows over its threshold may be at most "
+                        "this many times the champion's")
 
 
 def _gate_config(args: argparse.Namespace) -> GateConfig:
     return GateConfig(args.min_shadow_s, args.max_alarm_ratio, args.max_missed_true_positives,
-                      args.min_challenger_windows)
+                      args.min_challenger_windows, args.max_over_ratio)
 
 
 def _inputs(args: argparse.Namespace) -> CompareInputs:
