@@ -84,7 +84,7 @@ def test_retrain_sets_a_challenger_gates_it_on_the_shadow_record_and_feeds_verdi
     assert trainer_main(["compare", "--model-dir", str(models), "--min-shadow-s", "0",
                          "--json", str(tmp_path / "cmp.json")]) == 0
     report = capsys.readouterr().out
-    assert "the challenger would have alarmed less and missed no confirmed anomaly" in report
+    assert "the challenger would have opened fewer incidents and missed no confirmed anomaly" in report
     cmp = json.loads((tmp_path / "cmp.json").read_text())
     c = cmp["comparison"]
     assert (c["champion"]["incidents"], c["challenger"]["incidents"], c["matched"]) == (3, 1, 1)

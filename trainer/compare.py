@@ -233,26 +233,40 @@ def format_comparison(result: Comparison) -> str:
         return f"{100 * counts.over_threshold_rate:.3f} % of {counts.windows_judged:.0f} windows"
 
     hours = result.shadow_seconds / 3600.0
+    w = max(16, len(str(result.champion.version)), len(str(result.challenger.version)), len(rate(result.champion)),
+            len(rate(result.challenger)))
+
+    def row(name: str, a: object, b: object) -> str:
+        return f"{name:24s} {str(a):>{w}s} {str(b):>{w}s}"
+
+    per_hour = [f"{c.incidents / hours:.2f}" if hours else "-" for c in (result.champion, result.challenger)]
     lines = [f"shadow period: {result.shadow_seconds:.0f} s",
-             f"{'':24s} {'champion':>16s} {'challenger':>16s}",
-             f"{'version':24s} {str(result.champion.version):>16s} {str(result.challenger.version):>16s}",
-             f"{'incidents opened':24s} {result.champion.incidents:>16d} {result.challenger.incidents:>16d}",
-             f"{'incidents per hour':24s} {result.champion.incidents / hours if hours else 0:>16.2f} "
-             f"{result.challenger.incidents / hours if hours else 0:>16.2f}",
-             f"{'windows over threshold':24s} {result.champion.windows_over:>16d} {result.challenger.windows_over:>16d}",
-             f"{'keys alerted':24s} {result.champion.keys:>16d} {result.challenger.keys:>16d}",
-             f"{'over-threshold rate':24s} {rate(result.champion):>16s} {rate(result.challenger):>16s}",
+             row("", "champion", "challenger"),
+             row("version", result.champion.version, result.challenger.version),
+             row("incidents opened", result.champion.incidents, result.challenger.incidents),
+             row("incidents per hour", *per_hour),
+             row("windows over threshold", result.champion.windows_over, result.challenger.windows_over),
+             row("keys alerted", result.champion.keys, result.challenger.keys),
+             row("over-threshold rate", rate(result.champion), rate(result.challenger)),
              f"incidents both raised: {result.matched}; champion only: {result.champion_only}; "
              f"challenger only: {result.challenger_only}",
              f"verdicts on the champion's incidents: {result.false_positives} false_positive "
              f"({result.false_positives_avoided} the challenger would have spared), {result.true_positives} "
              f"true_positive ({result.true_positives_missed} the challenger would have missed)"]
     if result.agreement:
-        lines.append("window agreement (workers' metrics): " +
+        lines.append("window agreement (workers' metrics, since they started): " +
                      ", ".join(f"{k} {100 * v:.2f} %" for k, v in result.agreement.items()))
-    fewer = result.challenger.incidents < result.champion.incidents
-    more = result.challenger.incidents > result.champion.incidents
-    lines.append("the challenger would have alarmed " + ("less" if fewer else "more" if more else "as often") +
-                 (" and missed " + str(result.true_positives_missed) + " confirmed anomalies"
-                  if result.true_positives_missed else " and missed no confirmed anomaly"))
+
+    def compared(a: float, b: float, fewer: str, more: str, same: str) -> str:
+        return fewer if b < a else more if b > a else same
+
+    verdict = "the challenger would have opened " + compared(result.champion.incidents, result.challenger.incidents,
+                                                             "fewer incidents", "more incidents", "as many incidents")
+    rates = (result.champion.over_threshold_rate, result.challenger.over_threshold_rate)
+    if rates[0] is not None and rates[1] is not None:
+        verdict += ", judged " + compared(rates[0], rates[1], "a smaller", "a larger", "the same") + \
+            " share of windows over threshold"
+    verdict += (f" and missed {result.true_positives_missed} confirmed anomalies" if result.true_positives_missed
+                else " and missed no confirmed anomaly")
+    lines.append(verdict)
     return "\n".join(lines)
