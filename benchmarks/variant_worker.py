@@ -108,6 +108,9 @@ def ceiling_app(settings: Settings, service, input_partitions: int = 1):
                      broker_commit_interval=1.0, stream_buffer_maxsize=settings.stream_buffer_max, loghandlers=[],
                      consumer_fast_path=False,  # keeps Faust's monitor and producer buffer
                      consumer_fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    # run_worker creates the changelog topic of the worker's window table before the app starts: the
+    # table is declared (never written), as the worker declares it.
+    app.Table("windows", partitions=input_partitions, key_type=bytes, value_type=bytes)
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
     consumed = service.metrics.events_consumed
 
