@@ -70,7 +70,7 @@ from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, RawRecord
 from .kafka import faust_fixes
-from .kafka.faust_app import DetectorApp, check_versions
+from .kafka.faust_app import DetectorApp, DetectorWorker, check_versions
 from .kafka.faust_fastpath import RawEvents
 from .kafka.admin import committed_offsets, ensure_topics, partition_count
 from .kafka.output import OutputProducer
@@ -431,9 +431,8 @@ def run_worker(settings: Settings) -> None:
            if settings.lag_exporter else None)
     # override_logging=False: Faust keeps the root handler set up above instead of installing its own
     # (colored, stdout) one, so its records share the worker's format (text or JSON lines).
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
-                          override_logging=False)
-    worker.spinner = None  # its terminal escapes (cursor hide/show) would land in non-tty logs too
+    worker = DetectorWorker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
+                            override_logging=False)
     if lag is not None:
         lag.start()
     # The objects made so far (imports, model, app: about 190,000) live as long as the process. A full

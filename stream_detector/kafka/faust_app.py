@@ -10,6 +10,7 @@ by assigning to Faust's, mode's or aiokafka's classes or modules.
   (a rebalance race that lost events: always, it is a fix, not a speed-up).
 - :meth:`DetectorApp.on_init_dependencies` takes Faust's monitor off the per-event sensors with the
   fast path.
+- :class:`DetectorWorker` is Faust's worker without its terminal spinner.
 
 The classes override Faust internals written for one faust-streaming (and the mode-streaming it
 runs on), so :func:`check_versions` refuses any other: the app cannot be built there.
@@ -75,6 +76,11 @@ class DetectorApp(faust.App):
 
     Settings = DetectorSettings
 
+    #: Set by :func:`stream_detector.worker.create_app`: the worker's own producer (alerts, dead
+    #: letters, snapshots), closed once the worker stops, and its batch pipeline.
+    output: Any = None
+    pipeline: Any = None
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_versions()
         super().__init__(*args, **kwargs)
@@ -100,3 +106,12 @@ class DetectorApp(faust.App):
         if self.conf.consumer_fast_path:
             self.sensors.remove(self.monitor)
         return services
+
+
+class DetectorWorker(faust.Worker):
+    """Faust's worker without its terminal progress spinner, whose escape codes (cursor hide and
+    show) would land in the logs too when they are not a terminal."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spinner = None
