@@ -73,6 +73,7 @@ from mode import Service, ServiceT
 #: Faust's own wait (the value it hard-codes), for apps whose settings do not name one.
 FAUST_FETCH_MAX_WAIT_MS = 1500
 
+
 @types.coroutine
 def _resume(coro: Coroutine[Any, Any, Any], pending: Any) -> Generator[Any, Any, Any]:
     """The rest of ``coro``, which has run up to yielding ``pending`` (what it waits for).
@@ -218,6 +219,7 @@ class FetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """
 
     def fetch_max_wait_ms(self) -> int:
+        """The wait in ms: the app's setting, or Faust's own for an app without it."""
         return int(getattr(self.app.conf, "consumer_fetch_max_wait_ms", FAUST_FETCH_MAX_WAIT_MS))
 
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
@@ -311,6 +313,8 @@ class FastConsumer(Consumer):
         return await super()._wait_next_records(timeout)
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:
+        """The fetcher's loop (started by Faust's ``Fetcher``): fetch, then deliver each record to
+        its stream, without a task per record where the delivery does not wait (module docstring)."""
         # Faust 0.15.3's Consumer._drain_messages with Consumer.getmany inlined; the delivery and the
         # per-partition steps differ (see the module docstring).
         callback = self.callback
