@@ -87,18 +87,30 @@ def full_decoder_scorer(service):
 
 def ceiling_app(settings: Settings, service, input_partitions: int = 1):
     """The worker's Faust app with an agent that takes batches and counts them, nothing else."""
-    import faust
-
     from stream_detector.batching import adaptive_batches
     from stream_detector.kafka import faust_fastpath
+    from stream_detector.kafka.faust_app import DetectorApp
 
-    if settings.consumer_fast_path:
-        faust_fastpath.install()
-    app = faust.App(settings.consumer_group, broker=worker_module._broker_url(settings.bootstrap_servers),
-                    autodiscover=False, store="memory://", web_enabled=False, value_serializer="raw",
-                    key_serializer="raw", consumer_auto_offset_reset=settings.auto_offset_reset,
-                    broker_commit_interval=1.0, stream_buffer_maxsize=settings.stream_buffer_max, loghandlers=[])
-    faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
+    class CeilingTransport(faust_fastpath.Transport):
+        # The fast delivery loop and the fetch wait, but Faust's producer (and, below, its monitor):
+        # the ceiling as it has always been measured, Faust's per-event work included.
+        Consumer = faust_fastpath.FastConsumer
+
+    class CeilingApp(DetectorApp):
+        def _new_transport(self):
+            if settings.consumer_fast_path:
+                return CeilingTransport(self.conf.broker_consumer, self)
+            return super()._new_transport()
+
+    app = CeilingApp(settings.consumer_group, broker=worker_module._broker_url(settings.bootstrap_servers),
+                     autodiscover=False, store="memory://", web_enabled=False, value_serializer="raw",
+                     key_serializer="raw", consumer_auto_offset_reset=settings.auto_offset_reset,
+                     broker_commit_interval=1.0, stream_buffer_maxsize=settings.stream_buffer_max, loghandlers=[],
+                     consumer_fast_path=False,  # keeps Faust's monitor and producer buffer
+                     consumer_fetch_max_wait_ms=settings.fetch_max_wait_ms)
+    # run_worker creates the changelog topic of the worker's window table before the app starts: the
+    # table is declared (never written), as the worker declares it.
+    app.Table("windows", partitions=input_partitions, key_type=bytes, value_type=bytes)
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw")
     consumed = service.metrics.events_consumed
 

@@ -86,12 +86,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level, settings.log_json)
     from .artifacts import ArtifactError
+    from .errors import UnsupportedDependency
     from .worker import run_worker
 
     log.info("settings: %s", settings.redacted())
     try:
         run_worker(settings)
     except ArtifactError as exc:  # no servable model (champion refused, none trained, bad key): say why
+        log.error("cannot start: %s", exc)
+        return 2
+    except UnsupportedDependency as exc:  # an untested faust-streaming or mode-streaming
         log.error("cannot start: %s", exc)
         return 2
     return 0

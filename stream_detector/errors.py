@@ -50,3 +50,9 @@ class BatchFailed(StreamDetectorError):
 class RegistryUnavailable(StreamDetectorError):
     """The schema registry could not be asked (down, unreachable, refusing our credentials): the
     message may be valid, so it is never dead-lettered; its batch fails instead (and is redelivered)."""
+
+
+class UnsupportedDependency(StreamDetectorError, RuntimeError):
+    """An installed library outside the versions the worker was tested with (its Faust classes
+    override methods of that library's own, so another version may not run them correctly): the
+    worker refuses to start and says which versions it takes."""

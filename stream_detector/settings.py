@@ -327,9 +327,10 @@ class Settings:
     )
     consumer_fast_path: bool = field(
         default=True, metadata=_doc("Faust's fetcher hands each event to the stream without the four tasks per "
-                                    "event of its `wait_first` (blocking deliveries still go through it): "
-                                    "`stream_detector/kafka/faust_fastpath.py`. Installed only on the pinned "
-                                    "faust-streaming version.")
+                                    "event of its `wait_first` (blocking deliveries still go through it), "
+                                    "through the worker's own Faust transport "
+                                    "(`stream_detector/kafka/faust_fastpath.py`). Off: Faust's own consumer "
+                                    "and producer classes.")
     )
     stream_buffer_max: int = field(
         default=65_536, metadata=_doc("Events fetched ahead and waiting for the agent (Faust's "

@@ -28,12 +28,13 @@ while the next is windowed. (Two row buffers in the detector keep k-1's windows
 intact while k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
 
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
-events (faust-streaming issue #606). Faust's consumer itself is kept up by
-:mod:`~stream_detector.kafka.faust_fastpath` (per-event delivery without tasks, a fetcher that
-wakes when a paused partition resumes, a short broker fetch wait) and a stream buffer larger
-than one fetch. :mod:`~stream_detector.kafka.faust_fixes` fixes a race in Faust's rebalance
-recovery that dropped the first events fetched for a new assignment, and reads a changelog
-partition again when its restore stalls.
+events (faust-streaming issue #606). The app is a :class:`~stream_detector.kafka.faust_app.DetectorApp`,
+Faust's app given the project's classes through Faust's extension points: its consumer is kept up
+by :mod:`~stream_detector.kafka.faust_fastpath`'s transport (per-event delivery without tasks, a
+fetcher that wakes when a paused partition resumes, a short broker fetch wait) and a stream buffer
+larger than one fetch; its flow control (:mod:`~stream_detector.kafka.faust_fixes`) fixes a race in
+Faust's rebalance recovery that dropped the first events fetched for a new assignment; and the
+worker reads a changelog partition again when its restore stalls.
 
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), the keys that first changed ``state_flush_s`` ago or more (1 s
@@ -68,7 +69,9 @@ from .artifacts import ArtifactError, ModelArtifact, load_artifact, read_signing
 from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, RawRecord
-from .kafka import faust_fastpath, faust_fixes
+from .kafka import faust_fixes
+from .kafka.faust_app import DetectorApp, DetectorWorker, check_versions
+from .kafka.faust_fastpath import RawEvents
 from .kafka.admin import committed_offsets, ensure_topics, partition_count
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
@@ -218,19 +221,18 @@ class DetectorService:
 
 
 def create_app(settings: Settings, service: DetectorService, input_partitions: int = 1) -> faust.App:
-    """The Faust app; its ``output`` attribute is the producer to close once the worker stops."""
-    faust_fixes.install()  # a rebalance race that loses events (always: it is a fix, not a speed-up)
-    if settings.consumer_fast_path:
-        faust_fastpath.install()
-    else:
-        faust_fastpath.uninstall()
+    """The Faust app; its ``output`` attribute is the producer to close once the worker stops.
+
+    Raises :class:`~stream_detector.errors.UnsupportedDependency` on an untested faust-streaming or
+    mode-streaming (:func:`~stream_detector.kafka.faust_app.check_versions`).
+    """
     # Passthrough client properties aiokafka has an equivalent of; the rest reach only the librdkafka clients.
     passthrough, not_passed = faust_options(settings)
     if not_passed:
         log.info("client properties not passed to the Faust consumer (aiokafka has no equivalent): %s",
                  ", ".join(not_passed))
     heartbeat_s = passthrough.pop("broker_heartbeat_interval", min(3.0, settings.session_timeout_s / 3))
-    app = faust.App(
+    app = DetectorApp(
         settings.consumer_group,
         broker=_broker_url(settings.bootstrap_servers),
         broker_credentials=faust_credentials(settings),
@@ -251,14 +253,14 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         table_standby_replicas=0,
         stream_buffer_maxsize=settings.stream_buffer_max,
         loghandlers=[],
+        # The project's transport, producer buffer and sensors with the fast path; Faust's without.
+        consumer_fast_path=settings.consumer_fast_path,
+        consumer_fetch_max_wait_ms=settings.fetch_max_wait_ms,
         **passthrough,
     )
-    faust_fastpath.set_fetch_max_wait(app, settings.fetch_max_wait_ms)
-    if settings.consumer_fast_path:
-        faust_fastpath.skip_unused_per_event_work(app)
     # The worker reads each event's message bytes itself; with the fast path Faust does not decode them.
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw",
-                       schema=faust_fastpath.RawEvents() if settings.consumer_fast_path else None)
+                       schema=RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
     out = app.output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"))
     detector, metrics = service.detector, service.metrics
@@ -321,11 +323,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 await asyncio.sleep(0.005)
 
     watching_recoveries: list[asyncio.Future] = []
+    reread_at: dict = {}  # per changelog partition, when it was last read again
 
     async def watch_recoveries() -> None:
         while not app.should_stop:
             await app.sleep(5.0)
-            await faust_fixes.reread_stalled_changelogs(app, time.monotonic())
+            await faust_fixes.reread_stalled_changelogs(app, time.monotonic(), reread_at)
 
     @app.on_partitions_assigned.connect
     async def start_watching_recoveries(_app: faust.App, assigned: set, **_: Any) -> None:
@@ -384,6 +387,7 @@ def run_worker(settings: Settings) -> None:
 
     # Idempotent; makes the log format right also when run_worker is called without the CLI.
     setup_logging(settings.log_level, json_logs=settings.log_json)
+    check_versions()  # before anything is created: an untested Faust refuses to start
     admin_config = client_config(settings, "admin")
     topics = {settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1,
               settings.feedback_topic_name: 1}
@@ -427,9 +431,8 @@ def run_worker(settings: Settings) -> None:
            if settings.lag_exporter else None)
     # override_logging=False: Faust keeps the root handler set up above instead of installing its own
     # (colored, stdout) one, so its records share the worker's format (text or JSON lines).
-    worker = faust.Worker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
-                          override_logging=False)
-    worker.spinner = None  # its terminal escapes (cursor hide/show) would land in non-tty logs too
+    worker = DetectorWorker(app, loglevel=settings.log_level.upper(), quiet=True, redirect_stdouts=False,
+                            override_logging=False)
     if lag is not None:
         lag.start()
     # The objects made so far (imports, model, app: about 190,000) live as long as the process. A full

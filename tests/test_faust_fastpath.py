@@ -145,111 +145,98 @@ def test_a_blocked_delivery_is_abandoned_when_flow_is_suspended_like_faust_does(
     assert finished == [] and cancelled
 
 
-def test_installs_only_on_the_pinned_faust_version_and_uninstalls_cleanly(monkeypatch):
-    from faust.transport.consumer import Consumer
+def _app(name: str, **settings):
+    import time
 
-    original = Consumer._drain_messages
-    faust_fastpath.uninstall()
-    try:
-        assert faust_fastpath.install() is True
-        assert Consumer._drain_messages is not original
-        assert Consumer._drain_messages.__wrapped__ is original
-        assert faust_fastpath.install() is True  # idempotent
-        faust_fastpath.uninstall()
-        assert Consumer._drain_messages is original
+    from stream_detector.kafka.faust_app import DetectorApp
 
-        monkeypatch.setattr(faust_fastpath, "SUPPORTED_VERSIONS", ("0.0.0",))
-        assert faust_fastpath.install() is False
-        assert Consumer._drain_messages is original
-    finally:
-        faust_fastpath.uninstall()
-        Consumer._drain_messages = original
+    return DetectorApp(f"{name}-{time.time_ns()}", broker="kafka://127.0.0.1:9", store="memory://",
+                       web_enabled=False, loghandlers=[], **settings)
 
 
-class PausedConsumer:
-    """The parts of Faust's consumer that the fetch wait reads: every partition paused (buffered)."""
+class ProbeConsumer(faust_fastpath.FastConsumer):
+    """The fast consumer with the broker fetch replaced by a count (the one step that needs a broker)."""
 
-    def __init__(self) -> None:
-        self.flow_active = True
-        self.app = type("App", (), {"client_only": False})()
-        self._buffered_partitions = {"tp0", "tp1"}
-        self._active: set = set()
-        self.fetched = 0
+    fetched = 0
 
-    def _get_active_partitions(self) -> set:
-        return self._active
-
-    async def wait_for_stopped(self, event: asyncio.Event, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
-        return False
+    async def _getmany(self, active_partitions, timeout):
+        self.fetched += 1
+        return {"records": True}
 
 
-async def _original_wait_next_records(self, timeout):
-    self.fetched += 1
-    return {"records": True}, set(self._active)
+def _paused_consumer() -> ProbeConsumer:
+    """A fast consumer whose two partitions are both paused for full stream buffers, as Faust pauses them."""
+    from faust.types import TP
 
-
-def _original_on_buffer_drop(self, tp):
-    self._buffered_partitions.discard(tp)
-    self._active.add(tp)
+    app = _app("paused", consumer_fast_path=True)
+    consumer = ProbeConsumer(app.transport, callback=app.topics.on_message,
+                             on_partitions_revoked=lambda revoked: None,
+                             on_partitions_assigned=lambda assigned: None)
+    tps = {TP("input", 0), TP("input", 1)}
+    consumer._set_active_tps(tps)
+    for tp in tps:
+        consumer.on_buffer_full(tp)
+    assert consumer._get_active_partitions() == set() and consumer._buffered_partitions == tps
+    return consumer
 
 
 def test_a_paused_fetcher_fetches_as_soon_as_a_stream_buffer_drains_not_a_second_later():
-    wait_next = faust_fastpath._resumable_wait_next_records(_original_wait_next_records)
-    on_drop = faust_fastpath._waking_on_buffer_drop(_original_on_buffer_drop)
+    from faust.types import TP
 
     async def main():
-        consumer = PausedConsumer()
+        consumer = _paused_consumer()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        loop.call_later(0.05, on_drop, consumer, "tp0")
-        result = await wait_next(consumer, 1.0)
+        loop.call_later(0.05, consumer.on_buffer_drop, TP("input", 0))
+        result = await consumer._wait_next_records(1.0)
         return loop.time() - started, result, consumer.fetched
 
     waited, result, fetched = run(main())
     assert 0.04 <= waited < 0.5  # Faust's own loop sleeps a full second here
-    assert result == ({"records": True}, {"tp0"}) and fetched == 1
+    assert result == ({"records": True}, {TP("input", 0)}) and fetched == 1
 
 
 def test_a_paused_fetcher_with_no_drain_returns_nothing_after_its_timeout():
-    wait_next = faust_fastpath._resumable_wait_next_records(_original_wait_next_records)
-
     async def main():
-        consumer = PausedConsumer()
-        return await wait_next(consumer, 0.05), consumer.fetched
+        consumer = _paused_consumer()
+        return await consumer._wait_next_records(0.05), consumer.fetched
 
     assert run(main()) == (({}, set()), 0)
 
 
 def test_an_unpaused_fetcher_goes_straight_to_faust_fetch():
-    wait_next = faust_fastpath._resumable_wait_next_records(_original_wait_next_records)
+    from faust.types import TP
 
     async def main():
-        consumer = PausedConsumer()
-        consumer._buffered_partitions.clear()
-        consumer._active = {"tp0"}
-        return await wait_next(consumer, 1.0), consumer.fetched
+        consumer = _paused_consumer()
+        for tp in (TP("input", 0), TP("input", 1)):
+            consumer.on_buffer_drop(tp)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await consumer._wait_next_records(1.0)
+        return loop.time() - started, result, consumer.fetched
 
-    assert run(main()) == (({"records": True}, {"tp0"}), 1)
+    waited, result, fetched = run(main())
+    assert waited < 0.5 and result == ({"records": True}, {TP("input", 0), TP("input", 1)}) and fetched == 1
 
 
-def test_fetch_max_wait_applies_to_the_configured_app_only():
+def test_the_fetch_wait_comes_from_the_app_settings_and_is_fausts_elsewhere():
     import faust
 
     async def main():
-        apps = [faust.App(f"fetch-wait-{i}", broker="kafka://127.0.0.1:9", store="memory://",
-                          web_enabled=False, loghandlers=[]) for i in range(2)]
-        assert faust_fastpath.set_fetch_max_wait(apps[0], 20) is True
+        apps = [_app("fetch-wait", consumer_fetch_max_wait_ms=20),
+                _app("fetch-wait", consumer_fast_path=True, consumer_fetch_max_wait_ms=20),
+                _app("fetch-wait"),
+                faust.App("fetch-wait-plain", broker="kafka://127.0.0.1:9", store="memory://", web_enabled=False,
+                          loghandlers=[])]
         waits = []
         for app in apps:
             consumer = app.consumer._thread._create_worker_consumer(app.transport)
             waits.append(consumer._fetch_max_wait_ms)
+            await consumer.stop()
         return waits
 
-    assert run(main()) == [20, 1500]  # 1,500: Faust's own
+    assert run(main()) == [20, 20, 1500, 1500]  # 1,500: Faust's own
 
 
 def test_raw_events_carry_the_message_bytes_undecoded_even_when_they_are_not_json():
@@ -271,15 +258,10 @@ def test_raw_events_carry_the_message_bytes_undecoded_even_when_they_are_not_jso
     assert event.key is None and event.value is None and event.message is empty
 
 
-def _direct_delivery_setup(schema):
-    import time
-
-    import faust
+def _direct_delivery_setup(schema, fast_path: bool = True):
     from faust.types import TP
 
-    app = faust.App(f"direct-{time.time_ns()}", store="memory://", web_enabled=False,
-                    stream_buffer_maxsize=4)
-    faust_fastpath.skip_unused_per_event_work(app)
+    app = _app("direct", stream_buffer_maxsize=4, consumer_fast_path=fast_path)
     topic = app.topic("input", key_serializer="raw", value_serializer="raw", schema=schema)
     tp = TP("input", 0)
     app.topics._tp_index[tp].add(topic)
@@ -305,10 +287,13 @@ def test_a_raw_events_partition_is_delivered_straight_to_its_queue_with_the_refe
     run(main())
 
 
-def test_the_conductor_delivers_when_the_topic_decodes_or_its_handler_map_is_being_updated():
+def test_the_conductor_delivers_when_the_topic_decodes_faust_may_buffer_output_or_its_handler_map_is_being_updated():
     async def main():
         app, topic, tp = _direct_delivery_setup(None)
         assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is None  # Faust decodes: its path
+        # Faust's own producer buffer (fast path off): deliveries wait for it to drain, in the conductor.
+        app, topic, tp = _direct_delivery_setup(faust_fastpath.RawEvents(), fast_path=False)
+        assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is None
         app, topic, tp = _direct_delivery_setup(faust_fastpath.RawEvents())
         async with app.topics._tp_to_callback_lock:
             assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is None

@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 from mode.utils.queues import FlowControlEvent, FlowControlQueue
 
 from stream_detector.kafka import faust_fixes
-
-
-@pytest.fixture
-def fixed():
-    faust_fixes.install()
-    yield
-    faust_fixes.uninstall()
+from stream_detector.kafka.faust_fixes import RebalanceSafeFlowControl
 
 
 def queue_with(flow: FlowControlEvent, values: list[int]) -> FlowControlQueue:
@@ -25,9 +18,9 @@ def queue_with(flow: FlowControlEvent, values: list[int]) -> FlowControlQueue:
     return queue
 
 
-def test_resuming_flow_that_is_already_flowing_keeps_the_queued_events(fixed):
+def test_resuming_flow_that_is_already_flowing_keeps_the_queued_events():
     async def main():
-        flow = FlowControlEvent(initially_suspended=False)
+        flow = RebalanceSafeFlowControl(initially_suspended=False)
         queue = queue_with(flow, [1, 2, 3])  # fetched for the current assignment
         flow.resume()  # Faust's recovery resumes again after seeking, flow having been resumed before
         assert flow.is_active()
@@ -36,9 +29,9 @@ def test_resuming_flow_that_is_already_flowing_keeps_the_queued_events(fixed):
     assert asyncio.run(main()) == [1, 2, 3]
 
 
-def test_ending_a_suspension_still_clears_what_was_queued_for_the_old_assignment(fixed):
+def test_ending_a_suspension_still_clears_what_was_queued_for_the_old_assignment():
     async def main():
-        flow = FlowControlEvent(initially_suspended=False)
+        flow = RebalanceSafeFlowControl(initially_suspended=False)
         queue = queue_with(flow, [1, 2, 3])
         flow.suspend()  # a rebalance starts
         flow.resume()
@@ -57,19 +50,24 @@ def test_without_the_fix_faust_drops_events_queued_while_flowing():
         flow.resume()
         return queue.qsize()
 
-    faust_fixes.uninstall()
     assert asyncio.run(main()) == 0
 
 
-def test_install_is_idempotent_and_uninstall_restores_modes_resume():
-    faust_fixes.uninstall()  # in case a worker app built in this process installed it
-    original = FlowControlEvent.resume
-    faust_fixes.install()
-    patched = FlowControlEvent.resume
-    faust_fixes.install()
-    assert FlowControlEvent.resume is patched is not original
-    faust_fixes.uninstall()
-    assert FlowControlEvent.resume is original
+def test_the_worker_app_flows_through_the_fixed_flow_control():
+    import time
+
+    from stream_detector.kafka.faust_app import DetectorApp
+
+    async def main():
+        app = DetectorApp(f"flow-{time.time_ns()}", broker="kafka://127.0.0.1:9", store="memory://",
+                          web_enabled=False, loghandlers=[])
+        queue = app.FlowControlQueue(maxsize=100, clear_on_resume=True)  # as Faust makes stream queues
+        app.flow_control.resume()
+        queue.put_nowait(1)
+        app.flow_control.resume()  # the recovery's second resume, flow already going
+        return type(app.flow_control), queue.qsize()
+
+    assert asyncio.run(main()) == (RebalanceSafeFlowControl, 1)
 
 
 class _Recovery:
@@ -107,23 +105,24 @@ def _app(started: float):
 def test_a_changelog_partition_whose_restore_stalls_is_read_again_from_its_next_unread_offset():
     app = _app(started=100.0)
     app.tables.recovery._active_events_received_at[("log", 2)] = 101.0  # then nothing more
-    reread = asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=105.0, stall_s=10.0))
+    attempts: dict = {}
+    reread = asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=105.0, reread=attempts, stall_s=10.0))
     assert reread == [] and app.consumer.sought == {}  # not stalled for long enough yet
 
-    reread = asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=111.5, stall_s=10.0))
+    reread = asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=111.5, reread=attempts, stall_s=10.0))
     # 1 never got a record (from its start), 2 stopped after offset 17; 0 is restored, 3 is empty.
     assert sorted(reread) == [("log", 1), ("log", 2)]
     assert app.consumer.sought == {("log", 1): 0, ("log", 2): 18}
     assert app.consumer.resumed == {("log", 1), ("log", 2)}
 
     app.consumer.sought.clear()
-    assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=115.0, stall_s=10.0)) == []  # just retried
-    assert sorted(asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=122.0, stall_s=10.0))) == [
+    assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, 115.0, attempts, stall_s=10.0)) == []  # just retried
+    assert sorted(asyncio.run(faust_fixes.reread_stalled_changelogs(app, 122.0, attempts, stall_s=10.0))) == [
         ("log", 1), ("log", 2)]
 
 
 def test_nothing_is_read_again_outside_a_recovery():
     app = _app(started=100.0)
     app.tables.recovery.in_recovery = False
-    assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=500.0)) == []
+    assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=500.0, reread={})) == []
     assert app.consumer.sought == {}

@@ -1,14 +1,20 @@
-"""Faust's consumer, made to keep up: delivery without tasks, no idle seconds, short fetch waits.
+"""Faust's consumer, made to keep up, as classes of the project's own given to Faust through its
+extension points: a transport (:class:`FastTransport`, also registered as the ``stream-detector``
+scheme of the ``faust.transports`` entry point) whose consumer and producer subclass Faust's
+aiokafka driver. The worker's app (:class:`stream_detector.kafka.faust_app.DetectorApp`) builds it;
+nothing of Faust's is changed at run time.
 
-Three changes to faust-streaming's consumer, measured on the throughput benchmark's bare Faust
-agent (one that only counts events, `benchmarks/variant_worker.py faust-ceiling`): ~10,700
-events/s with Faust as it is, ~23,500 with all three (and the detector: 3,700 -> 5,400).
+Measured on the throughput benchmark's bare Faust agent (one that only counts events,
+``benchmarks/variant_worker.py faust-ceiling``): ~10,700 events/s with Faust as it is, ~23,500 with
+the three consumer changes below (and the detector: 3,700 -> 5,400).
 
-1. **Delivery.** Faust's fetcher (``Consumer._drain_messages``) hands every fetched record to the
-   conductor with ``await self.wait_first(callback(message), self.suspend_flow.wait())``, which
-   wraps the callback and three events (flow suspended, consumer stopped, consumer crashed) in four
-   new tasks and an ``asyncio.wait``, so that a delivery blocked on a full stream buffer or on
-   suspended flow can be abandoned. Almost every delivery completes without ever waiting (the
+1. **Delivery** (:meth:`FastConsumer._drain_messages`). Faust's fetcher hands every fetched record
+   to the conductor with ``await self.wait_first(callback(message), self.suspend_flow.wait())``,
+   which wraps the callback and three events (flow suspended, consumer stopped, consumer crashed)
+   in four new tasks and an ``asyncio.wait``, so that a delivery blocked on a full stream buffer or
+   on suspended flow can be abandoned. That per-record cost is most of why a Faust agent reads far
+   slower than a bare aiokafka consumer (robinhood/faust#563, "Message consumption is slow",
+   open; faust-streaming kept the loop). Almost every delivery completes without ever waiting (the
    conductor puts the event in the stream's queue with ``put_nowait``). So the loop below runs the
    callback's first step directly; when it finishes there no task is created at all. When it does
    have to wait, the rest of the same coroutine, resumed where it stopped, goes through
@@ -22,40 +28,50 @@ events/s with Faust as it is, ~23,500 with all three (and the detector: 3,700 ->
    round-robin between partitions record by record, and looks up each record's partition high
    watermark: here once per partition per fetch). Whenever a delivery could wait (flow suspended,
    a full queue, the handler map being updated) the record goes the conductor's way instead.
-   Everything else in the loop is Faust 0.15's own.
-2. **Paused partitions.** When a stream's buffer is 80 % full Faust stops fetching its partition
-   until the buffer is down to 40 %; if every partition is paused its fetcher sleeps a whole second
+   Everything else in the loop is Faust 0.15.3's own.
+2. **Paused partitions** (:meth:`FastConsumer._wait_next_records`,
+   :meth:`FastConsumer.on_buffer_drop`). Since faust-streaming#53 (stop fetching a partition whose
+   stream buffer is filling up) Faust stops fetching a partition when its stream's buffer is 80 %
+   full, until it is down to 40 %; if every partition is paused its fetcher sleeps a whole second
    before looking again. The fetcher now wakes when a partition is resumed.
-3. **Fetch wait** (:func:`set_fetch_max_wait`): see there.
+3. **Fetch wait** (:class:`FetchWaitConsumerThread`): Faust creates its aiokafka consumer with
+   ``fetch_max_wait_ms=1500`` fixed; see there. No upstream issue asks for it to be configurable;
+   the nearest is faust-streaming#306 (agents slow to react to new messages).
 
-Separately, :func:`skip_unused_per_event_work` drops two per-event steps (Faust's monitor sensor,
-the producer-buffer check) that a worker producing nothing through Faust does not need, and
-:class:`RawEvents` hands the worker the records' bytes without Faust's per-record decoding.
+Separately, with the fast path, :class:`Producer` keeps Faust's producer buffer from holding every
+delivery back (the worker produces nothing through Faust: its output goes through
+:mod:`stream_detector.kafka.output`), the app takes Faust's monitor off the per-event sensors
+(:meth:`~stream_detector.kafka.faust_app.DetectorApp.on_init_dependencies`), and :class:`RawEvents`
+hands the worker the records' bytes without Faust's per-record decoding. No upstream issue covers
+these; they are part of the per-event cost of robinhood/faust#563.
 
 The stream buffer size (``stream_buffer_max``) matters as much: Faust's fetches return up to
 1 MiB per partition (~12,000 events on the benchmark), and a buffer smaller than that pauses and
 refetches on every fetch.
 
-The patches touch Faust internals, so they are installed only on the faust-streaming version they
-were written against (pinned in pyproject.toml), and the first two can be switched off
-(``consumer_fast_path``).
+The classes override Faust internals (the fetch loop is a copy of 0.15.3's with the delivery
+changed), so the worker refuses to start on another faust-streaming
+(:func:`stream_detector.kafka.faust_app.check_versions`); ``consumer_fast_path=false`` gives
+Faust's own consumer and producer classes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import types
-import weakref
-from typing import Any, Coroutine, Generator
+from typing import Any, Coroutine, Generator, Optional, cast
 
+import aiokafka
 import faust
+from faust.exceptions import ImproperlyConfigured
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
+from faust.types import TP
+from mode import Service, ServiceT
 
-log = logging.getLogger(__name__)
-
-SUPPORTED_VERSIONS = ("0.15.3",)
-
-_originals: dict[str, Any] = {}
+#: Faust's own wait (the value it hard-codes), for apps whose settings do not name one.
+FAUST_FETCH_MAX_WAIT_MS = 1500
 
 
 @types.coroutine
@@ -106,7 +122,7 @@ def _direct_delivery(consumer: Any, tp: Any, pressure: dict) -> Any:
     The conductor delivers a record through two coroutines (its lock around the handler lookup,
     then the partition's handler: flow control, the producer-buffer check, the topic's decode,
     the queue). For a partition read by exactly one topic whose schema is :class:`RawEvents`, with
-    Faust's producer buffer check gone (:func:`skip_unused_per_event_work`) and nobody updating
+    Faust's producer buffer check gone (:class:`NoWaitProducerBuffer`) and nobody updating
     the handler map, that comes down to: count the reference, make the event, queue it, with the
     same back-pressure callbacks. The caller falls back to the conductor whenever flow is
     suspended or the queue is full (a delivery that would wait).
@@ -115,7 +131,7 @@ def _direct_delivery(consumer: Any, tp: Any, pressure: dict) -> Any:
     conductor = app.topics
     if conductor._tp_to_callback_lock.locked():
         return None
-    if getattr(app.producer.buffer, "wait_until_ebb", None) is not _nothing_to_produce:
+    if not isinstance(app.producer.buffer, NoWaitProducerBuffer):
         return None
     channels = conductor._tp_index.get(tp)
     if not channels or len(channels) != 1:
@@ -157,14 +173,148 @@ def _direct_delivery(consumer: Any, tp: Any, pressure: dict) -> Any:
     return deliver
 
 
-def _fast_drain_messages(original: Any) -> Any:
-    from typing import cast
+def _conductor(message: Any) -> bool:
+    """Marks a partition whose records go through the conductor (see :func:`_direct_delivery`)."""
+    return False
 
-    from mode import Service
 
-    from faust.transport.consumer import CONSUMER_FETCHING
+class NoWaitProducerBuffer(ProducerBuffer):
+    """Faust's producer buffer without the per-delivery wait for it to drain.
 
-    async def _drain_messages(self: Any, fetcher: Any) -> None:
+    Faust's conductor awaits ``app.producer.buffer.wait_until_ebb()`` before every delivery, so
+    that agents producing through Faust do not outrun its producer. The worker produces through
+    :mod:`stream_detector.kafka.output`, so this buffer stays empty and the await is a coroutine
+    made and run per event for nothing (and :func:`_direct_delivery`, which skips the conductor,
+    may only do so when nothing is buffered here: so it checks for this class).
+    """
+
+    async def wait_until_ebb(self) -> None:
+        return None
+
+
+class Producer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer with a :class:`NoWaitProducerBuffer`."""
+
+    def __init__(self, transport: Any, loop: Optional[asyncio.AbstractEventLoop] = None, **kwargs: Any) -> None:
+        super().__init__(transport, loop=loop, **kwargs)
+        # Faust's __init__ builds its ProducerBuffer inline (no factory to override): this producer's
+        # own buffer replaces it before anything has used it, and leaves its place in the service tree.
+        stock = self.buffer
+        stock.beacon.detach(self.beacon)
+        self.buffer = NoWaitProducerBuffer(loop=self.loop, beacon=self.beacon)
+        if self.threaded_producer is not None:  # producer_threaded, as Faust attaches it
+            self.buffer.threaded_producer = self.threaded_producer
+        self.buffer.app = self.app
+
+
+class FetchWaitConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread, with the broker fetch wait taken from the app's settings.
+
+    aiokafka sends one fetch at a time per broker, for the partitions that have no fetched records
+    waiting; when every partition with new data is waiting, the fetch holds only idle ones (such
+    as Faust's leader topic) and the broker keeps it until ``fetch_max_wait_ms`` passes, while the
+    waiting partitions, once drained, cannot be fetched. Faust hard-codes 1,500 ms; the wait here is
+    the app's ``consumer_fetch_max_wait_ms`` setting
+    (:class:`~stream_detector.kafka.faust_app.DetectorSettings`), or Faust's where it has none.
+    """
+
+    def fetch_max_wait_ms(self) -> int:
+        """The wait in ms: the app's setting, or Faust's own for an app without it."""
+        return int(getattr(self.app.conf, "consumer_fetch_max_wait_ms", FAUST_FETCH_MAX_WAIT_MS))
+
+    def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
+        # faust-streaming 0.15.3's AIOKafkaConsumerThread._create_worker_consumer, but for the wait.
+        isolation_level: str = "read_uncommitted"
+        conf = self.app.conf
+        if self.consumer.in_transaction:
+            isolation_level = "read_committed"
+        has_changelog_tables = bool(self.app.tables.changelog_topics)
+        self._assignor = (
+            self.app.assignor
+            if self.app.conf.table_standby_replicas > 0 or has_changelog_tables
+            else faust_aiokafka.RoundRobinPartitionAssignor
+        )
+        auth_settings = faust_aiokafka.credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context)
+        max_poll_interval = conf.broker_max_poll_interval or 0
+
+        request_timeout = conf.broker_request_timeout
+        session_timeout = conf.broker_session_timeout
+        rebalance_timeout = conf.broker_rebalance_timeout
+
+        if session_timeout > request_timeout:
+            raise ImproperlyConfigured(
+                f"Setting broker_session_timeout={session_timeout} "
+                f"cannot be greater than "
+                f"broker_request_timeout={request_timeout}"
+            )
+
+        consumer_kwargs: dict[str, Any] = {}
+        if faust_aiokafka._AIOKAFKA_HAS_API_VERSION:
+            consumer_kwargs["api_version"] = conf.consumer_api_version
+        return aiokafka.AIOKafkaConsumer(
+            **consumer_kwargs,
+            client_id=conf.broker_client_id,
+            group_id=conf.id,
+            group_instance_id=conf.consumer_group_instance_id,
+            bootstrap_servers=faust_aiokafka.server_list(transport.url, transport.default_port),
+            partition_assignment_strategy=[self._assignor],
+            enable_auto_commit=False,
+            auto_offset_reset=conf.consumer_auto_offset_reset,
+            max_poll_records=conf.broker_max_poll_records,
+            max_poll_interval_ms=int(max_poll_interval * 1000.0),
+            max_partition_fetch_bytes=conf.consumer_max_fetch_size,
+            fetch_max_wait_ms=self.fetch_max_wait_ms(),
+            request_timeout_ms=int(request_timeout * 1000.0),
+            check_crcs=conf.broker_check_crcs,
+            session_timeout_ms=int(session_timeout * 1000.0),
+            rebalance_timeout_ms=int(rebalance_timeout * 1000.0),
+            heartbeat_interval_ms=int(conf.broker_heartbeat_interval * 1000.0),
+            isolation_level=isolation_level,
+            metadata_max_age_ms=conf.consumer_metadata_max_age_ms,
+            connections_max_idle_ms=conf.consumer_connections_max_idle_ms,
+            **auth_settings,
+        )
+
+
+class Consumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer whose thread takes the fetch wait from the settings
+    (:class:`FetchWaitConsumerThread`); delivery is Faust's own."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return FetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class FastConsumer(Consumer):
+    """The consumer with the fast delivery loop and a fetcher that wakes when a paused partition
+    resumes (see the module docstring, items 1 and 2)."""
+
+    _resumed: Optional[asyncio.Event] = None
+
+    def _resumed_event(self) -> asyncio.Event:
+        """Set whenever a partition paused for a full stream buffer is resumed."""
+        if self._resumed is None:
+            self._resumed = asyncio.Event()
+        return self._resumed
+
+    def on_buffer_drop(self, tp: TP) -> None:
+        super().on_buffer_drop(tp)
+        self._resumed_event().set()
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        # Faust sleeps a whole second when every partition is paused for a full stream buffer; wait
+        # for one to be resumed instead (on_buffer_drop), at most as long.
+        if (self.flow_active and not self.app.client_only and self._buffered_partitions
+                and not self._get_active_partitions()):
+            resumed = self._resumed_event()
+            resumed.clear()
+            await self.wait_for_stopped(resumed, timeout=timeout)
+            if not self._get_active_partitions():
+                return {}, set()
+        return await super()._wait_next_records(timeout)
+
+    async def _drain_messages(self, fetcher: ServiceT) -> None:
+        """The fetcher's loop (started by Faust's ``Fetcher``): fetch, then deliver each record to
+        its stream, without a task per record where the delivery does not wait (module docstring)."""
         # Faust 0.15.3's Consumer._drain_messages with Consumer.getmany inlined; the delivery and the
         # per-partition steps differ (see the module docstring).
         callback = self.callback
@@ -282,150 +432,34 @@ def _fast_drain_messages(original: Any) -> Any:
         finally:
             unset_flag(flag_consumer_fetching)
 
-    _drain_messages.__doc__ = original.__doc__
-    _drain_messages.__wrapped__ = original  # type: ignore[attr-defined]
-    return _drain_messages
 
 
-def _conductor(message: Any) -> bool:
-    """Marks a partition whose records go through the conductor (see :func:`_direct_delivery`)."""
-    return False
+class Transport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport with the settings' fetch wait; otherwise Faust's own classes."""
+
+    Consumer = Consumer
 
 
-def _resumable_wait_next_records(original: Any) -> Any:
-    async def _wait_next_records(self: Any, timeout: float) -> Any:
-        # Faust sleeps a whole second when every partition is paused for a full stream buffer; wait
-        # for one to be resumed instead (on_buffer_drop below), at most as long.
-        if (self.flow_active and not self.app.client_only and self._buffered_partitions
-                and not self._get_active_partitions()):
-            resumed = _resumed(self)
-            resumed.clear()
-            await self.wait_for_stopped(resumed, timeout=timeout)
-            if not self._get_active_partitions():
-                return {}, set()
-        return await original(self, timeout)
+class FastTransport(Transport):
+    """The worker's transport with the fast path: :class:`FastConsumer` and :class:`Producer`.
 
-    _wait_next_records.__wrapped__ = original  # type: ignore[attr-defined]
-    return _wait_next_records
-
-
-def _waking_on_buffer_drop(original: Any) -> Any:
-    def on_buffer_drop(self: Any, tp: Any) -> None:
-        original(self, tp)
-        _resumed(self).set()
-
-    on_buffer_drop.__wrapped__ = original  # type: ignore[attr-defined]
-    return on_buffer_drop
-
-
-def _resumed(consumer: Any) -> asyncio.Event:
-    event = consumer.__dict__.get("_fastpath_resumed")
-    if event is None:
-        event = consumer.__dict__["_fastpath_resumed"] = asyncio.Event()
-    return event
-
-
-def _supported(consequence: str) -> bool:
-    """True on a faust-streaming version these patches were written against; else warns."""
-    from importlib.metadata import version
-
-    found = version("faust-streaming")
-    if found in SUPPORTED_VERSIONS:
-        return True
-    log.warning("faust-streaming %s: %s (written for %s)", found, consequence, ", ".join(SUPPORTED_VERSIONS))
-    return False
-
-
-_PATCHES: dict[str, Any] = {
-    "_drain_messages": _fast_drain_messages,
-    "_wait_next_records": _resumable_wait_next_records,
-    "on_buffer_drop": _waking_on_buffer_drop,
-}
-
-
-def install() -> bool:
-    """Installs the fast delivery loop into Faust's consumer; False (and Faust's own loop) on a
-    faust-streaming version it was not written against. Idempotent."""
-    from faust.transport.consumer import Consumer
-
-    if _originals:
-        return True
-    if not _supported("consumer fast path not installed"):
-        return False
-    for name, patch in _PATCHES.items():
-        _originals[name] = getattr(Consumer, name)
-        setattr(Consumer, name, patch(_originals[name]))
-    return True
-
-
-def uninstall() -> None:
-    """Puts Faust's own consumer methods back."""
-    from faust.transport.consumer import Consumer
-
-    for name, original in _originals.items():
-        setattr(Consumer, name, original)
-    _originals.clear()
-
-
-_fetch_wait_ms: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
-
-
-def set_fetch_max_wait(app: Any, wait_ms: int) -> bool:
-    """Makes ``app``'s consumer ask the broker to hold fetches at most ``wait_ms`` (Faust: 1,500).
-
-    aiokafka sends one fetch at a time per broker, for the partitions that have no fetched records
-    waiting; when every partition with new data is waiting, the fetch holds only idle ones (such
-    as Faust's leader topic) and the broker keeps it until ``wait_ms`` passes, while the waiting
-    partitions, once drained, cannot be fetched. Faust hard-codes the wait when it creates the
-    consumer, so that step is wrapped; False on a faust-streaming version it was not written for.
+    Registered as ``stream-detector://`` through the ``faust.transports`` entry point (pyproject.toml),
+    so that any Faust app can name it in its broker URL once the package is installed; the worker's
+    app builds it directly (:class:`~stream_detector.kafka.faust_app.DetectorApp`).
     """
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
-    if not _supported("fetch_max_wait_ms not applied"):
-        return False
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    if not hasattr(create, "__wrapped__"):
-        def _create_worker_consumer(self: Any, transport: Any) -> Any:
-            consumer = create(self, transport)
-            wait_ms = _fetch_wait_ms.get(self.app)
-            if wait_ms is not None:
-                consumer._fetch_max_wait_ms = wait_ms  # read by AIOKafkaConsumer.start()
-            return consumer
-
-        _create_worker_consumer.__wrapped__ = create  # type: ignore[attr-defined]
-        AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
-    _fetch_wait_ms[app] = wait_ms
-    return True
+    Consumer = FastConsumer
+    Producer = Producer
 
 
-async def _nothing_to_produce() -> None:
-    return None
-
-
-def skip_unused_per_event_work(app: Any) -> bool:
-    """Drops two per-event steps of Faust's that a worker producing nothing through Faust and
-    serving no Faust web views does not need; False (nothing changed) on another faust-streaming.
-
-    - Faust's ``Monitor`` sensor, fed four times per event (record in, stream in and out, acked)
-      for the statistics of Faust's web views. It stays the app's monitor (commits and end offsets
-      still reach it); only the per-event calls go.
-    - The check, per delivered record, that Faust's producer buffer is not over its limit: output
-      goes through :mod:`stream_detector.kafka.output`, so that buffer stays empty.
-
-    Call before the app starts: the conductor reads the producer check when it builds its handlers.
-    """
-    if not _supported("per-event monitor and producer checks kept"):
-        return False
-    init_dependencies = app.on_init_dependencies
-
-    def on_init_dependencies() -> Any:
-        services = init_dependencies()  # adds the monitor to the sensors
-        app.sensors.remove(app.monitor)
-        return services
-
-    app.on_init_dependencies = on_init_dependencies
-    app.producer.buffer.wait_until_ebb = _nothing_to_produce
-    return True
+def transport_class(fast_path: bool, fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
+    """The transport for these settings: Faust's own when neither the fast path nor another fetch
+    wait than Faust's is asked for."""
+    if fast_path:
+        return FastTransport
+    if fetch_max_wait_ms != FAUST_FETCH_MAX_WAIT_MS:
+        return Transport
+    return faust_aiokafka.Transport
 
 
 class RawEvents(faust.Schema):

@@ -22,13 +22,19 @@ group had 26 events cleared this way and its commits stuck at its first offsets 
 life; the worker taking all partitions after the other stopped had 1,177 cleared, and then dropped
 their re-fetched copies as already read.
 
-**The fix.** Clearing on resume is for events queued while flow was suspended (a rebalance in
-progress), which belong to the old assignment. When flow is *not* suspended, there is nothing of
-the old assignment to drop (the queues were cleared when flow was suspended, and the conductor waits
-for flow before it queues anything), and what the queues hold was fetched for the current one. So
-``FlowControlEvent.resume`` now clears only when it actually ends a suspension. Stale events that
-could still reach a queue (a delivery under way when flow was suspended) carry the old generation
-id, and Faust's stream skips those itself.
+**The fix** (:class:`RebalanceSafeFlowControl`, the worker app's ``flow_control``). Clearing on
+resume is for events queued while flow was suspended (a rebalance in progress), which belong to the
+old assignment. When flow is *not* suspended, there is nothing of the old assignment to drop (the
+queues were cleared when flow was suspended, and the conductor waits for flow before it queues
+anything), and what the queues hold was fetched for the current one. So resuming clears only when
+it actually ends a suspension. Stale events that could still reach a queue (a delivery under way
+when flow was suspended) carry the old generation id, and Faust's stream skips those itself.
+
+Upstream: the same clearing has been met before in other orders of these steps: faust-streaming#216
+(fixed by #217: seek before resuming flow), #253 ("When the app flow_control resumes it clears all
+queues": resume the consumer after flow control) and #236 (events reordered by the clearing). The
+order left in 0.15.3's ``Recovery._resume_streams`` and ``_restart_recovery`` (partitions resumed,
+then a seek, then flow resumed) still loses events as above; no upstream issue names it.
 """
 
 from __future__ import annotations
@@ -36,44 +42,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from mode.utils.queues import FlowControlEvent
+
 log = logging.getLogger(__name__)
 
-_original_resume: Any = None
 
+class RebalanceSafeFlowControl(FlowControlEvent):
+    """mode's flow control event whose ``resume`` clears the queues only when it ends a suspension
+    (see the module docstring)."""
 
-def _resume_clearing_only_after_suspension(original: Any) -> Any:
-    def resume(self: Any) -> None:
+    def resume(self) -> None:
         if self._suspend.is_set():
-            original(self)  # ends a suspension: clears what was queued for the old assignment
+            super().resume()  # ends a suspension: clears what was queued for the old assignment
         else:
             self._resume.set()  # already flowing: what is queued is current, keep it
-
-    resume.__doc__ = original.__doc__
-    resume.__wrapped__ = original  # type: ignore[attr-defined]
-    return resume
-
-
-def install() -> None:
-    """Idempotent."""
-    global _original_resume
-    from mode.utils.queues import FlowControlEvent
-
-    if _original_resume is not None:
-        return
-    if not all(hasattr(FlowControlEvent, name) for name in ("resume", "clear")):  # pragma: no cover
-        log.warning("mode's FlowControlEvent has changed: rebalance queue fix not installed")
-        return
-    _original_resume = FlowControlEvent.resume
-    FlowControlEvent.resume = _resume_clearing_only_after_suspension(_original_resume)
-
-
-def uninstall() -> None:
-    global _original_resume
-    from mode.utils.queues import FlowControlEvent
-
-    if _original_resume is not None:
-        FlowControlEvent.resume = _original_resume
-        _original_resume = None
 
 
 # A changelog partition being restored that has had no record for this long, while its high
@@ -81,24 +63,26 @@ def uninstall() -> None:
 RECOVERY_STALL_S = 10.0
 
 
-async def reread_stalled_changelogs(app: Any, now: float, stall_s: float = RECOVERY_STALL_S) -> list[Any]:
+async def reread_stalled_changelogs(app: Any, now: float, reread: dict,
+                                    stall_s: float = RECOVERY_STALL_S) -> list[Any]:
     """Seeks every stalled changelog partition of a table recovery back to its next unread offset.
 
     Why: now and then a recovery never receives the records of a changelog partition the worker
-    kept through a rebalance (faust-streaming issues #74 and #155). Its restore then waits for
-    ever ("No event received for active tp ... since recovery start", every 5 s), and so do the
-    input partitions behind it. Seen on the two-worker rebalance test, about once in 15 runs; the
-    fetcher was running and the broker had the records. Reading the partition again from the
-    offset after the last record the recovery applied (the start, when it applied none) gets
-    them, and a record applied twice only puts the same snapshot again. ``now`` is
-    ``time.monotonic()``, Faust's recovery clock. Returns the partitions sought back.
+    kept through a rebalance (faust-streaming#74 and #155; the same endless wait from other causes:
+    #176, #597 and #651, all open). Its restore then waits for ever ("No event received for
+    active tp ... since recovery start", every 5 s), and so do the input partitions behind it.
+    Seen on the two-worker rebalance test, about once in 15 runs; the fetcher was running and the
+    broker had the records. Reading the partition again from the offset after the last record the
+    recovery applied (the start, when it applied none) gets them, and a record applied twice only
+    puts the same snapshot again. ``now`` is ``time.monotonic()``, Faust's recovery clock;
+    ``reread`` is the caller's record of its attempts (the time of the last one per partition),
+    kept from one call to the next. Returns the partitions sought back.
     """
     recovery = app.tables.recovery
     started = getattr(recovery, "_recovery_started_at", None)
     if not recovery.in_recovery or started is None:
         return []
     received = recovery._active_events_received_at
-    reread = recovery.__dict__.setdefault("_stream_detector_reread_at", {})  # our attempts, per partition
     assigned = app.consumer.assignment()
     stalled = {}
     for tp in list(recovery.active_tps):
