@@ -130,7 +130,7 @@ class Settings:
     model_poll_s: float = field(
         default=10.0,
         metadata=_doc("How often the model directory is checked for a new champion (or newer version) to "
-                      "hot-swap; 0 disables."),
+                      "hot-swap, and for a new or removed challenger to shadow it; 0 disables."),
     )
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."))
     torch_threads: int = field(

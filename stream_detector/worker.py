@@ -27,6 +27,10 @@ backlog a batch is finished at once: overlapping it with the next would hold its
 while the next is windowed. (Two row buffers in the detector keep k-1's windows
 intact while k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
 
+With a challenger named in the model directory (:mod:`~stream_detector.shadow`), step 2 scores each
+part with it too and step 3 judges it with its own thresholds and incidents; its alerts go to the
+shadow topic only. Without one, nothing more is done.
+
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606). Faust's consumer itself is kept up by
 :mod:`~stream_detector.kafka.faust_fastpath` (per-event delivery without tasks, a fetcher that
