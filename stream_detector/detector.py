@@ -28,9 +28,10 @@ from .calibration import KeyNormal, KeyNormalConfig, build_key_normal
 from .errors import DECODE_FAILED, KEY_PARTITION_MISMATCH, WINDOW_FAILED, KeyPartitionMismatch, RegistryUnavailable
 from .events import Envelope, Event, EventDecoder, Invalid
 from .drift import FeatureDrift
-from .incidents import ACKNOWLEDGED, EVICTED, REVOKED, AlertPolicy, IncidentTracker, WindowInfo, severity
+from .incidents import ACKNOWLEDGED, EVICTED, REVOKED, STOPPED, AlertPolicy, IncidentTracker, WindowInfo, severity
 from .profiles import Profile
 from .scoring import Scores
+from .shadow import Challenger, ShadowCounts
 from .thresholds import ThresholdConfig, ThresholdPolicy, build_threshold_policy
 from .windows import DROPPED_REVOKED, SnapshotError, WindowStore
 
@@ -70,6 +71,10 @@ class PreparedBatch:
     inv_scales: np.ndarray | None = None
     # The newest event's (scaled) values per window, copied by Detector.score for the threshold policy.
     newest: np.ndarray | None = None
+    # The challenger shadowing the champion when the batch was prepared (see stream_detector.shadow),
+    # and its scores (set by Detector.score; None when there is no challenger or its call raised).
+    challenger: Challenger | None = None
+    shadow: Scores | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -298,6 +303,7 @@ class Detector:
         self.scorer = scorer
         # Per-key adaptive thresholds by default (global during a key's warm-up), as in the worker.
         self.threshold = threshold if threshold is not None else build_threshold_policy(artifact, thresholds, max_keys)
+        self._thresholds, self._max_keys = thresholds, max_keys
         self.incidents = IncidentTracker(alerting)
         self._closed: list[dict[str, Any]] = []  # close messages not triggered by a scored window
         self.profile = artifact.profile
@@ -329,6 +335,12 @@ class Detector:
                                  np.ones((max_batch, self.profile.n_features), dtype=np.float32)) for _ in range(2)]
         self._next_idle_sweep = 0.0
         self.windows.store.drop_listeners.append(self._drop_key_state)
+        # Shadow scoring (stream_detector.shadow): the challenger, a change of it waiting for the next
+        # micro-batch ((new challenger or None,)), its alert messages not drained yet and its counts.
+        self.challenger: Challenger | None = None
+        self._pending_challenger: tuple[Challenger | None] | None = None
+        self._shadow_out: list[dict[str, Any]] = []
+        self.shadow_counts = ShadowCounts()
 
     def snapshot(self, key: str, slot: int) -> bytes:
         """The key's window plus its incident and threshold calibration, for its changelog.
@@ -386,11 +398,15 @@ class Detector:
         """Closes the incidents of keys silent for their idle limit (close messages for
         :meth:`drain_closed`); how many. Each such key is marked for a new snapshot, which no longer
         holds the incident."""
-        idle = self.incidents.sweep_idle(self.key_clock(), self._alert_context())
+        now = self.key_clock()
+        idle = self.incidents.sweep_idle(now, self._alert_context())
         self._closed.extend(idle)
         for message in idle:
             self.windows.mark_touched(message["key"])  # its snapshot still holds the open incident
         self.stats.alerts += len(idle)
+        challenger = self.challenger
+        if challenger is not None and len(challenger.incidents):
+            self._shadow_out.extend(challenger.incidents.sweep_idle(now, self._shadow_context(challenger)))
         return len(idle)
 
     def _restore_key_state(self, key: str, extra: bytes) -> None:
@@ -421,6 +437,9 @@ class Detector:
     def _alert_context(self) -> dict[str, Any]:
         return {"model_version": self.artifact.version, "model_kind": self.artifact.kind, "window_size": self.window}
 
+    def _shadow_context(self, challenger: Challenger) -> dict[str, Any]:
+        return {"model_version": challenger.version, "model_kind": challenger.artifact.kind, "window_size": self.window}
+
     def _drop_key_state(self, key: str, reason: str) -> None:
         """A key's window was dropped: its threshold state goes too, and an open incident is closed."""
         evict = getattr(self.threshold, "evict", None)
@@ -428,6 +447,15 @@ class Detector:
             evict(key)
         if self.key_normal is not None:
             self.key_normal.evict(key)
+        challenger = self.challenger
+        if challenger is not None:  # in memory only: a handed-over key's shadow incident ends here too
+            evict = getattr(challenger.threshold, "evict", None)
+            if evict is not None:
+                evict(key)
+            shadow = challenger.incidents.drop(key, REVOKED if reason == DROPPED_REVOKED else EVICTED,
+                                               self._shadow_context(challenger))
+            if shadow is not None:
+                self._shadow_out.append(shadow)
         if reason == DROPPED_REVOKED and self.windows.restore is not None:
             # Handed over, not ended: the new owner restores the incident with the key's snapshot.
             self.incidents.forget(key)
@@ -449,6 +477,14 @@ class Detector:
         restart = getattr(self.threshold, "restart_warmup", None)
         if restart is not None:
             restart(key)
+        challenger = self.challenger
+        if challenger is not None:  # an expected change of the key, whichever model judges it
+            shadow = challenger.incidents.drop(key, ACKNOWLEDGED, self._shadow_context(challenger))
+            if shadow is not None:
+                self._shadow_out.append(shadow)
+            restart = getattr(challenger.threshold, "restart_warmup", None)
+            if restart is not None:
+                restart(key)
         self.windows.mark_touched(key)
         self.stats.alerts += 1
         return message
@@ -465,13 +501,60 @@ class Detector:
     def swap_model(self, artifact: ModelArtifact, scorer: Callable[[np.ndarray], Scores],
                    threshold: ThresholdPolicy | None = None) -> None:
         """Serves another model from the next micro-batch on; its windows must fit the ones held."""
+        self._check_fits(artifact)
+        self._pending_model = (artifact, scorer, threshold)
+
+    def set_challenger(self, artifact: ModelArtifact, scorer: Callable[[np.ndarray], Scores],
+                       threshold: ThresholdPolicy | None = None) -> None:
+        """Shadows the champion with ``artifact`` from the next micro-batch on (its windows must fit
+        the ones held): scored on the same windows, judged with its own threshold policy (a new one
+        by default) and incident tracker (the champion's alert policy)."""
+        self._check_fits(artifact)
+        if threshold is None:
+            threshold = build_threshold_policy(artifact, self._thresholds, self._max_keys)
+        self._pending_challenger = (Challenger.build(artifact, scorer, threshold, self.incidents.policy),)
+
+    def drop_challenger(self) -> None:
+        """No challenger from the next micro-batch on (its open shadow incidents close as ``stopped``)."""
+        self._pending_challenger = (None,)
+
+    def promote_challenger(self) -> None:
+        """The challenger serves as the champion from the next micro-batch on, with its threshold
+        policy as it stands (its keys' warm-up is not restarted) and the champion's incidents (the
+        threads published on the alerts topic go on); its shadow incidents close as ``stopped``."""
+        challenger = self._pending_challenger[0] if self._pending_challenger is not None else self.challenger
+        if challenger is None:
+            raise ArtifactError("no challenger to promote")
+        self._pending_model = (challenger.artifact, challenger.scorer, challenger.threshold)
+        self._pending_challenger = (None,)
+
+    def _apply_pending_challenger(self) -> None:
+        new, = self._pending_challenger  # type: ignore[misc]
+        self._pending_challenger = None
+        old = self.challenger
+        if old is not None and old is not new:
+            self._shadow_out.extend(old.incidents.close_all(STOPPED, self._shadow_context(old)))
+        self.challenger = new
+
+    @property
+    def shadow_pending(self) -> bool:
+        """Whether :meth:`drain_shadow` has anything (never, without a challenger)."""
+        return bool(self._shadow_out) or self.shadow_counts.judged > 0
+
+    def drain_shadow(self) -> tuple[list[dict[str, Any]], ShadowCounts]:
+        """The challenger's alert messages (for the shadow topic, in order) and the verdict counts
+        since the last drain."""
+        out, self._shadow_out = self._shadow_out, []
+        counts, self.shadow_counts = self.shadow_counts, ShadowCounts()
+        return out, counts
+
+    def _check_fits(self, artifact: ModelArtifact) -> None:
         if (artifact.window != self.window or artifact.profile.to_config() != self.profile.to_config()
                 or artifact.feature_names != self.profile.feature_names
                 or KeyNormalConfig.from_metadata(artifact.metadata) != KeyNormalConfig.from_metadata(self.artifact.metadata)):
             raise ArtifactError(
                 f"model {artifact.version} does not fit the windows being served (profile, features or window "
                 f"(or per-key normal) differ from {self.artifact.version}); restart the worker to switch to it")
-        self._pending_model = (artifact, scorer, threshold)
 
     def _apply_pending_model(self) -> None:
         artifact, scorer, threshold = self._pending_model  # type: ignore[misc]
@@ -492,6 +575,8 @@ class Detector:
         if first_row == 0:
             if self._pending_model is not None:
                 self._apply_pending_model()
+            if self._pending_challenger is not None:
+                self._apply_pending_challenger()
             self._flip_buffer()
         now = self.key_clock()
         if now >= self._next_idle_sweep:
@@ -503,7 +588,7 @@ class Detector:
         rows = self._batch
         if self.key_normal is not None:
             self.key_normal.target = self._normal_buffers[0]
-        batch = PreparedBatch(windows=rows[:0], events=[], records=[])
+        batch = PreparedBatch(windows=rows[:0], events=[], records=[], challenger=self.challenger)
         n = first_row
         for record in records:
             # Nothing one message holds may escape its batch: whatever a decoder or a profile raises
@@ -537,13 +622,17 @@ class Detector:
     def prepare_events(self, events: Sequence[Event]) -> PreparedBatch:
         """Already-decoded events (the replay evaluator's path)."""
         now = self.key_clock()
+        if self._pending_model is not None:
+            self._apply_pending_model()
+        if self._pending_challenger is not None:
+            self._apply_pending_challenger()
         self._flip_buffer()
         if len(events) > len(self._batch):
             self._grow_buffer(len(events))
         rows = self._batch
         if self.key_normal is not None:
             self.key_normal.target = self._normal_buffers[0]
-        batch = PreparedBatch(windows=rows[:0], events=[], records=[])
+        batch = PreparedBatch(windows=rows[:0], events=[], records=[], challenger=self.challenger)
         n = 0
         empty = RawRecord(None)
         for event in events:
@@ -614,44 +703,96 @@ class Detector:
         # The newest event of each window, kept for the threshold policy: the buffer is reused for
         # a later batch while this one is judged.
         batch.newest = batch.windows[:len(batch.events), -1, :].copy()
-        return self.scorer(batch.windows)
+        scores = self.scorer(batch.windows)
+        challenger = batch.challenger
+        if challenger is not None:  # the same windows, one more model call in the same step
+            try:
+                batch.shadow = challenger.scorer(batch.windows)
+            except Exception as exc:  # the challenger never fails a batch: the champion judges it alone
+                batch.shadow = None
+                challenger.score_failures += 1
+                log.warning("challenger %s failed to score a batch (%s: %s); the champion's verdicts stand",
+                            challenger.version, type(exc).__name__, exc)
+        return scores
 
     def finish(self, batch: PreparedBatch, scores: Scores) -> list[Decision]:
         """Thresholds, then the alert lifecycle; each decision carries the message its window triggered.
 
         Out-of-band close messages (idle incidents, evicted keys) are collected for :meth:`drain_closed`.
+        With a challenger's scores, its verdicts and messages are collected for :meth:`drain_shadow`.
         """
         now = self.key_clock()  # an incident's silence, like a key's idle time, is not measured by the wall clock
         context = self._alert_context()
         self.sweep_idle()
         keys = [e.key for e in batch.events]
         # The newest rows copied at scoring time: the row buffer may hold the next batch by now.
-        self.drift.observe(batch.newest[:, None, :] if batch.newest is not None else batch.windows[: len(keys)])
+        newest = batch.newest
+        self.drift.observe(newest[:, None, :] if newest is not None else batch.windows[: len(keys)])
         values = np.asarray(scores.scores[: len(keys)], dtype=np.float64)
-        judge = getattr(self.threshold, "judge", None)
-        assess = getattr(self.threshold, "assess", None)
+        decisions, over, alerts = self._decide(self.threshold, self.incidents, context, batch.events, batch.records,
+                                               keys, values, scores.feature_errors, newest, now)
+        self.stats.alerts += alerts
+        self.stats.over_threshold += int(over.sum())
+        self.stats.scored += len(batch.events)
+        if batch.challenger is not None and batch.shadow is not None:
+            self._judge_shadow(batch.challenger, batch, batch.shadow, keys, over, now)
+        return decisions
+
+    def _judge_shadow(self, challenger: Challenger, batch: PreparedBatch, shadow: Scores, keys: list[str],
+                      champion_over: np.ndarray, now: float) -> None:
+        """The challenger's verdicts on the windows the champion judged; a window whose challenger score is
+        NaN or infinite is not judged by it (nor counted)."""
+        values = np.asarray(shadow.scores[: len(keys)], dtype=np.float64)
+        errors = np.asarray(shadow.feature_errors[: len(keys)])
+        events, records, newest = batch.events, batch.records, batch.newest
+        finite = np.isfinite(values)
+        if not finite.all():
+            keep = np.flatnonzero(finite)
+            rows = keep.tolist()
+            events, records = [events[i] for i in rows], [records[i] for i in rows]
+            keys = [keys[i] for i in rows]
+            values, errors, champion_over = values[keep], errors[keep], champion_over[keep]
+            newest = newest[keep] if newest is not None else None
+            if not rows:
+                return
+        decisions, over, alerts = self._decide(challenger.threshold, challenger.incidents,
+                                               self._shadow_context(challenger), events, records, keys, values,
+                                               errors, newest, now)
+        self.shadow_counts.add(np.asarray(champion_over, dtype=bool), np.asarray(over, dtype=bool))
+        if alerts:
+            self._shadow_out.extend(d.alert for d in decisions if d.alert is not None)
+
+    def _decide(self, threshold: ThresholdPolicy, incidents: IncidentTracker, context: dict[str, Any],
+                events: list[Event], records: list[RawRecord], keys: list[str], values: np.ndarray,
+                feature_errors: np.ndarray, newest: np.ndarray | None,
+                now: float) -> tuple[list[Decision], np.ndarray, int]:
+        """One model's verdicts on scored windows: its threshold policy, then its incidents; the
+        decisions, whether each window was over, and how many alert messages they carry."""
+        judge = getattr(threshold, "judge", None)
+        assess = getattr(threshold, "assess", None)
         if judge is not None:  # a policy that reads the newest event's values too (tail calibration)
-            limits = judge(keys, values, batch.newest)
+            limits = judge(keys, values, newest)
             over = values > limits
         elif assess is not None:
             limits = assess(keys, values)
             over = values > limits
         else:  # a policy with only the minimal protocol
-            over = np.asarray(self.threshold.exceeds(keys, values), dtype=bool)
-            limits = np.array([self.threshold.value_for(k) for k in keys], dtype=np.float64)
+            over = np.asarray(threshold.exceeds(keys, values), dtype=bool)
+            limits = np.array([threshold.value_for(k) for k in keys], dtype=np.float64)
         decisions: list[Decision] = []
         over_rows = np.flatnonzero(over)
         tops = dict(zip(over_rows.tolist(), top_features_of_rows(
-            self.profile.feature_names, scores.feature_errors[over_rows], self.top_features)))
-        observe = self.incidents.observe
+            self.profile.feature_names, feature_errors[over_rows], self.top_features)))
+        observe = incidents.observe
         store = self.windows.store
-        tracked = self.incidents.tracking  # keys with an incident (open or pending)
+        tracked = incidents.tracking  # keys with an incident (open or pending)
         # Hysteresis: with a policy that has it, an open incident closes only after windows clearly
         # back to normal (severity under calm_below), not after windows just under the threshold.
-        calm_below = float(getattr(self.threshold, "calm_below", 1.0))
-        append, records = decisions.append, batch.records
+        calm_below = float(getattr(threshold, "calm_below", 1.0))
+        append = decisions.append
+        alerts = 0
         # Plain floats and bools, converted once for the batch (a numpy scalar per event costs more).
-        for i, (event, score, limit, is_over) in enumerate(zip(batch.events, values.tolist(), limits.tolist(),
+        for i, (event, score, limit, is_over) in enumerate(zip(events, values.tolist(), limits.tolist(),
                                                               over.tolist())):
             ratio = severity(score, limit)
             if not is_over and event.key not in tracked:  # the common case: nothing going on for the key
@@ -661,11 +802,9 @@ class Detector:
             calm = is_over or ratio is None or ratio <= calm_below
             alert = observe(event.key, is_over, info, now, context, store.gap_of(event.key), calm)
             if alert is not None:
-                self.stats.alerts += 1
+                alerts += 1
             append(Decision(event, records[i], score, limit, alert, is_over, ratio))
-        self.stats.over_threshold += int(over.sum())
-        self.stats.scored += len(batch.events)
-        return decisions
+        return decisions, over, alerts
 
     def process(self, records: Sequence[RawRecord]) -> tuple[list[Decision], PreparedBatch]:
         """All three steps in one call (tests, offline replay)."""

@@ -150,6 +150,22 @@ class WorkerMetrics:
         self.keys_on_threshold_bounds = Gauge(p + "keys_on_threshold_bounds",
                                               "Share of calibrated keys whose adaptive threshold sits at "
                                               "threshold_min_ratio or threshold_max_ratio.", registry=r)
+        # Shadow scoring (stream_detector.shadow): counted only while a challenger is set.
+        self.shadow_windows = Counter(p + "shadow_windows", "Windows judged by both the champion and the challenger, "
+                                      "by model and verdict (over or under the model's alert level).",
+                                      ["model", "outcome"], registry=r)
+        self.shadow_agreement = Counter(p + "shadow_agreement", "Windows judged by both models, by which of them "
+                                        "judged the window over its alert level.", ["agreement"], registry=r)
+        self.shadow_alert_messages = Counter(p + "shadow_alert_messages", "The challenger's alert messages "
+                                             "acknowledged on the shadow topic, by state.", ["state"], registry=r)
+        self.challenger_info = Gauge(p + "challenger_info", "1 for the challenger version shadowing the champion "
+                                     "(no series while none is).", ["version"], registry=r)
+        self.challenger_load_failures = Counter(p + "challenger_load_failures", "Challenger versions refused "
+                                                "(checksum, format, shape or windows unlike the champion's).",
+                                                registry=r)
+        self.challenger_score_failures = Counter(p + "challenger_score_failures",
+                                                 "Challenger model calls that raised (the champion judged alone).",
+                                                 registry=r)
         # The batch lifecycle's failures (stream_detector.runtime).
         self.dead_letters_truncated = Counter(
             p + "dead_letters_truncated",
@@ -170,6 +186,13 @@ class WorkerMetrics:
             self.incidents_closed.labels(reason=reason)
         for verdict in ("true_positive", "false_positive", "expected_change"):
             self.feedback.labels(verdict=verdict)
+        for model in ("champion", "challenger"):
+            for outcome in ("over", "under"):
+                self.shadow_windows.labels(model=model, outcome=outcome)
+        for agreement in ("both", "champion_only", "challenger_only", "neither"):
+            self.shadow_agreement.labels(agreement=agreement)
+        for state in ("open", "update", "close"):
+            self.shadow_alert_messages.labels(state=state)
 
     def serve(self, host: str, port: int) -> None:
         """Exposes /metrics, /healthz and /readyz on a daemon thread; binds to loopback unless told otherwise."""

@@ -61,6 +61,11 @@ class Settings:
         metadata=_doc("Compacted topic of operators' verdicts on incidents (`stream-detector ack`), keyed by "
                       "incident id; empty = `<alerts_topic>.feedback`."),
     )
+    shadow_topic: str = field(
+        default="",
+        metadata=_doc("Topic the challenger's alerts go to while it shadows the champion (never to `alerts_topic`); "
+                      "empty = `<alerts_topic>.shadow`."),
+    )
     consumer_group: str = field(default="stream-detector", metadata=_doc("Kafka consumer group (Faust app id)."))
     auto_offset_reset: str = field(
         default="earliest", metadata=_doc("Where a new consumer group starts: `earliest` or `latest`.")
@@ -125,7 +130,7 @@ class Settings:
     model_poll_s: float = field(
         default=10.0,
         metadata=_doc("How often the model directory is checked for a new champion (or newer version) to "
-                      "hot-swap; 0 disables."),
+                      "hot-swap, and for a new or removed challenger to shadow it; 0 disables."),
     )
     device: str = field(default="auto", metadata=_doc("`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."))
     torch_threads: int = field(
@@ -413,6 +418,9 @@ class Settings:
         if self.feedback_topic and self.feedback_topic in (self.input_topic, self.alerts_topic,
                                                            self.dead_letter_topic):
             problems.append("feedback_topic must be a topic of its own")
+        if self.shadow_topic_name in (self.input_topic, self.alerts_topic, self.dead_letter_topic,
+                                      self.feedback_topic_name, self.scores_topic):
+            problems.append("shadow_topic must be a topic of its own")
         if self.threshold_warmup_windows > self.threshold_history:
             problems.append("threshold_warmup_windows must not exceed threshold_history")
         if not 0 < self.threshold_min_ratio <= 1:
@@ -564,6 +572,11 @@ class Settings:
     def feedback_topic_name(self) -> str:
         """The feedback topic: ``feedback_topic``, or ``<alerts_topic>.feedback`` when it is empty."""
         return self.feedback_topic or f"{self.alerts_topic}.feedback"
+
+    @property
+    def shadow_topic_name(self) -> str:
+        """The shadow topic: ``shadow_topic``, or ``<alerts_topic>.shadow`` when it is empty."""
+        return self.shadow_topic or f"{self.alerts_topic}.shadow"
 
     @property
     def model_path(self) -> Path:

@@ -27,6 +27,10 @@ backlog a batch is finished at once: overlapping it with the next would hold its
 while the next is windowed. (Two row buffers in the detector keep k-1's windows
 intact while k is windowed; a model swap is never overlapped: k-1 is judged against its own model.)
 
+With a challenger named in the model directory (:mod:`~stream_detector.shadow`), step 2 scores each
+part with it too and step 3 judges it with its own thresholds and incidents; its alerts go to the
+shadow topic only. Without one, nothing more is done.
+
 Agent concurrency stays 1: with more, faust-streaming can commit offsets ahead of unfinished
 events (faust-streaming issue #606). The app is a :class:`~stream_detector.kafka.faust_app.DetectorApp`,
 Faust's app given the project's classes through Faust's extension points: its consumer is kept up
@@ -60,13 +64,14 @@ import gc
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
 from faust.types import TP
 
 from .artifacts import ArtifactError, ModelArtifact, load_artifact, read_signing_key
-from .registry import load_served, served_candidates
+from .registry import CHALLENGER, is_version_dir, load_served, read_aliases, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, RawRecord
 from .kafka import faust_fixes
@@ -138,6 +143,15 @@ class DetectorService:
         self._export_drift(artifact)
         self.executor = inference_executor(settings.torch_threads)
         self._announce(artifact, threshold.value)
+        # The challenger shadowing the champion (stream_detector.shadow), if the directory names one.
+        self.challenger_runner: ModelRunner | None = None
+        self._refused_challengers: set[str] = set()
+        target = self._challenger_target()
+        if target is not None:
+            try:
+                self._set_challenger(self._load_runner(target))
+            except Exception as exc:  # a challenger never keeps the worker from serving the champion
+                self._refuse_challenger(target, exc)
 
     def _export_drift(self, artifact: ModelArtifact) -> None:
         """Drift gauges read when scraped, from whichever model and threshold policy serve by then
@@ -190,6 +204,15 @@ class DetectorService:
         newest = self._reload_target()
         if newest is None:
             return False
+        challenger = self.challenger_runner
+        if challenger is not None and challenger.artifact.path == newest:
+            # The version shadowing is promoted: its warm threshold policy serves on.
+            self.detector.promote_challenger()
+            self.runner, self.challenger_runner = challenger, None
+            self.metrics.challenger_info.clear()
+            self.metrics.model_reloads.inc()
+            self._announce(challenger.artifact, self.challenger_threshold.value)
+            return True
         loop = asyncio.get_running_loop()
         try:
             runner = await loop.run_in_executor(self.executor, self._load_runner, newest)
@@ -206,9 +229,83 @@ class DetectorService:
         self._announce(artifact, threshold.value)
         return True
 
+    def _challenger_target(self) -> Path | None:
+        """The version the ``challenger`` alias names, unless it is the champion; the one shadowing
+        now when the aliases cannot be read (a bad file is the champion poll's to report)."""
+        root = self.settings.model_path
+        current = self.challenger_runner.artifact.path if self.challenger_runner is not None else None
+        if is_version_dir(root) or not root.is_dir():
+            return None
+        try:
+            version = read_aliases(root)["aliases"].get(CHALLENGER)
+        except ArtifactError:
+            return current
+        if not isinstance(version, str) or not version:
+            return None
+        path = root / version
+        return None if path == self.runner.artifact.path else path
+
+    def _set_challenger(self, runner: ModelRunner) -> None:
+        threshold = build_threshold_policy(runner.artifact, self.threshold_config, self.settings.max_keys)
+        self.detector.set_challenger(runner.artifact, self._challenger_scorer(runner), threshold)
+        self.challenger_runner, self.challenger_threshold = runner, threshold
+        self.metrics.challenger_info.clear()
+        self.metrics.challenger_info.labels(version=runner.version).set(1)
+        log.info("challenger %s (%s) shadows the champion %s: its alerts go to %s", runner.version,
+                 runner.artifact.kind, self.runner.version, self.settings.shadow_topic_name)
+
+    def _refuse_challenger(self, path: Path, exc: Exception) -> None:
+        self._refused_challengers.add(str(path))
+        self.metrics.challenger_load_failures.inc()
+        log.error("challenger %s refused, not shadowing: %s", path, exc)
+
+    def _drop_challenger(self) -> None:
+        if self.challenger_runner is None:
+            return
+        log.info("challenger %s no longer shadows the champion", self.challenger_runner.version)
+        self.detector.drop_challenger()
+        self.challenger_runner = None
+        self.metrics.challenger_info.clear()
+
+    async def maybe_reload_challenger(self) -> bool:
+        """Follows the ``challenger`` alias on the same poll as the champion: loads a newly named
+        version (on the inference thread), drops the challenger when the alias goes or names the
+        champion. A version that fails to load or does not fit the windows is refused once, logged
+        and counted; the champion serves on either way. Whether the challenger changed."""
+        target = self._challenger_target()
+        current = self.challenger_runner.artifact.path if self.challenger_runner is not None else None
+        if target == current:
+            return False
+        if target is None or str(target) in self._refused_challengers:
+            changed = current is not None
+            self._drop_challenger()
+            return changed
+        loop = asyncio.get_running_loop()
+        try:
+            runner = await loop.run_in_executor(self.executor, self._load_runner, target)
+            self._set_challenger(runner)
+        except Exception as exc:
+            self._refuse_challenger(target, exc)
+            self._drop_challenger()  # the alias moved away from the one shadowing
+            return False
+        return True
+
     def _on_evict(self, reason: str, n: int) -> None:
         self.detector.stats.evicted[reason] += n
         self.metrics.keys_evicted.labels(reason=reason).inc(n)
+
+    def _challenger_scorer(self, runner: ModelRunner):
+        """The challenger's model call; its time counts in the same histogram (one more call per batch part)."""
+        scorer = self._scorer_for(runner)
+
+        def counted(windows):
+            try:
+                return scorer(windows)
+            except Exception:
+                self.metrics.challenger_score_failures.inc()
+                raise
+
+        return counted
 
     def _scorer_for(self, runner: ModelRunner):
         def timed_score(windows):
@@ -340,7 +437,8 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     if settings.model_poll_s > 0:
         @app.timer(interval=settings.model_poll_s)
         async def reload_model() -> None:
-            await service.maybe_reload()
+            await service.maybe_reload()  # first: a promoted challenger becomes the champion
+            await service.maybe_reload_challenger()
 
     @app.agent(source, concurrency=1)
     async def detect(stream: faust.StreamT) -> None:
@@ -389,13 +487,15 @@ def run_worker(settings: Settings) -> None:
     setup_logging(settings.log_level, json_logs=settings.log_json)
     check_versions()  # before anything is created: an untested Faust refuses to start
     admin_config = client_config(settings, "admin")
+    # The shadow topic always: a challenger may be named while the worker runs.
     topics = {settings.input_topic: 1, settings.alerts_topic: 1, settings.dead_letter_topic: 1,
-              settings.feedback_topic_name: 1}
+              settings.feedback_topic_name: 1, settings.shadow_topic_name: 1}
     if settings.scores_topic:
         topics[settings.scores_topic] = 1
     ensure_topics(settings.bootstrap_servers, topics, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={settings.alerts_topic: settings.alerts_topic_config,
+                                 settings.shadow_topic_name: settings.alerts_topic_config,
                                  settings.dead_letter_topic: settings.dead_letter_topic_config,
                                  # the latest verdict of each incident (keyed by incident id)
                                  settings.feedback_topic_name: {"cleanup.policy": "compact"}})

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ..detector import PreparedBatch, RawRecord
@@ -46,6 +46,7 @@ class Published:
     sent: Deliveries
     messages: list[tuple[dict[str, Any], RawRecord | None]]  # alert messages, with their records
     dead_letters: int
+    shadow: list[dict[str, Any]] = field(default_factory=list)  # the challenger's, sent to the shadow topic
 
 
 @dataclass(slots=True)

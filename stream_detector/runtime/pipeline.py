@@ -40,6 +40,7 @@ from ..kafka.output import Deliveries, OutputProducer
 from ..logs import RateLimitedLog
 from ..metrics import WorkerMetrics, observe_many
 from ..scoring import Scores
+from ..shadow import CHALLENGER_MODEL, CHAMPION_MODEL, OVER, UNDER
 from .checkpoint import (ACK, CONSUME, JUDGE, SCORE, SEND_ALERTS, SEND_SNAPSHOTS, WINDOW, Published, Scoring, Settler,
                          Snapshots)
 from .dead_letters import dead_letter
@@ -63,12 +64,17 @@ class PipelineConfig:
     state_flush_s: float = 1.0
     max_keys: int = 100_000
     invalid_log_interval_s: float = 10.0
+    shadow_topic: str = ""  # the challenger's alerts (stream_detector.shadow); empty: `<alerts_topic>.shadow`
 
     @classmethod
     def from_settings(cls, settings: Any) -> "PipelineConfig":
         return cls(settings.input_topic, settings.alerts_topic, settings.dead_letter_topic, settings.scores_topic,
                    settings.batch_max, settings.batch_adaptive, settings.batch_pipeline, settings.state_flush_s,
-                   settings.max_keys)
+                   settings.max_keys, shadow_topic=settings.shadow_topic_name)
+
+    @property
+    def shadow_topic_name(self) -> str:
+        return self.shadow_topic or f"{self.alerts_topic}.shadow"
 
 
 class BatchPipeline:
@@ -184,10 +190,12 @@ class BatchPipeline:
         self._stage = SEND_ALERTS
         for message, _ in messages:
             sent.send(self.config.alerts_topic, message["key"].encode(), encode_alert(message))
+        shadow = self._send_shadow(sent) if detector.shadow_pending else []
         self.metrics.incidents_open.set(detector.incidents.open_count)
         self._stage = SEND_SNAPSHOTS
         assert self.settler is not None
-        await self.settler.put(Published(sent, messages, 0), self._covered(self.state.collect_snapshots()), [])
+        await self.settler.put(Published(sent, messages, 0, shadow), self._covered(self.state.collect_snapshots()),
+                               [])
         return True
 
     def _covered(self, snapshots: Snapshots | None) -> Snapshots | None:
@@ -319,8 +327,13 @@ class BatchPipeline:
             for i in np.flatnonzero(~finite).tolist():
                 self.dead_letter(sent, batch.records[i], Invalid(NON_FINITE_SCORE, f"model score {values[i]!r}"))
             keep = np.flatnonzero(finite)
+            shadow = batch.shadow
             batch = PreparedBatch(windows=batch.windows[keep], events=[batch.events[i] for i in keep.tolist()],
-                                  records=[batch.records[i] for i in keep.tolist()])
+                                  records=[batch.records[i] for i in keep.tolist()],
+                                  newest=batch.newest[keep] if batch.newest is not None else None,
+                                  challenger=batch.challenger,
+                                  shadow=None if shadow is None else Scores(np.asarray(shadow.scores[:n])[keep],
+                                                                            np.asarray(shadow.feature_errors[:n])[keep]))
             scores = Scores(np.asarray(scores.scores[:n])[keep], np.asarray(scores.feature_errors[:n])[keep])
             if not len(batch):
                 return []
@@ -357,6 +370,7 @@ class BatchPipeline:
         alerts_topic, scores_topic = config.alerts_topic, config.scores_topic
         for message, _ in messages:
             sent.send(alerts_topic, message["key"].encode(), encode_alert(message))
+        shadow = self._send_shadow(sent) if detector.shadow_pending else []  # nothing to do without a challenger
         if scores_topic:
             version = detector.artifact.version
             for d in decisions:
@@ -372,7 +386,24 @@ class BatchPipeline:
         metrics.incidents_open.set(lifecycle.open_count)
         metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
         metrics.active_keys.set(len(detector.windows))
-        return Published(sent, messages, invalid_before + non_finite)
+        return Published(sent, messages, invalid_before + non_finite, shadow)
+
+    def _send_shadow(self, sent: Deliveries) -> list[dict[str, Any]]:
+        """Sends the challenger's alert messages to the shadow topic (never the alerts topic) and
+        counts both models' verdicts on the windows they both judged."""
+        messages, counts = self.detector.drain_shadow()
+        topic = self.config.shadow_topic_name
+        for message in messages:
+            sent.send(topic, message["key"].encode(), encode_alert(message))
+        if counts.judged:
+            windows, agreement = self.metrics.shadow_windows, self.metrics.shadow_agreement
+            windows.labels(model=CHAMPION_MODEL, outcome=OVER).inc(counts.champion_over)
+            windows.labels(model=CHAMPION_MODEL, outcome=UNDER).inc(counts.judged - counts.champion_over)
+            windows.labels(model=CHALLENGER_MODEL, outcome=OVER).inc(counts.challenger_over)
+            windows.labels(model=CHALLENGER_MODEL, outcome=UNDER).inc(counts.judged - counts.challenger_over)
+            for name, n in counts.agreement().items():
+                agreement.labels(agreement=name).inc(n)
+        return messages
 
     async def publish(self, published: Published) -> None:
         """Waits for the broker to acknowledge a batch's alerts and dead letters."""
@@ -390,3 +421,5 @@ class BatchPipeline:
                 metrics.incidents_closed.labels(reason=message["incident"]["close_reason"]).inc()
             if record is not None and record.timestamp:
                 metrics.event_to_alert_seconds.observe(max(done - record.timestamp, 0.0))
+        for message in published.shadow:
+            metrics.shadow_alert_messages.labels(state=message["state"]).inc()
