@@ -158,8 +158,10 @@ class WorkerMetrics:
                                         "judged the window over its alert level.", ["agreement"], registry=r)
         self.shadow_alert_messages = Counter(p + "shadow_alert_messages", "The challenger's alert messages "
                                              "acknowledged on the shadow topic, by state.", ["state"], registry=r)
-        self.challenger_info = Gauge(p + "challenger_info", "1 for the challenger version shadowing the champion "
-                                     "(no series while none is).", ["version"], registry=r)
+        self.challenger_info = Gauge(p + "challenger_info", "1 for the challenger version shadowing the champion; "
+                                     "while none is, one series with an empty version at 0.", ["version"],
+                                     registry=r)
+        self.challenger_info.labels(version="").set(0)
         self.challenger_load_failures = Counter(p + "challenger_load_failures", "Challenger versions refused "
                                                 "(checksum, format, shape or windows unlike the champion's).",
                                                 registry=r)

@@ -209,7 +209,7 @@ class DetectorService:
             # The version shadowing is promoted: its warm threshold policy serves on.
             self.detector.promote_challenger()
             self.runner, self.challenger_runner = challenger, None
-            self.metrics.challenger_info.clear()
+            self._show_challenger(None)
             self.metrics.model_reloads.inc()
             self._announce(challenger.artifact, self.challenger_threshold.value)
             return True
@@ -249,8 +249,7 @@ class DetectorService:
         threshold = build_threshold_policy(runner.artifact, self.threshold_config, self.settings.max_keys)
         self.detector.set_challenger(runner.artifact, self._challenger_scorer(runner), threshold)
         self.challenger_runner, self.challenger_threshold = runner, threshold
-        self.metrics.challenger_info.clear()
-        self.metrics.challenger_info.labels(version=runner.version).set(1)
+        self._show_challenger(runner.version)
         log.info("challenger %s (%s) shadows the champion %s: its alerts go to %s", runner.version,
                  runner.artifact.kind, self.runner.version, self.settings.shadow_topic_name)
 
@@ -265,7 +264,17 @@ class DetectorService:
         log.info("challenger %s no longer shadows the champion", self.challenger_runner.version)
         self.detector.drop_challenger()
         self.challenger_runner = None
-        self.metrics.challenger_info.clear()
+        self._show_challenger(None)
+
+    def _show_challenger(self, version: str | None) -> None:
+        """``challenger_info``: the version shadowing at 1, or (none) an empty version at 0, so a
+        dashboard always has a series to show."""
+        info = self.metrics.challenger_info
+        info.clear()
+        if version is None:
+            info.labels(version="").set(0)
+        else:
+            info.labels(version=version).set(1)
 
     async def maybe_reload_challenger(self) -> bool:
         """Follows the ``challenger`` alias on the same poll as the champion: loads a newly named

@@ -221,7 +221,7 @@ def test_the_worker_loads_the_challenger_alias_and_follows_it_on_the_model_poll(
     service = _service(tmp_path)
     assert service.challenger_runner is not None and service.challenger_runner.version == "v2"
     assert service.detector._pending_challenger[0].version == "v2"  # from the next micro-batch on
-    assert _challenger_info(service, "v2") == 1.0
+    assert _challenger_info(service, "v2") == 1.0 and _challenger_info(service, "") is None
     assert not asyncio.run(service.maybe_reload_challenger())  # unchanged
     set_alias(tmp_path, CHALLENGER, "v3")
     assert asyncio.run(service.maybe_reload_challenger()) and service.challenger_runner.version == "v3"
@@ -229,7 +229,7 @@ def test_the_worker_loads_the_challenger_alias_and_follows_it_on_the_model_poll(
     set_alias(tmp_path, CHALLENGER, "v1")  # the champion itself: nothing to shadow
     assert asyncio.run(service.maybe_reload_challenger())
     assert service.challenger_runner is None and service.detector._pending_challenger == (None,)
-    assert _challenger_info(service, "v3") is None
+    assert _challenger_info(service, "v3") is None and _challenger_info(service, "") == 0.0
 
 
 def test_a_challenger_that_fails_to_load_is_counted_and_ignored_and_the_champion_serves(tmp_path):
