@@ -69,7 +69,7 @@ from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, RawRecord
 from .kafka import faust_fastpath, faust_fixes
-from .kafka.admin import committed_offsets, ensure_topics, partition_count
+from .kafka.admin import committed_offsets, ensure_topics, grow_partitions, partition_count
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
@@ -288,11 +288,33 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             await feedback.handle(RawRecord(m.value, m.key, m.timestamp, m.partition, m.offset,
                                             tuple(m.headers or ())))
 
+    changelog_width = [input_partitions]  # partitions the changelog is known to have
+
+    async def widen_changelog(needed: int) -> None:
+        """The input topic grew (a partition this wide is assigned): the changelog grows to match
+        before any event of the new partitions is taken (a snapshot goes to its input record's
+        partition number), and the output producer learns of the new partitions."""
+        loop = asyncio.get_running_loop()
+        topic = changelog.changelog_topic
+        try:
+            width = await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, topic, needed,
+                                               client_config(settings, "admin"))
+            await loop.run_in_executor(None, out.partitions, topic)
+        except Exception as exc:  # the first snapshot to a new partition then stops the worker (exit 70)
+            log.error("input topic grown to %d partitions, changelog %s not grown: %s: %s", needed, topic,
+                      type(exc).__name__, exc)
+            return
+        log.warning("input topic grown to %d partitions: changelog %s grown from %d to %d", needed, topic,
+                    changelog_width[0], width)
+        changelog_width[0] = width
+
     @state.on_recover
     async def restore_open_incidents() -> None:
         # Awaited by Faust's recovery before the input partitions resume.
-        # A group reset or a recreated topic: the restored positions would take every event for a replay.
         partitions = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.input_topic)
+        if partitions and partitions[-1] >= changelog_width[0]:
+            await widen_changelog(partitions[-1] + 1)
+        # A group reset or a recreated topic: the restored positions would take every event for a replay.
         if partitions:
             try:
                 committed_now = await asyncio.get_running_loop().run_in_executor(
@@ -315,6 +337,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         if partitions:
             dropped = changelog.revoke(partitions)
             log.info("partitions %s revoked: %d key windows handed over", sorted(partitions), dropped)
+            # Every revoked partition's changelog is read again from its start if it comes back: a
+            # key's snapshot leaves the table when the key is restored, and Faust, which keeps a
+            # partition it assigns again to the same worker, would read only what was written since,
+            # so a key restored and not written again would start cold (its window lost).
+            for partition in partitions:
+                app.tables.recovery.revoke(TP(changelog.changelog_topic, partition))
             # Snapshots already sent reach the changelog before the partitions' new owner reads it.
             deadline = time.monotonic() + 5.0
             while out.in_flight() and time.monotonic() < deadline:
@@ -411,6 +439,8 @@ def run_worker(settings: Settings) -> None:
     ensure_topics(settings.bootstrap_servers, {changelog: partitions}, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={changelog: {**settings.changelog_topic_config, "cleanup.policy": "compact"}})
+    # An input topic grown while no worker ran: the existing changelog grows with it.
+    grow_partitions(settings.bootstrap_servers, changelog, partitions, admin_config)
     # /readyz, read on the metrics thread: flags set on the event loop (Faust's assignment signals).
     assigned: set = set()
     app.on_partitions_assigned.connect(lambda _app, assigned_now, **_: _replace(assigned, assigned_now))
