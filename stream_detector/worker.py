@@ -324,6 +324,18 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             except Exception as exc:  # the positions are kept: at worst a reset's events count as replayed
                 log.warning("committed offsets not read at recovery (%s: %s); snapshot positions kept",
                             type(exc).__name__, exc)
+            else:
+                # Faust reads a partition without a committed offset past 0 from wherever the
+                # consumer stands: maybe past records fetched and dropped while it was paused.
+                try:
+                    sought = await faust_fixes.seek_uncommitted(app, settings.input_topic, committed_now,
+                                                                settings.auto_offset_reset)
+                except Exception as exc:
+                    log.warning("input partitions without a committed offset not sought (%s: %s)",
+                                type(exc).__name__, exc)
+                else:
+                    if sought:
+                        log.info("input partitions without a committed offset read from %s", sought)
         # Keys come back lazily, at their next event; one with an open incident may never send
         # again, and only a key held in memory has its incident closed by the idle sweep.
         restored = changelog.restore_open_incidents(state.data.items())
