@@ -69,7 +69,7 @@ from .registry import load_served, served_candidates
 from .batching import ack_events, adaptive_batches, pending_events
 from .detector import Detector, RawRecord
 from .kafka import faust_fastpath, faust_fixes
-from .kafka.admin import committed_offsets, ensure_topics, grow_partitions, partition_count
+from .kafka.admin import TopicError, committed_offsets, ensure_topics, grow_partitions, partition_count
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
@@ -320,7 +320,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 committed_now = await asyncio.get_running_loop().run_in_executor(
                     None, committed_offsets, settings.bootstrap_servers, settings.consumer_group,
                     settings.input_topic, partitions, client_config(settings, "consumer"))
-                await changelog.recover(state.data, committed_now)
+                ends = await app.consumer.highwaters(*(TP(settings.input_topic, p) for p in partitions))
+                await changelog.recover(state.data, committed_now,
+                                        {tp.partition: end for tp, end in ends.items() if end is not None})
             except Exception as exc:  # the positions are kept: at worst a reset's events count as replayed
                 log.warning("committed offsets not read at recovery (%s: %s); snapshot positions kept",
                             type(exc).__name__, exc)
@@ -448,11 +450,13 @@ def run_worker(settings: Settings) -> None:
     app = create_app(settings, service, input_partitions=partitions)
     # The changelog is created here (replication factor, configs), before Faust would create it with its own.
     changelog = app.tables["windows"].changelog_topic.get_topic_name()
+    try:  # an existing changelog narrower than the input (the input grew while no worker ran) grows first
+        grow_partitions(settings.bootstrap_servers, changelog, partitions, admin_config)
+    except TopicError:
+        pass  # none yet: created below
     ensure_topics(settings.bootstrap_servers, {changelog: partitions}, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={changelog: {**settings.changelog_topic_config, "cleanup.policy": "compact"}})
-    # An input topic grown while no worker ran: the existing changelog grows with it.
-    grow_partitions(settings.bootstrap_servers, changelog, partitions, admin_config)
     # /readyz, read on the metrics thread: flags set on the event loop (Faust's assignment signals).
     assigned: set = set()
     app.on_partitions_assigned.connect(lambda _app, assigned_now, **_: _replace(assigned, assigned_now))

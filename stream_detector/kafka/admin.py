@@ -101,7 +101,12 @@ def grow_partitions(bootstrap_servers: str, topic: str, partitions: int, client_
     admin = AdminClient({"bootstrap.servers": bootstrap_servers,
                          "logger": logging.getLogger(__name__ + ".librdkafka"), **(client_config or {})})
     deadline = time.monotonic() + timeout
-    have = partition_count(bootstrap_servers, topic, client_config, timeout)
+    # Every topic listed: a metadata request naming a missing topic has a broker with
+    # auto.create.topics.enable create it (with its default partitions and cleanup policy).
+    tmd = admin.list_topics(timeout=timeout).topics.get(topic)
+    if tmd is None or tmd.error is not None or not tmd.partitions:
+        raise TopicError(f"topic {topic!r} not found: {tmd.error if tmd else 'not in metadata'}")
+    have = len(tmd.partitions)
     if have >= partitions:
         return have
     from confluent_kafka.admin import NewPartitions
@@ -115,7 +120,7 @@ def grow_partitions(bootstrap_servers: str, topic: str, partitions: int, client_
         if not (isinstance(err, KafkaError) and err.code() == KafkaError.INVALID_PARTITIONS):
             raise TopicError(f"growing topic {topic!r} to {partitions} partitions failed: {exc}") from exc
     while True:
-        tmd = admin.list_topics(topic, timeout=max(min(5.0, deadline - time.monotonic()), 0.2)).topics.get(topic)
+        tmd = admin.list_topics(timeout=max(min(5.0, deadline - time.monotonic()), 0.2)).topics.get(topic)
         if tmd is not None and tmd.error is None and len(tmd.partitions) >= partitions \
                 and all(p.leader >= 0 for p in tmd.partitions.values()):
             return len(tmd.partitions)
