@@ -6,7 +6,7 @@ status 70 without committing past it (``stream_detector.runtime.failures``). A w
 again once the broker is back is redelivered what was not committed: every valid event is scored,
 every injected anomaly alerted, no ``alert_id`` names two different alerts, and the committed
 offsets reach the end. The delivery timeout is set short (5 s, through the producer's passthrough
-properties) so that a 20 s outage is well past it.
+properties) so that a 15 s outage is well past it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from worker_harness import WorkerProcess
 pytestmark = pytest.mark.integration
 
 DELIVERY_TIMEOUT_MS = 5000
-OUTAGE_S = 20.0
+OUTAGE_S = 15.0
 
 
 def _alerted_ids(bootstrap: str, topic: str) -> set[str]:
@@ -73,13 +73,13 @@ def test_a_broker_outage_past_the_delivery_timeout_stops_the_worker_uncommitted_
     worker.extra_env = {"STREAM_DETECTOR_SCORES_TOPIC": scores_topic, "STREAM_DETECTOR_LAG_INTERVAL_S": "1",
                         "STREAM_DETECTOR_TAIL_CALIBRATION": "false",
                         "STREAM_DETECTOR_KAFKA_PRODUCER__MESSAGE_TIMEOUT_MS": str(DELIVERY_TIMEOUT_MS)}
-    events = with_obvious_anomalies(generate("sensors", 8, 1000, anomaly_rate=0.02, seed=121))
+    events = with_obvious_anomalies(generate("sensors", 8, 750, anomaly_rate=0.02, seed=121))
     assert anomaly_segments(events)
     restarted: WorkerProcess | None = None
     try:
         ensure_topics(bootstrap, {worker.input_topic: 2, worker.alerts_topic: 1, scores_topic: 1})
         worker.start()
-        # Events keep coming at 400/s (over 20 s): the worker has output in flight when the broker
+        # Events keep coming at 400/s (over 15 s): the worker has output in flight when the broker
         # goes; the test's producer holds its own events through the outage (a long timeout).
         producer = threading.Thread(target=produce_events, args=(bootstrap, worker.input_topic, events, 400.0),
                                     kwargs={"extra_config": {"message.timeout.ms": 300_000}})
