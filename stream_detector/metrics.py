@@ -99,7 +99,8 @@ class WorkerMetrics:
                                      registry=r)
         self.positions_dropped = Counter(
             p + "state_positions_dropped", "Restored key windows whose input position was dropped: their partition's "
-            "committed offset went back (a group reset or the input topic recreated).", registry=r)
+            "committed offset went back (a group reset or the input topic recreated), or it named an offset past the "
+            "partition's end.", registry=r)
         self.state_writes = Counter(p + "state_writes", "Key window snapshots written to the state changelog.",
                                     registry=r)
         self.model_reloads = Counter(p + "model_reloads", "Newer model versions hot-swapped in.", registry=r)

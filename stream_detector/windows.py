@@ -300,11 +300,25 @@ def snapshot_partition(blob: bytes) -> int:
         return -1
 
 
+def snapshot_position(blob: bytes) -> tuple[int, int]:
+    """(input partition, offset) of a snapshot's last event ((-1, -1) if the bytes are no snapshot)."""
+    try:
+        header = _SNAPSHOT_HEADER.unpack_from(blob)
+    except struct.error:
+        return -1, -1
+    return header[5], header[6]
+
+
+def with_offset(blob: bytes, offset: int) -> bytes:
+    """The snapshot with its last event's offset replaced (its partition kept)."""
+    version, w, f, st, count, partition, _ = _SNAPSHOT_HEADER.unpack_from(blob)
+    return _SNAPSHOT_HEADER.pack(version, w, f, st, count, partition, offset) + blob[_SNAPSHOT_HEADER.size:]
+
+
 def without_position(blob: bytes) -> bytes:
     """The snapshot with its offset forgotten (kept: its partition): none of the partition's records
     is taken for one the window already holds."""
-    version, w, f, st, count, partition, _ = _SNAPSHOT_HEADER.unpack_from(blob)
-    return _SNAPSHOT_HEADER.pack(version, w, f, st, count, partition, -1) + blob[_SNAPSHOT_HEADER.size:]
+    return with_offset(blob, -1)
 
 
 def _resized(array: np.ndarray, rows: int) -> np.ndarray:

@@ -77,7 +77,7 @@ from .detector import Detector, RawRecord
 from .kafka import faust_fixes
 from .kafka.faust_app import DetectorApp, DetectorWorker, check_versions
 from .kafka.faust_fastpath import RawEvents
-from .kafka.admin import committed_offsets, ensure_topics, partition_count
+from .kafka.admin import TopicError, committed_offsets, ensure_topics, grow_partitions, partition_count
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
@@ -396,20 +396,56 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             await feedback.handle(RawRecord(m.value, m.key, m.timestamp, m.partition, m.offset,
                                             tuple(m.headers or ())))
 
+    changelog_width = [input_partitions]  # partitions the changelog is known to have
+
+    async def widen_changelog(needed: int) -> None:
+        """The input topic grew (a partition this wide is assigned): the changelog grows to match
+        before any event of the new partitions is taken (a snapshot goes to its input record's
+        partition number), and the output producer learns of the new partitions."""
+        loop = asyncio.get_running_loop()
+        topic = changelog.changelog_topic
+        try:
+            width = await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, topic, needed,
+                                               client_config(settings, "admin"))
+            await loop.run_in_executor(None, out.partitions, topic)
+        except Exception as exc:  # the first snapshot to a new partition then stops the worker (exit 70)
+            log.error("input topic grown to %d partitions, changelog %s not grown: %s: %s", needed, topic,
+                      type(exc).__name__, exc)
+            return
+        log.warning("input topic grown to %d partitions: changelog %s grown from %d to %d", needed, topic,
+                    changelog_width[0], width)
+        changelog_width[0] = width
+
     @state.on_recover
     async def restore_open_incidents() -> None:
         # Awaited by Faust's recovery before the input partitions resume.
-        # A group reset or a recreated topic: the restored positions would take every event for a replay.
         partitions = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == settings.input_topic)
+        if partitions and partitions[-1] >= changelog_width[0]:
+            await widen_changelog(partitions[-1] + 1)
+        # A group reset or a recreated topic: the restored positions would take every event for a replay.
         if partitions:
             try:
                 committed_now = await asyncio.get_running_loop().run_in_executor(
                     None, committed_offsets, settings.bootstrap_servers, settings.consumer_group,
                     settings.input_topic, partitions, client_config(settings, "consumer"))
-                await changelog.recover(state.data, committed_now)
+                ends = await app.consumer.highwaters(*(TP(settings.input_topic, p) for p in partitions))
+                await changelog.recover(state.data, committed_now,
+                                        {tp.partition: end for tp, end in ends.items() if end is not None})
             except Exception as exc:  # the positions are kept: at worst a reset's events count as replayed
                 log.warning("committed offsets not read at recovery (%s: %s); snapshot positions kept",
                             type(exc).__name__, exc)
+            else:
+                # Faust reads a partition without a committed offset past 0 from wherever the
+                # consumer stands: maybe past records fetched and dropped while it was paused.
+                try:
+                    sought = await faust_fixes.seek_uncommitted(app, settings.input_topic, committed_now,
+                                                                settings.auto_offset_reset)
+                except Exception as exc:
+                    log.warning("input partitions without a committed offset not sought (%s: %s)",
+                                type(exc).__name__, exc)
+                else:
+                    if sought:
+                        log.info("input partitions without a committed offset read from %s", sought)
         # Keys come back lazily, at their next event; one with an open incident may never send
         # again, and only a key held in memory has its incident closed by the idle sweep.
         restored = changelog.restore_open_incidents(state.data.items())
@@ -423,6 +459,12 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         if partitions:
             dropped = changelog.revoke(partitions)
             log.info("partitions %s revoked: %d key windows handed over", sorted(partitions), dropped)
+            # Every revoked partition's changelog is read again from its start if it comes back: a
+            # key's snapshot leaves the table when the key is restored, and Faust, which keeps a
+            # partition it assigns again to the same worker, would read only what was written since,
+            # so a key restored and not written again would start cold (its window lost).
+            for partition in partitions:
+                app.tables.recovery.revoke(TP(changelog.changelog_topic, partition))
             # Snapshots already sent reach the changelog before the partitions' new owner reads it.
             deadline = time.monotonic() + 5.0
             while out.in_flight() and time.monotonic() < deadline:
@@ -521,6 +563,10 @@ def run_worker(settings: Settings) -> None:
     app = create_app(settings, service, input_partitions=partitions)
     # The changelog is created here (replication factor, configs), before Faust would create it with its own.
     changelog = app.tables["windows"].changelog_topic.get_topic_name()
+    try:  # an existing changelog narrower than the input (the input grew while no worker ran) grows first
+        grow_partitions(settings.bootstrap_servers, changelog, partitions, admin_config)
+    except TopicError:
+        pass  # none yet: created below
     ensure_topics(settings.bootstrap_servers, {changelog: partitions}, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={changelog: {**settings.changelog_topic_config, "cleanup.policy": "compact"}})

@@ -126,3 +126,13 @@ def test_nothing_is_read_again_outside_a_recovery():
     app.tables.recovery.in_recovery = False
     assert asyncio.run(faust_fixes.reread_stalled_changelogs(app, now=500.0, reread={})) == []
     assert app.consumer.sought == {}
+
+
+def test_a_partition_without_a_committed_offset_is_read_from_its_first_offset_and_one_committed_at_0_from_0():
+    committed = {0: -1, 1: 0, 2: 57, 3: -1}  # -1: none (a new partition, a recreated topic)
+    earliest = {0: 0, 3: 120}  # partition 3's first records were deleted by retention
+    assert faust_fixes.uncommitted_positions(committed, earliest, "earliest") == {0: 0, 1: 0, 3: 120}
+
+
+def test_with_latest_a_partition_without_a_committed_offset_is_left_at_the_end():
+    assert faust_fixes.uncommitted_positions({0: -1, 1: 0}, {0: 0}, "latest") == {1: 0}

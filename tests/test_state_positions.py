@@ -10,6 +10,7 @@ from stream_detector.detector import Detector
 from stream_detector.metrics import WorkerMetrics
 from stream_detector.runtime.state import ChangelogState, floor_key
 from stream_detector.thresholds import GlobalThreshold
+from stream_detector.windows import snapshot_position, with_offset
 
 from test_alert_lifecycle import WINDOW, artifact, newest_a, rec_at  # noqa: F401 (fixture)
 from test_pipeline_failures import FakeOutput
@@ -88,3 +89,31 @@ def test_the_floor_follows_the_committed_offset_while_the_input_is_quiet(artifac
         await state.send(floors)
     asyncio.run(flush())
     assert out.topic("changelog")[-1][1:3] == (floor_key(0), N.to_bytes(8, "little", signed=True))
+
+
+def test_a_snapshot_whose_position_is_past_its_partitions_end_loses_it_and_its_keys_events_are_scored(artifact):
+    changelog = _write_state(artifact)
+    # The key's snapshot names an offset the partition never reached (a garbled or foreign record):
+    # trusted, it would take every event of the key for one its window holds, for ever.
+    changelog[b"k"] = with_offset(changelog[b"k"], 10 ** 12)
+    assert snapshot_position(changelog[b"k"]) == (0, 10 ** 12)
+    detector = Detector(artifact, newest_a, threshold=GlobalThreshold(1.0))
+    metrics = WorkerMetrics()
+    state = ChangelogState(detector, FakeOutput(), "changelog", metrics, 2, restore_source=lambda k: changelog.pop(k, None))
+    reset = asyncio.run(state.recover(changelog, {0: COMMITTED}, ends={0: N}))
+    assert reset == set()
+    decisions, batch = detector.process([rec_at("k", i, 0.5, i) for i in range(N, N + 5)])
+    assert batch.replayed == 0 and len(decisions) == 5  # the window kept: scored at once
+    assert metrics.positions_dropped._value.get() == 1
+
+
+def test_a_garbage_snapshot_starts_its_key_cold_and_does_not_stop_the_recovery(artifact):
+    changelog = _write_state(artifact)
+    changelog[b"k"] = b"\x00garbage\xff" * 3
+    detector = Detector(artifact, newest_a, threshold=GlobalThreshold(1.0))
+    state = ChangelogState(detector, FakeOutput(), "changelog", WorkerMetrics(), 2,
+                           restore_source=lambda k: changelog.pop(k, None))
+    asyncio.run(state.recover(changelog, {0: COMMITTED}, ends={0: N}))
+    assert state.restore_open_incidents(list(changelog.items())) == 0
+    decisions, batch = detector.process([rec_at("k", i, 0.5, i) for i in range(N, N + WINDOW)])
+    assert batch.warming_up == WINDOW - 1 and len(decisions) == 1 and detector.windows.restore_failures == 1

@@ -93,6 +93,42 @@ def partition_count(bootstrap_servers: str, topic: str, client_config: dict | No
     return len(tmd.partitions)
 
 
+def grow_partitions(bootstrap_servers: str, topic: str, partitions: int, client_config: dict | None = None,
+                    timeout: float = 30) -> int:
+    """Grows an existing topic to ``partitions`` if it has fewer (a topic never shrinks); waits until
+    metadata shows them all led. The partition count now. The worker keeps its changelog as wide as
+    its input: a snapshot is written to the input record's partition number."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers,
+                         "logger": logging.getLogger(__name__ + ".librdkafka"), **(client_config or {})})
+    deadline = time.monotonic() + timeout
+    # Every topic listed: a metadata request naming a missing topic has a broker with
+    # auto.create.topics.enable create it (with its default partitions and cleanup policy).
+    tmd = admin.list_topics(timeout=timeout).topics.get(topic)
+    if tmd is None or tmd.error is not None or not tmd.partitions:
+        raise TopicError(f"topic {topic!r} not found: {tmd.error if tmd else 'not in metadata'}")
+    have = len(tmd.partitions)
+    if have >= partitions:
+        return have
+    from confluent_kafka.admin import NewPartitions
+
+    try:
+        admin.create_partitions([NewPartitions(topic, partitions)],
+                                request_timeout=max(timeout, 1.0))[topic].result(timeout=timeout)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        # Another worker grew it first (INVALID_PARTITIONS: it has that many already).
+        if not (isinstance(err, KafkaError) and err.code() == KafkaError.INVALID_PARTITIONS):
+            raise TopicError(f"growing topic {topic!r} to {partitions} partitions failed: {exc}") from exc
+    while True:
+        tmd = admin.list_topics(timeout=max(min(5.0, deadline - time.monotonic()), 0.2)).topics.get(topic)
+        if tmd is not None and tmd.error is None and len(tmd.partitions) >= partitions \
+                and all(p.leader >= 0 for p in tmd.partitions.values()):
+            return len(tmd.partitions)
+        if time.monotonic() >= deadline:
+            raise TopicError(f"topic {topic!r} not grown to {partitions} partitions after {timeout:.0f}s")
+        time.sleep(_POLL_INTERVAL_S)
+
+
 def committed_offsets(bootstrap_servers: str, group: str, topic: str, partitions: list[int],
                       client_config: dict | None = None, timeout: float = 10) -> dict[int, int]:
     """The group's committed offset of each partition (-1 where it has none), read with a client of

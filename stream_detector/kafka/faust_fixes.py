@@ -1,5 +1,6 @@
 """Fixes to faust-streaming's rebalance recovery, used by every worker: a race that loses events
-(below), and a restore that stalls for ever (:func:`reread_stalled_changelogs`).
+(below), a restore that stalls for ever (:func:`reread_stalled_changelogs`), and input partitions
+without a committed offset whose first records are skipped (:func:`seek_uncommitted`).
 
 **The race.** At the end of a rebalance, Faust's table recovery (``Recovery._resume_streams`` and
 the end of ``Recovery._restart_recovery``) does, in this order:
@@ -40,7 +41,7 @@ then a seek, then flow resumed) still loses events as above; no upstream issue n
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from mode.utils.queues import FlowControlEvent
 
@@ -102,3 +103,45 @@ async def reread_stalled_changelogs(app: Any, now: float, reread: dict,
         app.consumer.resume_partitions(set(stalled))
         await app.consumer.seek_wait(stalled)
     return list(stalled)
+
+
+def uncommitted_positions(committed: Mapping[int, int], earliest: Mapping[int, int | None],
+                          auto_offset_reset: str) -> dict[int, int]:
+    """Where each assigned input partition without a committed offset past 0 is to be read from:
+    0 where the group committed 0; where none (``committed`` -1) and the group starts at the
+    earliest offset, the partition's first offset (``earliest``). Partitions left out are sought
+    by Faust itself (committed past 0), or start at the end (``latest``)."""
+    out: dict[int, int] = {}
+    for partition, offset in committed.items():
+        if offset == 0:
+            out[partition] = 0
+        elif offset < 0 and auto_offset_reset == "earliest" and earliest.get(partition) is not None:
+            out[partition] = int(earliest[partition])  # type: ignore[arg-type]
+    return out
+
+
+async def seek_uncommitted(app: Any, topic: str, committed: Mapping[int, int], auto_offset_reset: str) -> dict[int, int]:
+    """Seeks the assigned input partitions that have no committed offset past 0 to where the group
+    reads them from (:func:`uncommitted_positions`); call while the recovery holds them paused.
+
+    Why: as a partition is assigned, the consumer resets its position (to the earliest offset) and
+    may fetch its first records before Faust pauses it for the table recovery; Faust's fetcher
+    drops those (the partition is not active yet) and the consumer's position has moved past them.
+    At the end of the recovery Faust seeks every partition to its committed offset, but aiokafka's
+    ``seek_to_committed`` seeks only to an offset above 0: a partition with none (the input topic
+    grown, or deleted and recreated, or a new group on a topic with records) or with 0 (the group
+    reset to its start) stays past them. Seen on the chaos tests: the new topic's 400 events and the
+    grown partitions' first events were never consumed, their lag never went down. Returns the
+    positions sought (input partition -> offset)."""
+    from faust.types import TP
+
+    if not committed:
+        return {}
+    earliest: Mapping[Any, int | None] = {}
+    if auto_offset_reset == "earliest" and any(offset < 0 for offset in committed.values()):
+        earliest = await app.consumer.earliest_offsets(*(TP(topic, p) for p, o in committed.items() if o < 0))
+    positions = uncommitted_positions(committed, {tp.partition: offset for tp, offset in earliest.items()},
+                                      auto_offset_reset)
+    if positions:
+        await app.consumer.seek_wait({TP(topic, p): offset for p, offset in positions.items()})
+    return positions

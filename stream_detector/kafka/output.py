@@ -143,6 +143,11 @@ class OutputProducer:
             except BufferError:  # the poll thread drains the queue as the broker acknowledges
                 time.sleep(0.005)
 
+    def partitions(self, topic: str, timeout: float = 10.0) -> int:
+        """The topic's partition count, read from the broker: the producer's metadata of the topic is
+        refreshed with it (after a topic grew, a write to a new partition is refused until then)."""
+        return len(self._producer.list_topics(topic, timeout=timeout).topics[topic].partitions)
+
     def in_flight(self) -> int:
         """Messages queued or sent and not yet acknowledged."""
         return len(self._producer)

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 from ..detector import Detector
 from ..kafka.output import OutputProducer
 from ..metrics import WorkerMetrics
-from ..windows import snapshot_partition, without_position
+from ..windows import snapshot_partition, snapshot_position, without_position
 from .checkpoint import Snapshots
 
 log = logging.getLogger("stream_detector.worker")
@@ -54,6 +54,10 @@ class ChangelogState:
         # Partitions whose committed offset went back below their floor (a group reset, or the input
         # topic recreated): the positions of their snapshots are dropped at restore.
         self.reset_partitions: set[int] = set()
+        # Each assigned input partition's end offset at its recovery: no snapshot written before can
+        # name an offset at or past it (one that does is garbled or foreign, and loses its position).
+        self._ends: dict[int, int] = {}
+        self._past_end_logged: set[int] = set()
         if restore_source is not None:
             detector.windows.restore = self.restore
 
@@ -64,16 +68,33 @@ class ChangelogState:
             if self.reset_partitions and snapshot_partition(blob) in self.reset_partitions:
                 self.metrics.positions_dropped.inc()
                 return without_position(blob)
+            partition, offset = snapshot_position(blob)
+            end = self._ends.get(partition)
+            if end is not None and offset >= end:
+                # Trusted, it would take every event of the key for one its window holds, for ever.
+                self.metrics.positions_dropped.inc()
+                if partition not in self._past_end_logged:
+                    self._past_end_logged.add(partition)
+                    log.warning("key %r: its snapshot names offset %d of input partition %d, whose end was %d "
+                                "at recovery: its position is dropped (its window kept); logged once per "
+                                "partition", key, offset, partition, end)
+                return without_position(blob)
         return blob
 
-    async def recover(self, data: Mapping[bytes, Any], committed_now: Mapping[int, int]) -> set[int]:
-        """At recovery, with the changelog read (``data``) and the group's committed offset of each
-        assigned input partition (-1 where none): the partitions whose committed offset is below the
+    async def recover(self, data: Mapping[bytes, Any], committed_now: Mapping[int, int],
+                      ends: Mapping[int, int] | None = None) -> set[int]:
+        """At recovery, with the changelog read (``data``), the group's committed offset of each
+        assigned input partition (-1 where none) and their end offsets (``ends``, when known; a
+        snapshot naming an offset at or past its partition's end loses its position when restored):
+        the partitions whose committed offset is below the
         floor their snapshots were written at. The group was reset (or the topic recreated, which
         deletes its committed offsets): the events from there on are to be processed again, so
         those partitions' snapshots lose their positions (their windows are kept). Each new floor
         is written at once, so a crash later does not take the reset for a new one."""
         reset = set()
+        if ends is not None:
+            self._ends.update({p: end for p, end in ends.items() if end is not None and end >= 0})
+            self._past_end_logged -= set(ends)
         for partition, committed in committed_now.items():
             raw = data.pop(floor_key(partition), None)
             try:
@@ -116,6 +137,7 @@ class ChangelogState:
         self.revocations.append(partitions)
         for partition in partitions:
             self._floors.pop(partition, None)
+            self._ends.pop(partition, None)
         return self.store.drop_partitions(partitions)
 
     def collect_windows(self, sealed_by: float | None = None) -> Snapshots | None:
