@@ -75,9 +75,9 @@ class TailConfig:
     calm_share: float = 0.5  # an open incident's windows count towards closing it under this share of alert_surprise
     # The values check's tail: "normal" (a Gaussian on the running spread) or "empirical" (no rarer
     # than the running share of the key's past windows at least as far out, for isolated ones)
-    values_tail: str = "normal"
+    values_tail: str = "empirical"
     spike_width: int = 3  # empirical tail: consecutive far-out windows still judged as a (recurring) spike
-    spike_after: float = 1.0  # empirical tail: windows of the horizon that reached a level before it is not rare
+    spike_after: float = 4.0  # empirical tail: windows of the horizon that reached a level before it is not rare
 
     def __post_init__(self) -> None:
         if self.values_tail not in VALUES_TAILS:

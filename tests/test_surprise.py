@@ -158,18 +158,20 @@ def spiky_values(rng, n, every=50, height=20.0):
     return values
 
 
-def test_recurring_spikes_stop_being_surprising_with_the_empirical_tail():
-    """The first spike of a key alerts under both tails; the Gaussian on the running spread keeps
-    alerting on every later spike of the same size, the empirical tail not after the first."""
+@pytest.mark.parametrize("after", [1, 4])
+def test_recurring_spikes_stop_being_surprising_after_spike_after_occurrences(after):
+    """The Gaussian on the running spread alerts on every spike of the same size however often it
+    recurs; the empirical tail on the first ``spike_after`` only."""
     surprise = {}
     for tail in ("normal", "empirical"):
         rng = np.random.default_rng(8)
         values = spiky_values(rng, 1200)
-        policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=100, horizon=2000, values_tail=tail))
+        config = TailConfig(warmup=100, horizon=2000, values_tail=tail, spike_after=after)
+        policy = TailCalibration(GLOBAL, 1, config)
         policy.judge(["k"] * 1200, np.ones(1200), values)
         surprise[tail] = policy.last_surprise[200::50]
     assert (surprise["normal"] >= 8).all()
-    assert surprise["empirical"][0] >= 8 and (surprise["empirical"][1:] < 8 * 0.5).all()
+    assert (surprise["empirical"][:after] >= 8).all() and (surprise["empirical"][after:] < 8 * 0.5).all()
 
 
 def test_a_jump_beyond_every_past_spike_is_still_surprising():
@@ -179,7 +181,7 @@ def test_a_jump_beyond_every_past_spike_is_still_surprising():
     policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=100, horizon=2000, values_tail="empirical"))
     limits = policy.judge(["k"] * 1001, np.ones(1001), values)
     over = 1.0 > limits
-    assert over[1000] and over[200] and not over[250:1000].any()
+    assert over[1000] and over[200:400:50].all() and not over[450:1000].any()
 
 
 def test_a_shift_is_judged_by_the_normal_tail_after_spike_width_windows():
