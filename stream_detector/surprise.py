@@ -13,6 +13,15 @@ detector's scores to a common scale the same way). Two checks, the larger surpri
   tails, Bonferroni-corrected over the features): a cheap robust statistic that sees what a model
   trained on a short warm-up may not, a level never seen before (the windowed Gaussian of NAB).
 
+A normal tail on the running spread is too light for values that spike as part of a key's normal
+life: on unit noise with a spike of 20 every hundred events, every spike keeps a surprise over 60
+however often it recurs (alerting windows are learned slowly, so spikes barely widen the spread). With ``values_tail="empirical"`` (the default) the key also keeps, per feature, the running
+share of its windows whose value reached each of :data:`TAIL_LEVELS` (distances from the mean in
+spreads); a value is then no rarer than the share of past windows that reached its level, once at
+least ``spike_after`` windows of the horizon did. A value beyond every level the key reached keeps
+its normal tail, as does every far-out window after the ``spike_width``-th in a row (a shift, not a
+spike), so the empirical tail forgives recurring spikes, not new levels or held ones.
+
 A window alerts when its surprise reaches ``alert_surprise`` (8 means a tail probability of 1e-8).
 Running statistics follow each key with an exponential horizon of ``horizon`` windows (the exact mean
 and variance until then), so slow drift is followed and a step change stops alerting once it is the
@@ -29,7 +38,8 @@ threshold applies to the model's score, as without calibration.
 The policy reports, for each window, the threshold the incident lifecycle compares the raw score
 with: ``score * alert_surprise / surprise``, so that ``score / threshold`` (the alert's severity) is
 ``surprise / alert_surprise`` and every downstream rule (opening, peaks, updates) reads calibrated
-severities. State per key is fixed (a count, two floats for the score, two per feature), in
+severities. State per key is fixed (a count, two floats for the score, two per feature; with the
+empirical values tail a streak and one share per level and feature), in
 preallocated arrays grown by doubling; decisions are vectorised over a micro-batch and equal to
 deciding window by window.
 """
