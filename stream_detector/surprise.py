@@ -65,7 +65,7 @@ _MAX_SURPRISE = 300.0  # beyond float64's tail resolution; a cap keeps severitie
 # The empirical tail of the values check: levels of |z| (3 spreads times powers of sqrt 2, up to 68)
 # at which each key and feature keeps the running share of its windows that reached them.
 TAIL_LEVELS = 3.0 * np.sqrt(2.0) ** np.arange(10)
-_TAIL_HEADER = struct.Struct("<ii")  # levels, current streak of values-check exceedances
+_TAIL_HEADER = struct.Struct("<ii")  # levels, current streak of far-out windows; then float32 shares
 VALUES_TAILS = ("normal", "empirical")
 
 
@@ -144,7 +144,7 @@ class TailCalibration(KeyRows):
         self._empirical = self.config.values and self.config.values_tail == "empirical" and self.n_features > 0
         levels = len(TAIL_LEVELS) if self._empirical else 0
         self._streak = np.zeros(0, dtype=np.int64)  # consecutive windows with a far-out value
-        self._share = np.zeros((0, self.n_features, levels), dtype=np.float64)  # share of windows at each level
+        self._share = np.zeros((0, self.n_features, levels), dtype=np.float32)  # share of windows at each level
         self._grow(max(min(initial_capacity, max_keys or initial_capacity), 1))
         self.last_surprise = np.zeros(0, dtype=np.float64)  # of the last judged batch, per window
 
@@ -193,7 +193,7 @@ class TailCalibration(KeyRows):
 
     @property
     def bytes_per_key(self) -> int:
-        return 8 + 8 + 16 + 16 * self.n_features + (8 + 8 * self._share.shape[2] * self.n_features
+        return 8 + 8 + 16 + 16 * self.n_features + (8 + 4 * self._share.shape[2] * self.n_features
                                                       if self._empirical else 0)
 
     def export_key(self, key: str) -> bytes | None:
@@ -212,13 +212,13 @@ class TailCalibration(KeyRows):
         """Takes over a key's statistics from :meth:`export_key`; False (the key warms up again) when
         they were learned under another horizon or feature count, or with another values tail."""
         size = _STATE_HEADER.size + 16 * self.n_features
-        tail_size = _TAIL_HEADER.size + 8 * len(TAIL_LEVELS) * self.n_features if self._empirical else 0
+        tail_size = _TAIL_HEADER.size + 4 * len(TAIL_LEVELS) * self.n_features if self._empirical else 0
         if len(blob) != size + tail_size:
             return False
         streak, share = 0, None
         if self._empirical:
             levels, streak = _TAIL_HEADER.unpack_from(blob, size)
-            share = np.frombuffer(blob, dtype=np.float64, offset=size + _TAIL_HEADER.size).reshape(self.n_features, -1)
+            share = np.frombuffer(blob, dtype=np.float32, offset=size + _TAIL_HEADER.size).reshape(self.n_features, -1)
             if levels != len(TAIL_LEVELS) or streak < 0 or not (np.isfinite(share).all() and
                                                                 ((share >= 0) & (share <= 1)).all()):
                 return False
@@ -313,11 +313,12 @@ class TailCalibration(KeyRows):
                 zl = z[learn]
                 if clip > 0:
                     zl = np.where(sustained[:, None], np.minimum(zl, clip), zl)
-                reached = (zl[:, :, None] >= TAIL_LEVELS).astype(np.float64)
-                share = self._share[rl]
+                reached = np.searchsorted(TAIL_LEVELS, zl, side="right")[:, :, None] > np.arange(len(TAIL_LEVELS))
                 base = 1.0 / np.minimum(n_new, cfg.horizon).astype(np.float64)  # an alerting window counts fully
-                upd_share = share + np.where(sustained, rate, base)[:, None, None] * (reached - share)
-                self._share[rl] = np.where((ok & ready[learn][:, None])[:, :, None], upd_share, share)
+                step = np.where(sustained, rate, base)[:, None] * (ok & ready[learn][:, None])
+                share = self._share[rl]
+                share += step[:, :, None] * (reached - share)
+                self._share[rl] = share
         self._count[rl] = n_new
         self._calibrated += int((n_new == cfg.warmup).sum())
 
@@ -326,22 +327,36 @@ class TailCalibration(KeyRows):
         Gaussian one or, if larger, the running share of the key's past windows that reached the
         highest level the value reaches, once at least ``spike_after`` windows did, so a spike as
         large as ones the key had before is not rare (``-log10`` of that share is at most
-        ``log10(horizon)``); a value beyond every level seen keeps its Gaussian tail. Only isolated far-out windows are judged so: from the
-        ``spike_width``-th consecutive one on (a shift, not a spike) the Gaussian tail alone counts.
-        Bonferroni over the features as for the normal tail. Updates the streak of far-out windows."""
-        per_feature = np.maximum(surprise_upper(z) - math.log10(2.0), 0.0)
-        far = (per_feature.max(axis=1) - math.log10(self.n_features)
-               >= self.config.alert_surprise * self.config.calm_share)
-        streak = np.where(far & ready, self._streak[rr] + 1, 0)
+        ``log10(horizon / spike_after)``); a value beyond every level seen keeps its Gaussian tail.
+        Only isolated far-out windows are judged so: from the ``spike_width``-th consecutive one on
+        (a shift, not a spike) the Gaussian tail alone counts. Bonferroni over the features as for
+        the normal tail. Updates the streak of far-out windows.
+
+        The Gaussian tail is evaluated for each window's largest |z| and, per feature, only where a
+        value reaches a level (rare), so the check costs about what the normal tail costs."""
+        cfg = self.config
+        bonferroni = math.log10(self.n_features)
+        normal = np.maximum(surprise_upper(z.max(axis=1)) - math.log10(2.0), 0.0) - bonferroni
+        streak = np.where(ready & (normal >= cfg.alert_surprise * cfg.calm_share), self._streak[rr] + 1, 0)
         self._streak[rr] = streak
-        level = (z[:, :, None] >= TAIL_LEVELS).sum(axis=2) - 1  # highest level reached, -1 for none
-        share = np.take_along_axis(self._share[rr], np.maximum(level, 0)[:, :, None], axis=2)[:, :, 0]
-        seen = share * np.minimum(self._count[rr], self.config.horizon)[:, None]  # windows that reached it
+        levels = np.searchsorted(TAIL_LEVELS, z, side="right")  # levels each value reached
+        candidate = (levels > 0) & (streak <= cfg.spike_width)[:, None]
+        rows = np.flatnonzero(candidate.any(axis=1))
+        if len(rows) == 0:
+            return np.maximum(normal, 0.0)
+        cand, zs = candidate[rows], z[rows]
+        r, f = np.nonzero(cand)
+        share = self._share[rr[rows][r], f, levels[rows][r, f] - 1]
+        # windows that reached the level (shares are float32: a relative tolerance of 1e-4)
+        seen = share.astype(np.float64) * np.minimum(self._count[rr[rows][r]], cfg.horizon)
         with np.errstate(divide="ignore"):
-            empirical = np.where((level >= 0) & (seen >= self.config.spike_after * (1 - 1e-9)), -np.log10(share), np.inf)
-        spike = (streak <= self.config.spike_width)[:, None]
-        per_feature = np.where(spike, np.minimum(per_feature, empirical), per_feature)
-        return np.maximum(per_feature.max(axis=1) - math.log10(self.n_features), 0.0)
+            empirical = np.where(seen >= cfg.spike_after * (1 - 1e-4), -np.log10(share.astype(np.float64)), np.inf)
+        relieved = np.full(cand.shape, -np.inf)
+        relieved[r, f] = np.minimum(surprise_upper(zs[r, f]) - math.log10(2.0), empirical)
+        others = surprise_upper(np.where(cand, 0.0, zs).max(axis=1)) - math.log10(2.0)
+        out = normal.copy()
+        out[rows] = np.maximum(np.maximum(others, relieved.max(axis=1)), 0.0) - bonferroni
+        return np.maximum(out, 0.0)
 
     def _allocate(self, key: str) -> int:
         if self._free:
@@ -366,7 +381,7 @@ class TailCalibration(KeyRows):
         self._score = np.concatenate([self._score, np.zeros((capacity - old, 2))])
         self._values = np.concatenate([self._values, np.zeros((capacity - old, 2, self.n_features))])
         self._streak = np.concatenate([self._streak, np.zeros(capacity - old, np.int64)])
-        self._share = np.concatenate([self._share, np.zeros((capacity - old, *self._share.shape[1:]))])
+        self._share = np.concatenate([self._share, np.zeros((capacity - old, *self._share.shape[1:]), np.float32)])
 
 
 def _update(moments: np.ndarray, x: np.ndarray, rate: np.ndarray) -> np.ndarray:
