@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/threshold_cost.py --out benchmarks/results/threshold_cost.md
 
 A batch of 1,024 windows (8 features) over 2,000, 100 or 10 distinct keys is judged 60 times by the
-default per-key tail calibration and by per-key adaptive thresholds; the median of the last 50 is
+default per-key tail calibration, by the same with the normal values tail, and by per-key adaptive
+thresholds; the median of the last 50 is
 reported per window. Both handle a key that occurs several times in a batch in rounds (one numpy
 pass per occurrence), so hot keys cost more.
 """
@@ -34,7 +35,9 @@ def main() -> int:
     rows = []
     for n_keys in (2000, 100, 10):
         keys = [f"k{i % n_keys}" for i in range(1024)]
-        for name, policy in (("tail calibration (default)", TailCalibration(5.0, 8, TailConfig())),
+        for name, policy in (("tail calibration (default: empirical values tail)", TailCalibration(5.0, 8, TailConfig())),
+                             ("tail calibration, normal values tail",
+                              TailCalibration(5.0, 8, TailConfig(values_tail="normal"))),
                              ("adaptive thresholds", AdaptiveThreshold(5.0, 1.0))):
             times = []
             for _ in range(60):

@@ -269,6 +269,17 @@ class Settings:
         default=True, metadata=_doc("Also judge the newest event's feature values against the key's running "
                                     "mean and spread of each feature (false = the model's score alone).")
     )
+    tail_values_tail: str = field(
+        default="empirical",
+        metadata=_doc("Tail of the values check: `empirical` = a value as far out as at least `tail_spike_after` "
+                      "of the key's recent windows were is judged by how often that happened (recurring spikes "
+                      "stop alerting; a value farther out than any before, or one held longer than 3 windows, "
+                      "by the normal tail); `normal` = a normal distribution on the running spread alone."),
+    )
+    tail_spike_after: float = field(
+        default=4.0, metadata=_doc("With the empirical values tail: windows of the key's horizon that must have "
+                                   "reached a level before a value at that level stops being rare.")
+    )
     adaptive_thresholds: bool = field(
         default=True,
         metadata=_doc("With `tail_calibration` false: per-key thresholds that follow each key's recent normal "
@@ -429,6 +440,10 @@ class Settings:
             problems.append("tail_alert_surprise must be positive and finite")
         if self.tail_horizon < 2 or not 2 <= self.tail_warmup <= self.tail_horizon:
             problems.append("tail_horizon must be at least 2 and tail_warmup in [2, tail_horizon]")
+        if self.tail_values_tail not in ("normal", "empirical"):
+            problems.append(f"tail_values_tail must be normal or empirical, not {self.tail_values_tail!r}")
+        if not self.tail_spike_after > 0:
+            problems.append("tail_spike_after must be positive")
         if not 1 <= self.threshold_max_ratio < float("inf"):
             problems.append("threshold_max_ratio must be at least 1 and finite")
         for name in ("alert_open_severity", "alert_update_growth"):

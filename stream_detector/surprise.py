@@ -13,6 +13,15 @@ detector's scores to a common scale the same way). Two checks, the larger surpri
   tails, Bonferroni-corrected over the features): a cheap robust statistic that sees what a model
   trained on a short warm-up may not, a level never seen before (the windowed Gaussian of NAB).
 
+A normal tail on the running spread is too light for values that spike as part of a key's normal
+life: on unit noise with a spike of 20 every hundred events, every spike keeps a surprise over 60
+however often it recurs (alerting windows are learned slowly, so spikes barely widen the spread). With ``values_tail="empirical"`` (the default) the key also keeps, per feature, the running
+share of its windows whose value reached each of :data:`TAIL_LEVELS` (distances from the mean in
+spreads); a value is then no rarer than the share of past windows that reached its level, once at
+least ``spike_after`` windows of the horizon did. A value beyond every level the key reached keeps
+its normal tail, as does every far-out window after the ``spike_width``-th in a row (a shift, not a
+spike), so the empirical tail forgives recurring spikes, not new levels or held ones.
+
 A window alerts when its surprise reaches ``alert_surprise`` (8 means a tail probability of 1e-8).
 Running statistics follow each key with an exponential horizon of ``horizon`` windows (the exact mean
 and variance until then), so slow drift is followed and a step change stops alerting once it is the
@@ -29,7 +38,8 @@ threshold applies to the model's score, as without calibration.
 The policy reports, for each window, the threshold the incident lifecycle compares the raw score
 with: ``score * alert_surprise / surprise``, so that ``score / threshold`` (the alert's severity) is
 ``surprise / alert_surprise`` and every downstream rule (opening, peaks, updates) reads calibrated
-severities. State per key is fixed (a count, two floats for the score, two per feature), in
+severities. State per key is fixed (a count, two floats for the score, two per feature; with the
+empirical values tail a streak and one share per level and feature), in
 preallocated arrays grown by doubling; decisions are vectorised over a micro-batch and equal to
 deciding window by window.
 """
@@ -52,6 +62,11 @@ _LN10 = math.log(10.0)
 # variances (float64).
 _STATE_HEADER = struct.Struct("<iiqddi")
 _MAX_SURPRISE = 300.0  # beyond float64's tail resolution; a cap keeps severities finite
+# The empirical tail of the values check: levels of |z| (3 spreads times powers of sqrt 2, up to 68)
+# at which each key and feature keeps the running share of its windows that reached them.
+TAIL_LEVELS = 3.0 * np.sqrt(2.0) ** np.arange(10)
+_TAIL_HEADER = struct.Struct("<ii")  # levels, current streak of far-out windows; then float32 shares
+VALUES_TAILS = ("normal", "empirical")
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,17 @@ class TailConfig:
     learn_clip: float = 3.0  # a window moves the statistics as if at most this many spreads away (0: no clip)
     sustain: int = 8  # consecutive alerting windows after which a key's run counts as sustained
     calm_share: float = 0.5  # an open incident's windows count towards closing it under this share of alert_surprise
+    # The values check's tail: "normal" (a Gaussian on the running spread) or "empirical" (no rarer
+    # than the running share of the key's past windows at least as far out, for isolated ones)
+    values_tail: str = "empirical"
+    spike_width: int = 3  # empirical tail: consecutive far-out windows still judged as a (recurring) spike
+    spike_after: float = 4.0  # empirical tail: windows of the horizon that reached a level before it is not rare
 
     def __post_init__(self) -> None:
+        if self.values_tail not in VALUES_TAILS:
+            raise ValueError(f"tail values_tail must be one of {', '.join(VALUES_TAILS)}")
+        if self.spike_width < 0 or not self.spike_after > 0:
+            raise ValueError("tail spike_width must not be negative and spike_after must be positive")
         if not (self.alert_surprise > 0 and math.isfinite(self.alert_surprise)):
             raise ValueError("tail alert_surprise must be a positive number")
         if self.horizon < 2 or not 2 <= self.warmup <= self.horizon:
@@ -117,6 +141,10 @@ class TailCalibration(KeyRows):
         self._run = np.zeros(0, dtype=np.int64)  # consecutive alerting windows
         self._score = np.zeros((0, 2), dtype=np.float64)  # mean, variance
         self._values = np.zeros((0, 2, self.n_features), dtype=np.float64)
+        self._empirical = self.config.values and self.config.values_tail == "empirical" and self.n_features > 0
+        levels = len(TAIL_LEVELS) if self._empirical else 0
+        self._streak = np.zeros(0, dtype=np.int64)  # consecutive windows with a far-out value
+        self._share = np.zeros((0, self.n_features, levels), dtype=np.float32)  # share of windows at each level
         self._grow(max(min(initial_capacity, max_keys or initial_capacity), 1))
         self.last_surprise = np.zeros(0, dtype=np.float64)  # of the last judged batch, per window
 
@@ -165,7 +193,8 @@ class TailCalibration(KeyRows):
 
     @property
     def bytes_per_key(self) -> int:
-        return 8 + 8 + 16 + 16 * self.n_features
+        return 8 + 8 + 16 + 16 * self.n_features + (8 + 4 * self._share.shape[2] * self.n_features
+                                                      if self._empirical else 0)
 
     def export_key(self, key: str) -> bytes | None:
         """The key's statistics, for its changelog snapshot; None for a key not seen."""
@@ -173,18 +202,31 @@ class TailCalibration(KeyRows):
         if row is None:
             return None
         mean, var = self._score[row]
-        return (_STATE_HEADER.pack(self.config.horizon, self.n_features, int(self._count[row]), mean, var,
+        blob = (_STATE_HEADER.pack(self.config.horizon, self.n_features, int(self._count[row]), mean, var,
                                    int(self._run[row])) + self._values[row].tobytes())
+        if self._empirical:
+            blob += _TAIL_HEADER.pack(len(TAIL_LEVELS), int(self._streak[row])) + self._share[row].tobytes()
+        return blob
 
     def adopt_key(self, key: str, blob: bytes) -> bool:
         """Takes over a key's statistics from :meth:`export_key`; False (the key warms up again) when
-        they were learned under another horizon or feature count."""
-        if len(blob) != _STATE_HEADER.size + 16 * self.n_features:
+        they were learned under another horizon or feature count, or with another values tail."""
+        size = _STATE_HEADER.size + 16 * self.n_features
+        tail_size = _TAIL_HEADER.size + 4 * len(TAIL_LEVELS) * self.n_features if self._empirical else 0
+        if len(blob) != size + tail_size:
             return False
+        streak, share = 0, None
+        if self._empirical:
+            levels, streak = _TAIL_HEADER.unpack_from(blob, size)
+            share = np.frombuffer(blob, dtype=np.float32, offset=size + _TAIL_HEADER.size).reshape(self.n_features, -1)
+            if levels != len(TAIL_LEVELS) or streak < 0 or not (np.isfinite(share).all() and
+                                                                ((share >= 0) & (share <= 1)).all()):
+                return False
         horizon, features, count, mean, var, run = _STATE_HEADER.unpack_from(blob)
         if horizon != self.config.horizon or features != self.n_features or count < 0 or run < 0:
             return False
-        stats = np.frombuffer(blob, dtype=np.float64, offset=_STATE_HEADER.size).reshape(2, self.n_features)
+        stats = np.frombuffer(blob, dtype=np.float64, offset=_STATE_HEADER.size,
+                              count=2 * self.n_features).reshape(2, self.n_features)
         if not (math.isfinite(mean) and math.isfinite(var) and np.isfinite(stats).all()):
             return False
         row = self._rows.get(key)
@@ -196,6 +238,9 @@ class TailCalibration(KeyRows):
         self._run[row] = run
         self._score[row] = (mean, var)
         self._values[row] = stats
+        if share is not None:
+            self._streak[row] = streak
+            self._share[row] = share
         if count >= self.warmup:
             self._calibrated += 1
         return True
@@ -215,12 +260,15 @@ class TailCalibration(KeyRows):
         ready = count >= cfg.warmup
         mean, var = self._score[rr, 0], self._score[rr, 1]
         sp = surprise_upper((s - mean) / self._spread(mean, var))
+        z = None
         if values is not None:
             x = values[idx]
             vm, vv = self._values[rr, 0], self._values[rr, 1]
-            z = np.abs(x - vm) / self._spread(vm, vv)
-            z_max = np.nan_to_num(z, nan=0.0).max(axis=1)
-            sp = np.maximum(sp, surprise_two_sided(z_max, self.n_features))
+            z = np.nan_to_num(np.abs(x - vm) / self._spread(vm, vv), nan=0.0)
+            if self._empirical:
+                sp = np.maximum(sp, self._empirical_surprise(rr, z, ready))
+            else:
+                sp = np.maximum(sp, surprise_two_sided(z.max(axis=1), self.n_features))
         sp = np.where(ready & finite, sp, 0.0)
         surprise[idx] = sp
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -258,8 +306,57 @@ class TailCalibration(KeyRows):
                 xl = np.where(sustained[:, None], np.clip(xl, vm[:, 0] - band, vm[:, 0] + band), xl)
             upd = _update_many(vm, np.where(ok, xl, vm[:, 0]), rate)
             self._values[rl] = np.where(ok[:, None, :], upd, self._values[rl])
+            if self._empirical and z is not None:
+                # The share of windows at each level moves like the means (same rate), from the end
+                # of the warm-up (before it the spreads are not yet known); a sustained run's windows
+                # count as at most learn_clip spreads away, as they move the means.
+                zl = z[learn]
+                if clip > 0:
+                    zl = np.where(sustained[:, None], np.minimum(zl, clip), zl)
+                reached = np.searchsorted(TAIL_LEVELS, zl, side="right")[:, :, None] > np.arange(len(TAIL_LEVELS))
+                base = 1.0 / np.minimum(n_new, cfg.horizon).astype(np.float64)  # an alerting window counts fully
+                step = np.where(sustained, rate, base)[:, None] * (ok & ready[learn][:, None])
+                share = self._share[rl]
+                share += step[:, :, None] * (reached - share)
+                self._share[rl] = share
         self._count[rl] = n_new
         self._calibrated += int((n_new == cfg.warmup).sum())
+
+    def _empirical_surprise(self, rr: np.ndarray, z: np.ndarray, ready: np.ndarray) -> np.ndarray:
+        """The values check with the empirical tail: per feature, a value's tail probability is the
+        Gaussian one or, if larger, the running share of the key's past windows that reached the
+        highest level the value reaches, once at least ``spike_after`` windows did, so a spike as
+        large as ones the key had before is not rare (``-log10`` of that share is at most
+        ``log10(horizon / spike_after)``); a value beyond every level seen keeps its Gaussian tail.
+        Only isolated far-out windows are judged so: from the ``spike_width``-th consecutive one on
+        (a shift, not a spike) the Gaussian tail alone counts. Bonferroni over the features as for
+        the normal tail. Updates the streak of far-out windows.
+
+        The Gaussian tail is evaluated for each window's largest |z| and, per feature, only where a
+        value reaches a level (rare), so the check costs about what the normal tail costs."""
+        cfg = self.config
+        bonferroni = math.log10(self.n_features)
+        normal = np.maximum(surprise_upper(z.max(axis=1)) - math.log10(2.0), 0.0) - bonferroni
+        streak = np.where(ready & (normal >= cfg.alert_surprise * cfg.calm_share), self._streak[rr] + 1, 0)
+        self._streak[rr] = streak
+        levels = np.searchsorted(TAIL_LEVELS, z, side="right")  # levels each value reached
+        candidate = (levels > 0) & (streak <= cfg.spike_width)[:, None]
+        rows = np.flatnonzero(candidate.any(axis=1))
+        if len(rows) == 0:
+            return np.maximum(normal, 0.0)
+        cand, zs = candidate[rows], z[rows]
+        r, f = np.nonzero(cand)
+        share = self._share[rr[rows][r], f, levels[rows][r, f] - 1]
+        # windows that reached the level (shares are float32: a relative tolerance of 1e-4)
+        seen = share.astype(np.float64) * np.minimum(self._count[rr[rows][r]], cfg.horizon)
+        with np.errstate(divide="ignore"):
+            empirical = np.where(seen >= cfg.spike_after * (1 - 1e-4), -np.log10(share.astype(np.float64)), np.inf)
+        relieved = np.full(cand.shape, -np.inf)
+        relieved[r, f] = np.minimum(surprise_upper(zs[r, f]) - math.log10(2.0), empirical)
+        others = surprise_upper(np.where(cand, 0.0, zs).max(axis=1)) - math.log10(2.0)
+        out = normal.copy()
+        out[rows] = np.maximum(np.maximum(others, relieved.max(axis=1)), 0.0) - bonferroni
+        return np.maximum(out, 0.0)
 
     def _allocate(self, key: str) -> int:
         if self._free:
@@ -273,6 +370,8 @@ class TailCalibration(KeyRows):
         self._run[row] = 0
         self._score[row] = 0.0
         self._values[row] = 0.0
+        self._streak[row] = 0
+        self._share[row] = 0.0
         return row
 
     def _grow(self, capacity: int) -> None:
@@ -281,6 +380,8 @@ class TailCalibration(KeyRows):
         self._run = np.concatenate([self._run, np.zeros(capacity - old, np.int64)])
         self._score = np.concatenate([self._score, np.zeros((capacity - old, 2))])
         self._values = np.concatenate([self._values, np.zeros((capacity - old, 2, self.n_features))])
+        self._streak = np.concatenate([self._streak, np.zeros(capacity - old, np.int64)])
+        self._share = np.concatenate([self._share, np.zeros((capacity - old, *self._share.shape[1:]), np.float32)])
 
 
 def _update(moments: np.ndarray, x: np.ndarray, rate: np.ndarray) -> np.ndarray:

@@ -51,7 +51,8 @@ def test_severity_is_surprise_over_the_alert_level():
     assert (scores > limits).tolist() == [False, False, True]
 
 
-def test_keys_in_different_regimes_get_the_same_surprise():
+@pytest.mark.parametrize("values_tail", ["normal", "empirical"])
+def test_keys_in_different_regimes_get_the_same_surprise(values_tail):
     """A key whose scores and values are another's times 100 plus an offset is judged identically."""
     rng = np.random.default_rng(1)
     n = 600
@@ -59,7 +60,7 @@ def test_keys_in_different_regimes_get_the_same_surprise():
     scores[450] = 3.0  # one anomaly
     values = rng.normal(0, 1, (n, 2))
     values[500] = (8.0, 0.0)
-    policy = TailCalibration(GLOBAL, 2, TailConfig(warmup=100, horizon=400))
+    policy = TailCalibration(GLOBAL, 2, TailConfig(warmup=100, horizon=400, values_tail=values_tail))
     keys = ["quiet", "loud"] * n
     both_scores = np.repeat(scores, 2) * np.tile([1.0, 100.0], n)
     both_values = np.repeat(values, 2, axis=0) * np.tile([[1.0], [100.0]], (n, 1)) + np.tile([[0.0], [50.0]], (n, 1))
@@ -69,15 +70,18 @@ def test_keys_in_different_regimes_get_the_same_surprise():
     assert quiet[450] > 10 and quiet[500] > 10 and np.median(quiet[100:]) < 1
 
 
-def test_decisions_do_not_depend_on_batching():
+@pytest.mark.parametrize("values_tail", ["normal", "empirical"])
+def test_decisions_do_not_depend_on_batching(values_tail):
     rng = np.random.default_rng(2)
     keys = [f"k{i % 3}" for i in range(900)]
     scores = normal_scores(rng, 900)
     scores[700:720] = 4.0
     values = rng.normal(0, 1, (900, 3))
-    whole = TailCalibration(GLOBAL, 3, TailConfig(warmup=50, horizon=200))
+    values[300::40, 1] += 15.0  # recurring spikes, which the empirical tail learns
+    config = TailConfig(warmup=50, horizon=200, values_tail=values_tail)
+    whole = TailCalibration(GLOBAL, 3, config)
     limits = whole.judge(keys, scores, values)
-    one = TailCalibration(GLOBAL, 3, TailConfig(warmup=50, horizon=200))
+    one = TailCalibration(GLOBAL, 3, config)
     single, _ = judge_one_by_one(one, keys, scores, values)
     np.testing.assert_allclose(limits, single, rtol=1e-12)
 
@@ -127,18 +131,85 @@ def test_a_non_finite_score_is_not_learned():
     assert policy.export_key("k") == before
 
 
-def test_a_snapshot_carries_a_keys_statistics_to_another_worker():
+@pytest.mark.parametrize("values_tail", ["normal", "empirical"])
+def test_a_snapshot_carries_a_keys_statistics_to_another_worker(values_tail):
     rng = np.random.default_rng(7)
-    config = TailConfig(warmup=50, horizon=100)
+    config = TailConfig(warmup=50, horizon=100, values_tail=values_tail)
     first = TailCalibration(GLOBAL, 2, config)
-    first.judge(["k"] * 200, normal_scores(rng, 200), rng.normal(0, 1, (200, 2)))
+    history = rng.normal(0, 1, (200, 2))
+    history[60::30, 0] += 12.0  # spikes: the empirical tail's shares are part of the state
+    first.judge(["k"] * 200, normal_scores(rng, 200), history)
     second = TailCalibration(GLOBAL, 2, config)
     assert second.adopt_key("k", first.export_key("k")) and second.calibrated("k")
     scores, values = normal_scores(rng, 20), rng.normal(0, 1, (20, 2))
     np.testing.assert_array_equal(first.judge(["k"] * 20, scores, values), second.judge(["k"] * 20, scores, values))
-    other = TailCalibration(GLOBAL, 2, TailConfig(warmup=50, horizon=300))
+    other = TailCalibration(GLOBAL, 2, TailConfig(warmup=50, horizon=300, values_tail=values_tail))
     assert not other.adopt_key("k", first.export_key("k"))  # learned under another horizon
     assert not TailCalibration(GLOBAL, 3, config).adopt_key("k", first.export_key("k"))
+    other_tail = "normal" if values_tail == "empirical" else "empirical"
+    assert not TailCalibration(GLOBAL, 2, TailConfig(warmup=50, horizon=100, values_tail=other_tail)).adopt_key(
+        "k", first.export_key("k"))  # learned with another values tail
+
+
+def spiky_values(rng, n, every=50, height=20.0):
+    """Unit noise with a one-event spike every ``every`` events from event 200 on."""
+    values = rng.normal(0, 1, (n, 1))
+    values[200::every, 0] += height
+    return values
+
+
+@pytest.mark.parametrize("after", [1, 4])
+def test_recurring_spikes_stop_being_surprising_after_spike_after_occurrences(after):
+    """The Gaussian on the running spread alerts on every spike of the same size however often it
+    recurs; the empirical tail on the first ``spike_after`` only."""
+    surprise = {}
+    for tail in ("normal", "empirical"):
+        rng = np.random.default_rng(8)
+        values = spiky_values(rng, 1200)
+        config = TailConfig(warmup=100, horizon=2000, values_tail=tail, spike_after=after)
+        policy = TailCalibration(GLOBAL, 1, config)
+        policy.judge(["k"] * 1200, np.ones(1200), values)
+        surprise[tail] = policy.last_surprise[200::50]
+    assert (surprise["normal"] >= 8).all()
+    assert (surprise["empirical"][:after] >= 8).all() and (surprise["empirical"][after:] < 8 * 0.5).all()
+
+
+def test_a_jump_beyond_every_past_spike_is_still_surprising():
+    rng = np.random.default_rng(9)
+    values = spiky_values(rng, 1001)
+    values[1000, 0] = 200.0  # ten times the spikes
+    policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=100, horizon=2000, values_tail="empirical"))
+    limits = policy.judge(["k"] * 1001, np.ones(1001), values)
+    over = 1.0 > limits
+    assert over[1000] and over[200:400:50].all() and not over[450:1000].any()
+
+
+def test_a_shift_is_judged_by_the_normal_tail_after_spike_width_windows():
+    """Far-out values that last longer than a spike are a shift: after ``spike_width`` windows they
+    are judged by the Gaussian tail again, however often the key spiked that far before."""
+    rng = np.random.default_rng(10)
+    values = spiky_values(rng, 1100)
+    values[1000:1100, 0] += 20.0  # the level of the spikes, now held
+    config = TailConfig(warmup=100, horizon=2000, values_tail="empirical", spike_width=3)
+    policy = TailCalibration(GLOBAL, 1, config)
+    limits = policy.judge(["k"] * 1100, np.ones(1100), values)
+    over = 1.0 > limits
+    assert not over[1000:1003].any() and over[1003:1010].all()
+
+
+def test_the_empirical_tail_never_raises_surprise_and_keeps_an_unseen_level():
+    """The empirical tail only forgives what the key's past reached: a value beyond anything seen
+    keeps its Gaussian surprise, and no window is more surprising than under the Gaussian tail."""
+    rng = np.random.default_rng(11)
+    values = rng.normal(0, 1, (600, 2))
+    values[500, 1] = 9.0
+    out = {}
+    for tail in ("normal", "empirical"):
+        policy = TailCalibration(GLOBAL, 2, TailConfig(warmup=100, horizon=500, values_tail=tail))
+        policy.judge(["k"] * 600, np.ones(600), values)
+        out[tail] = policy.last_surprise.copy()
+    assert (out["empirical"] <= out["normal"] + 1e-12).all()
+    assert out["empirical"][500] == pytest.approx(out["normal"][500], rel=1e-12) and out["normal"][500] >= 8
 
 
 def test_an_expected_change_restarts_the_keys_warm_up():
@@ -157,7 +228,8 @@ def test_an_evicted_key_warms_up_again():
 
 
 @pytest.mark.parametrize("bad", [dict(alert_surprise=0.0), dict(horizon=1), dict(warmup=1),
-                                 dict(warmup=50, horizon=20), dict(over_weight=2.0)])
+                                 dict(warmup=50, horizon=20), dict(over_weight=2.0),
+                                 dict(values_tail="laplace"), dict(spike_width=-1)])
 def test_invalid_tail_settings_are_refused(bad):
     with pytest.raises(ValueError):
         TailConfig(**bad)

@@ -27,14 +27,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from stream_detector.artifacts import ModelArtifact, load_artifact
 from stream_detector.detector import Detector
 from stream_detector.events import Event
-from stream_detector.scoring import ModelRunner
+from stream_detector.scoring import ModelRunner, Scores
 from stream_detector.thresholds import ThresholdPolicy
 
 from .metrics import detection_metrics, precision_recall_curve
@@ -70,16 +70,20 @@ class Replay:
 
 def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Event], labels: Sequence[int],
            batch_events: int = 1024, device: str = "cpu", max_keys: int = 100_000,
-           threshold: ThresholdPolicy | None = None) -> Replay:
+           threshold: ThresholdPolicy | None = None,
+           scorer: Callable[[np.ndarray], Scores] | None = None) -> Replay:
     """Replays events (already in timestamp order) through a Detector, in micro-batches.
 
     ``threshold``: a policy to use instead of the one the Detector builds from the artifact (the
-    worker's default)."""
+    worker's default). ``scorer``: the model call (windows -> scores) instead of a fresh
+    :class:`ModelRunner`, so that a benchmark replaying one series under many policies can reuse
+    the model's scores."""
     if not isinstance(artifact, ModelArtifact):
         artifact = load_artifact(artifact)
-    runner = ModelRunner(artifact, device=device, max_batch=batch_events)
+    if scorer is None:
+        scorer = ModelRunner(artifact, device=device, max_batch=batch_events).score
     now = [events[0].timestamp if events else 0.0]
-    detector = Detector(artifact, runner.score, threshold=threshold, max_keys=max_keys, max_batch=batch_events,
+    detector = Detector(artifact, scorer, threshold=threshold, max_keys=max_keys, max_batch=batch_events,
                         clock=lambda: now[0])
     n = len(events)
     scores = np.full(n, np.nan)
