@@ -209,8 +209,11 @@ class Settings:
         metadata=_doc("A key idle this long (monotonic clock: a step of the wall clock evicts nothing) loses its window."),
     )
     state_min_events: int = field(
-        default=2,
-        metadata=_doc("A key's window is written to the state changelog once it holds this many events."),
+        default=1,
+        metadata=_doc("A key's window is written to the state changelog once it holds this many events. Above 1, "
+                      "the offsets of a key's first events are committed before its window is written: after a "
+                      "rebalance or a crash the key starts over without them, and as many of its first "
+                      "full-window events only fill its window again, never scored."),
     )
     state_flush_s: float = field(
         default=1.0,

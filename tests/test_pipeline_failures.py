@@ -123,13 +123,15 @@ def _events(n: int, anomalous_from: int | None = None) -> list[SimpleNamespace]:
 class Harness:
     """A pipeline over a real detector (fake scorer), with a fake producer and consumer."""
 
-    def __init__(self, artifact, score: float = 5.0, scorer=None, adaptive: bool = True) -> None:
+    def __init__(self, artifact, score: float = 5.0, scorer=None, adaptive: bool = True,
+                 state_min_events: int = 2) -> None:
         self.metrics = WorkerMetrics()
         self.scored_calls = 0
         self.detector = Detector(artifact, scorer=scorer or self._scorer(score), threshold=GlobalThreshold(1.0),
                                  alerting=AlertPolicy(min_windows=1, update_every=1), max_batch=BATCH)
         self.out = FakeOutput()
-        self.state = ChangelogState(self.detector, self.out, CHANGELOG, self.metrics, state_min_events=2)
+        self.state = ChangelogState(self.detector, self.out, CHANGELOG, self.metrics,
+                                    state_min_events=state_min_events)
         self.exits: list[int] = []
         self.failures = FailurePolicy(exit=self._exit)
         config = PipelineConfig("in", "alerts", "dlq", scores_topic="scores", batch_max=BATCH, state_flush_s=0,

@@ -117,3 +117,31 @@ def test_a_garbage_snapshot_starts_its_key_cold_and_does_not_stop_the_recovery(a
     assert state.restore_open_incidents(list(changelog.items())) == 0
     decisions, batch = detector.process([rec_at("k", i, 0.5, i) for i in range(N, N + WINDOW)])
     assert batch.warming_up == WINDOW - 1 and len(decisions) == 1 and detector.windows.restore_failures == 1
+
+
+def test_a_keys_first_event_once_acked_is_in_the_changelog_so_the_next_owner_scores_the_keys_first_full_window(
+        artifact):
+    """Issue 21 (rolling restarts): with the default settings, an event is acked only once a
+    snapshot holding it is written, even a key's very first one. Were a key with one event not
+    written, its first event's offset would still be committed; the partition's next owner would
+    start the key cold from its second event, and the key's W-th event (its first full window)
+    would only warm the window up, never scored."""
+    from stream_detector.detector import RawRecord
+    from stream_detector.settings import Settings
+    from test_pipeline_failures import CHANGELOG, KEYS, WINDOW as W, Harness, _events
+
+    events = _events(len(KEYS) * W)  # each key's first W events, the keys in turn
+    old = Harness(artifact, state_min_events=Settings().state_min_events)
+    old.run(events[:len(KEYS)])  # each key's first event; then the partition moves
+    assert old.exits == [] and sorted(old.acked) == list(range(len(KEYS)))
+    changelog = {key: value for _, key, value, _ in old.out.topic(CHANGELOG)}
+
+    new = Detector(artifact, newest_a, threshold=GlobalThreshold(1.0))
+    ChangelogState(new, FakeOutput(), CHANGELOG, WorkerMetrics(), Settings().state_min_events,
+                   restore_source=lambda key: changelog.pop(key, None))
+    redelivered = [e.message for e in events[len(KEYS):]]  # from the committed offset on
+    decisions, batch = new.process([RawRecord(m.value, m.key, m.timestamp, m.partition, m.offset)
+                                    for m in redelivered])
+    assert batch.replayed == 0
+    assert sorted(d.event.event_id for d in decisions) == sorted(f"e{o}" for o in range(len(KEYS) * (W - 1),
+                                                                                           len(KEYS) * W))

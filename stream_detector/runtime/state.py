@@ -161,8 +161,9 @@ class ChangelogState:
         store = self.store
         window_snapshot, position = store.snapshot, store.position
         for key, slot in touched.items():
-            # Not evicted since; and a key's very first event is not worth a changelog write (a flood
-            # of one-off keys would double the traffic): at worst one event is missing from its window.
+            # Not evicted since; and holding `state_min_events` (1 by default: the batch's offsets are
+            # acked once this is written, so a key left out starts over without those events after a
+            # rebalance, and its first full window is then never scored).
             if store.slot_of(key) == slot and store.count(slot) >= min_events:
                 keys.append(key)
                 items.append((key.encode(), window_snapshot(slot), position(slot)[0]))
