@@ -36,6 +36,19 @@ class KeyRows:
                 self._calibrated -= 1
             self._count[row] = 0  # a free row counts as not calibrated
 
+    def _allocate(self, key: str) -> int:
+        raise NotImplementedError
+
+    def _adopted_row(self, key: str) -> int:
+        """The row a key's state taken over from a snapshot goes to: a new one, or its own, then no
+        longer counted as calibrated (the caller counts it again from the adopted count)."""
+        row = self._rows.get(key)
+        if row is None:
+            return self._allocate(key)
+        if self._count[row] >= self.warmup:
+            self._calibrated -= 1
+        return row
+
     def restart_warmup(self, key: str) -> None:
         """Forgets the key's calibration (an operator said its new behaviour is expected): it warms up
         again, judged against the global threshold meanwhile."""

@@ -229,11 +229,7 @@ class TailCalibration(KeyRows):
                               count=2 * self.n_features).reshape(2, self.n_features)
         if not (math.isfinite(mean) and math.isfinite(var) and np.isfinite(stats).all()):
             return False
-        row = self._rows.get(key)
-        if row is None:
-            row = self._allocate(key)
-        elif self._count[row] >= self.warmup:
-            self._calibrated -= 1
+        row = self._adopted_row(key)
         self._count[row] = count
         self._run[row] = run
         self._score[row] = (mean, var)

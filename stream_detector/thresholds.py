@@ -232,11 +232,7 @@ class AdaptiveThreshold(KeyRows):
         value, count, threshold = _KEY_STATE.unpack_from(blob)
         if value != self.value or count < 0 or not (math.isfinite(threshold) and threshold > 0):
             return False
-        row = self._rows.get(key)
-        if row is None:
-            row = self._allocate(key)
-        elif self._count[row] >= self.warmup:
-            self._calibrated -= 1
+        row = self._adopted_row(key)
         self._ring[row] = np.frombuffer(blob, dtype=np.float32, offset=_KEY_STATE.size)
         self._count[row] = count
         self._threshold[row] = threshold

@@ -16,7 +16,6 @@ retraining loop a cron job (or a Kubernetes CronJob) can run unattended.
 
 from __future__ import annotations
 
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -122,10 +121,6 @@ def decide(model_dir: str | Path, result: Comparison, config: GateConfig,
     return "retired", reasons
 
 
-def print_err(message: str) -> None:
-    print(f"trainer: {message}", file=sys.stderr)
-
-
 def champion_recipe(model_dir: str | Path, signing_key: bytes | None = None) -> tuple[Any, Mapping[str, Any]]:
     """The champion's profile and training configuration, the recipe a retrained candidate follows."""
     aliases = read_aliases(model_dir)["aliases"]
@@ -133,10 +128,7 @@ def champion_recipe(model_dir: str | Path, signing_key: bytes | None = None) -> 
     if version is None:
         raise ArtifactError(f"{model_dir}: no champion to retrain (train one with `trainer train` first)")
     artifact = load_artifact(Path(model_dir) / version, signing_key=signing_key)
-    import json
-
-    metadata = json.loads((Path(model_dir) / version / "metadata.json").read_text())
-    config = dict((metadata.get("training") or {}).get("config") or {})
+    config = dict((artifact.metadata.get("training") or {}).get("config") or {})
     if not config:
         raise ArtifactError(f"{model_dir}/{version}: its metadata has no training configuration to follow")
     return artifact.profile, config
