@@ -1,6 +1,7 @@
 """Faults in the window-state changelog, against the real broker and worker: a garbage record and
 a snapshot naming an offset far past its partition's end for live keys, tombstones at the tail of a
-partition, then the changelog topic deleted. The worker neither stops nor takes events for replays:
+partition, then the changelog topic deleted (while the worker is stopped, and, in the second test,
+under a running worker). The worker neither stops nor takes events for replays:
 a key whose snapshot cannot be read (or was deleted) starts a new window, one whose position is
 impossible keeps its window and loses the position, and with the changelog gone every key starts
 anew; every other event is scored.
@@ -24,7 +25,7 @@ from stream_detector.synthetic import generate
 from stream_detector.windows import snapshot_position, with_offset
 
 from test_chaos import _worker
-from test_chaos_topics import _delete_topic
+from test_chaos_topics import FAST_METADATA, _delete_topic
 from test_delivery import collect_scores, expected_scored, shifted, wait_for_group_lag_zero
 
 pytestmark = pytest.mark.integration
@@ -117,6 +118,46 @@ def test_changelog_garbage_impossible_positions_tail_tombstones_and_its_deletion
         metrics = worker.metrics()
         assert metrics["stream_detector_events_warming_up_total"] == KEYS * (WINDOW - 1)
         assert metrics["stream_detector_events_replayed_total"] == 0
+        worker.assert_alive()
+    finally:
+        worker.stop()
+
+
+def test_the_changelog_deleted_under_a_running_worker_loses_no_event(kafka_broker, sensor_model_dir, tmp_path):
+    """The changelog topic deleted while the worker runs: snapshots can no longer be written where
+    the worker's recovery reads them. Whatever the worker does (go on, or stop non-zero so that its
+    supervisor restarts it, as a failed snapshot delivery does), every event is scored and the
+    committed offsets reach the end once it runs again."""
+    bootstrap = kafka_broker.bootstrap_servers
+    worker = _worker(kafka_broker, sensor_model_dir, tmp_path, partitions=PARTITIONS, **FAST_METADATA)
+    scores_topic = worker.extra_env["STREAM_DETECTOR_SCORES_TOPIC"]
+    changelog = f"{worker.consumer_group}-windows-changelog"
+    phase1 = generate("sensors", KEYS, 100, anomaly_rate=0.0, seed=161)
+    phase2 = shifted(generate("sensors", KEYS, 100, anomaly_rate=0.0, seed=162), 10_000.0, "p2")
+    worker.start()
+    try:
+        produce_events(bootstrap, worker.input_topic, phase1, rate=0)
+        want = expected_scored(phase1)
+        assert want <= collect_scores(bootstrap, scores_topic, want, timeout=120).keys(), worker.log_tail()
+        wait_for_group_lag_zero(worker, partitions=PARTITIONS, timeout=60)
+
+        _delete_topic(bootstrap, changelog)
+        produce_events(bootstrap, worker.input_topic, phase2, rate=200)
+        want = expected_scored(phase1) | expected_scored(phase2)
+        restarts, deadline = 0, time.monotonic() + 180
+        while True:
+            counts = collect_scores(bootstrap, scores_topic, want, timeout=10)
+            if want <= counts.keys():
+                break
+            if worker.process.poll() is not None:  # a supervisor restarts a worker that stopped
+                assert worker.process.returncode != 0, "the worker stopped cleanly with events unscored"
+                restarts += 1
+                assert restarts <= 3, f"the worker keeps stopping; log:\n{worker.log_tail()}"
+                worker.start()
+            assert time.monotonic() < deadline, (
+                f"{len(want - counts.keys())} events never scored; log:\n{worker.log_tail()}")
+        wait_for_group_lag_zero(worker, partitions=PARTITIONS, timeout=60)
+        assert worker.metrics()["stream_detector_events_replayed_total"] == 0
         worker.assert_alive()
     finally:
         worker.stop()
