@@ -36,6 +36,14 @@ class WorkerProcess:
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "stream_detector", "worker"])
     process: subprocess.Popen | None = None
 
+    def sibling(self, log_path: Path, bootstrap_servers: str | None = None) -> "WorkerProcess":
+        """Another worker of the same group, on the same topics, with the same settings (and command);
+        ``bootstrap_servers`` to reach the broker another way (through a proxy, say)."""
+        return WorkerProcess(bootstrap_servers or self.bootstrap_servers, self.model_dir, log_path,
+                             input_topic=self.input_topic, alerts_topic=self.alerts_topic,
+                             dead_letter_topic=self.dead_letter_topic, consumer_group=self.consumer_group,
+                             extra_env=dict(self.extra_env), command=list(self.command))
+
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
