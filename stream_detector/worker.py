@@ -54,7 +54,9 @@ went back below the floor written with its snapshots (a group reset, a recreated
 snapshots' positions dropped at restore: its events are scored again, none taken for a replay. Each snapshot records the offset of the key's
 last event, so records redelivered after a crash are recognised and not appended twice; since
 snapshots are written only after the alerts they follow, a recognised record has already been
-scored and alerted.
+scored and alerted. A worker whose deliveries stalled (the broker out of reach) writes no window
+state again before the group coordinator confirms it still holds its partitions; evicted meanwhile
+(a zombie), it exits (:mod:`~stream_detector.runtime.fencing`).
 """
 
 from __future__ import annotations

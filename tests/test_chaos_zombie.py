@@ -6,8 +6,11 @@ proxied listener); worker B directly. Both hold input partitions while events fl
 anomalies. A's traffic is slowed, then cut: A still holds the events it had fetched, judges them and
 queues their alerts and snapshots, none of which reach the broker. The group evicts A after its
 session timeout (6 s, the least the worker accepts) and B takes every partition over, restoring the
-changelog as it stands. A is then healed: what it queued while cut off reaches the broker, and it
-learns that it lost its partitions only when its consumer next talks to the group coordinator.
+changelog as it stands. A is then healed: what it queued while cut off reaches the broker, and its
+consumer learns of the eviction only at its next heartbeat. Before that fix (see
+``stream_detector.runtime.fencing``) A's snapshots landed after B's in every run; now A checks with
+the group coordinator before it writes window state again, finds itself evicted and exits
+(status 70), or, had its consumer already rejoined, drops the snapshots of the partitions it lost.
 
 Asserted: every key's snapshots in the changelog, read in order, name only later input offsets
 (a zombie's snapshot written after its successor's would bring a key's window back in time at the
@@ -20,11 +23,9 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import defaultdict
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from stream_detector.producer import iter_messages, produce_events
@@ -36,6 +37,7 @@ from test_chaos import _worker
 from test_chaos_fleet import _alerts_by_id, _wait_ready
 from test_delivery import (alerted_event_ids, anomaly_segments, collect_scores, expected_scored,
                            wait_for_group_lag_zero, with_obvious_anomalies)
+from worker_harness import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -69,21 +71,10 @@ def _wait_owners(bootstrap: str, group: str, topic: str, want: list[int], timeou
 def _positions_per_key(bootstrap: str, topic: str) -> dict[bytes, list[tuple[int, int]]]:
     """Every key's snapshot positions (input partition, offset) in changelog order (deletes and the
     partitions' floor records left out)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"cl-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False})
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
     out: dict[bytes, list[tuple[int, int]]] = defaultdict(list)
-    try:
-        idle_until = time.monotonic() + 5.0
-        while time.monotonic() < idle_until:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            idle_until = time.monotonic() + 2.0
-            if msg.value() is not None and not msg.key().startswith(b"\xff"):
-                out[msg.key()].append(snapshot_position(msg.value()))
-    finally:
-        consumer.close()
+    for msg in read_records(bootstrap, topic):
+        if msg.value() is not None and not msg.key().startswith(b"\xff"):
+            out[msg.key()].append(snapshot_position(msg.value()))
     return out
 
 

@@ -12,7 +12,29 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
+
+
+def read_records(bootstrap: str, topic: str, idle_s: float = 2.0, first_s: float = 5.0) -> list[Message]:
+    """Every record of every partition of ``topic`` from its start (no consumer group), in order per
+    partition: read until ``idle_s`` without a record (``first_s`` before the first)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False})
+    out: list[Message] = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        idle_until = time.monotonic() + first_s
+        while time.monotonic() < idle_until:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            idle_until = time.monotonic() + idle_s
+            out.append(msg)
+    finally:
+        consumer.close()
+    return out
 
 
 def free_port() -> int:

@@ -8,10 +8,10 @@ events it had fetched, and what it queued while cut off (alerts, then, once thos
 acknowledged, window snapshots and offsets) reaches the broker when the connection heals, before
 its consumer's next heartbeat tells it of the eviction. Its snapshots would then land after its
 successor's, and the next restore of those keys would bring their windows back in time (the
-changelog test ``tests/test_chaos_zombie.py`` saw exactly that). Offsets need no fence: the
+zombie chaos test, ``tests/test_chaos_zombie.py``, saw exactly that). Offsets need no fence: the
 group coordinator refuses an evicted member's commits.
 
-So, before the :class:`~stream_detector.runtime.checkpoint.Settler` sends snapshots, if the output
+So, before the :class:`~stream_detector.runtime.checkpoint.Settler` sends snapshots, if an output
 producer has had a delivery outstanding without any acknowledgement for ``STALL_S`` or more since
 the last check (:meth:`ZombieFence.due`), :meth:`ZombieFence.check` waits until the broker answers
 again and asks the group coordinator which input partitions this worker's member holds. If the
@@ -19,6 +19,11 @@ member is gone from the group, or no longer holds a partition the worker still t
 worker was fenced: :class:`Fenced` is raised, the settler fails with stage ``fence``, and the
 worker exits at once (status 70, as any batch failure: nothing more written, nothing acked; the
 events are redelivered to the partitions' owner). A restarted worker joins as a new member.
+
+Snapshots handed to the producer before the cut would still be sent when it heals: the worker's
+snapshot producer purges what it holds after half a session timeout without an acknowledgement
+(before the group can evict the worker), and the settler sends purged writes again, in order and
+before any later one, once the check has passed.
 """
 
 from __future__ import annotations
