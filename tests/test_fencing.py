@@ -178,6 +178,26 @@ def test_the_output_producer_notes_a_stall_and_purges_what_it_holds_once_the_bro
     assert out.in_flight() == 0 and out.reachable()
 
 
+def test_a_first_delivery_long_after_the_producer_was_made_is_not_taken_for_a_stall():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = OutputProducer(f"127.0.0.1:{port}", stall_s=0.5, purge_after_s=1.0)
+    time.sleep(1.2)  # the worker starts up: its first snapshot comes later
+
+    async def main() -> None:
+        sent = out.group()
+        sent.send("t", b"k", b"v", 0)
+        waiting = sent.wait()
+        await asyncio.sleep(0.3)
+        assert not out.stalled() and not waiting.done()  # neither stalled nor purged yet
+
+    try:
+        asyncio.run(main())
+    finally:
+        out.close(timeout=0.5)
+
+
 def test_the_local_broker_advertises_its_proxied_listener_at_the_proxy_port():
     broker = LocalBroker(port=40001, controller_port=40002, proxy_port=40003)
     props = broker._server_properties()

@@ -130,6 +130,7 @@ class OutputProducer:
 
     def start(self) -> None:
         if self._thread is None:
+            self._last_contact = time.monotonic()  # not the construction's: a first send may come much later
             self._thread = threading.Thread(target=self._poll, name="output-deliveries", daemon=True)
             self._thread.start()
 
