@@ -1,7 +1,10 @@
 """Everything the worker writes (alerts, dead letters, scores, window snapshots) goes out here.
 
-One confluent-kafka (librdkafka) producer, idempotent (``acks=all``, ordered per partition, no
-duplicates on retry), with its delivery reports handled on a small thread of its own. The worker
+A confluent-kafka (librdkafka) producer, idempotent (``acks=all``, ordered per partition, no
+duplicates on retry), with its delivery reports handled on a small thread of its own (the worker
+has two: one for window snapshots, which purges what it holds once the broker has been out of
+reach too long, see :mod:`stream_detector.runtime.fencing`; one for the rest). The same thread
+notes a stall: a delivery outstanding ``stall_s`` without any acknowledgement. The worker
 sends a batch's messages as one :class:`Deliveries` group and awaits the group: one event-loop
 wake-up per group instead of a future and a task hop per message, and the encoding and batching
 happen in C. Measured against Faust's own (aiokafka) producer, which spent about a third of the
