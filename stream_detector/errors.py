@@ -34,7 +34,10 @@ class ConfigurationError(StreamDetectorError, ValueError):
 
 
 class DeliveryError(StreamDetectorError, RuntimeError):
-    """A message was not delivered to the broker (after librdkafka's own retries)."""
+    """A message was not delivered to the broker (after librdkafka's own retries). ``purged``: the
+    producer dropped it itself (the broker out of reach too long), so it may be sent again."""
+
+    purged: bool = False
 
 
 class BatchFailed(StreamDetectorError):

@@ -54,7 +54,9 @@ went back below the floor written with its snapshots (a group reset, a recreated
 snapshots' positions dropped at restore: its events are scored again, none taken for a replay. Each snapshot records the offset of the key's
 last event, so records redelivered after a crash are recognised and not appended twice; since
 snapshots are written only after the alerts they follow, a recognised record has already been
-scored and alerted.
+scored and alerted. A worker whose deliveries stalled (the broker out of reach) writes no window
+state again before the group coordinator confirms it still holds its partitions; evicted meanwhile
+(a zombie), it exits (:mod:`~stream_detector.runtime.fencing`).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ from .detector import Detector, RawRecord
 from .kafka import faust_fixes
 from .kafka.faust_app import DetectorApp, DetectorWorker, check_versions
 from .kafka.faust_fastpath import RawEvents
-from .kafka.admin import TopicError, committed_offsets, ensure_topics, grow_partitions, partition_count
+from .kafka.admin import (TopicError, committed_offsets, ensure_topics, grow_partitions, member_partitions,
+                          partition_count)
 from .kafka.output import OutputProducer
 from .kafka.security import client_config, faust_credentials, faust_options
 from .metrics import WorkerMetrics
@@ -87,6 +90,7 @@ from .incidents import AlertPolicy
 from .thresholds import ThresholdConfig, build_threshold_policy
 from .runtime.checkpoint import Published, Scoring, Settler, Snapshots  # noqa: F401 (the worker's API)
 from .runtime.failures import FailurePolicy
+from .runtime.fencing import STALL_S, ZombieFence
 from .runtime.feedback import FeedbackHandler
 from .runtime.pipeline import BatchPipeline, PipelineConfig
 from .runtime.state import ChangelogState
@@ -327,7 +331,8 @@ class DetectorService:
 
 
 def create_app(settings: Settings, service: DetectorService, input_partitions: int = 1) -> faust.App:
-    """The Faust app; its ``output`` attribute is the producer to close once the worker stops.
+    """The Faust app; its ``output`` and ``state_output`` attributes are the producers to close once
+    the worker stops.
 
     Raises :class:`~stream_detector.errors.UnsupportedDependency` on an untested faust-streaming or
     mode-streaming (:func:`~stream_detector.kafka.faust_app.check_versions`).
@@ -368,21 +373,32 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
     source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw",
                        schema=RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
-    out = app.output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"))
+    out = app.output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"), stall_s=STALL_S)
+    # Except snapshots: they have a producer of their own, which drops what it holds once the broker
+    # has been out of reach for half the session timeout (before the group can evict this worker),
+    # so that a worker cut off and evicted never has an old snapshot sent when it is back (the
+    # settler sends the purged ones again once the group confirms it still holds their partitions).
+    state_out = app.state_output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"),
+                                                  stall_s=STALL_S, purge_after_s=settings.session_timeout_s / 2)
     detector, metrics = service.detector, service.metrics
     # Window state, changelog-backed. Written with explicit partitions (the input record's), read
     # back lazily per key; never modified through the table API, which would pick partitions itself.
     # Faust declares the changelog topic and restores from it; the writes go through `out`.
     state = app.Table("windows", partitions=input_partitions, key_type=bytes, value_type=bytes,
                       help="per-key window snapshots")
-    changelog = ChangelogState(detector, out, state.changelog_topic.get_topic_name(), metrics,
+    changelog = ChangelogState(detector, state_out, state.changelog_topic.get_topic_name(), metrics,
                                settings.state_min_events,
                                # the live copy is the window store from now on
                                restore_source=lambda key: state.data.pop(key, None),
                                committed=lambda partition: _faust_committed(app, settings.input_topic, partition))
+    # A worker cut off long enough to be evicted (a zombie) writes no snapshot after its successor's.
+    fence = ZombieFence(lambda: out.stalled() | state_out.stalled(), lambda: out.reachable() and state_out.reachable(),
+                        lambda: _held_partitions(app, settings),
+                        lambda: {tp.partition for tp in app.consumer.assignment() if tp.topic == settings.input_topic})
     pipeline = BatchPipeline(PipelineConfig.from_settings(settings), detector, metrics, service.executor, out,
                              changelog, FailurePolicy(on_failure=lambda stage: metrics.batch_failures.labels(
-                                 stage=stage).inc()), part_size=service.runner.chunk or max(settings.batch_max, 1))
+                                 stage=stage).inc()), part_size=service.runner.chunk or max(settings.batch_max, 1),
+                             fence=fence)
     app.pipeline = pipeline
     feedback = FeedbackHandler(detector, metrics, out, settings.feedback_topic_name, settings.alerts_topic,
                                settings.dead_letter_topic)
@@ -407,7 +423,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         try:
             width = await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, topic, needed,
                                                client_config(settings, "admin"))
-            await loop.run_in_executor(None, out.partitions, topic)
+            await loop.run_in_executor(None, state_out.partitions, topic)
         except Exception as exc:  # the first snapshot to a new partition then stops the worker (exit 70)
             log.error("input topic grown to %d partitions, changelog %s not grown: %s: %s", needed, topic,
                       type(exc).__name__, exc)
@@ -467,7 +483,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 app.tables.recovery.revoke(TP(changelog.changelog_topic, partition))
             # Snapshots already sent reach the changelog before the partitions' new owner reads it.
             deadline = time.monotonic() + 5.0
-            while out.in_flight() and time.monotonic() < deadline:
+            while state_out.in_flight() and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
 
     watching_recoveries: list[asyncio.Future] = []
@@ -522,6 +538,23 @@ def _faust_committed(app: faust.App, topic: str, partition: int) -> int | None:
     """The offset Faust's consumer last committed on an input partition (None if none, or 0): read,
     not changed (Faust keeps it in its consumer; there is no public accessor)."""
     return app.consumer._committed_offset.get(TP(topic, partition))
+
+
+def _group_member_id(app: faust.App) -> str:
+    """The member id the group coordinator gave this worker's consumer ("" while it has none): read,
+    not changed (aiokafka keeps it in its group coordinator, where Faust reads the generation too)."""
+    return app.consumer._thread._ensure_consumer()._coordinator.member_id or ""
+
+
+async def _held_partitions(app: faust.App, settings: Settings) -> set[int] | None:
+    """The input partitions this worker's member holds as the group coordinator sees them (None if
+    the member is not in the group, or the consumer knows it has left it)."""
+    member_id = _group_member_id(app)
+    if not member_id:
+        return None
+    return await asyncio.get_running_loop().run_in_executor(
+        None, member_partitions, settings.bootstrap_servers, settings.consumer_group, member_id,
+        settings.input_topic, client_config(settings, "admin"))
 
 
 async def _replace(target: set, items: Any) -> None:
@@ -614,3 +647,4 @@ def run_worker(settings: Settings) -> None:
         if lag is not None:
             lag.stop()
         app.output.close()
+        app.state_output.close()

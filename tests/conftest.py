@@ -18,6 +18,8 @@ from stream_detector.synthetic import SENSOR_CHANNELS, generate_runs
 from trainer.data import from_synthetic
 from trainer.fit import TrainConfig, train_and_save
 
+from tcp_proxy import TcpProxy
+
 WINDOW = 32  # window of the sensor_model_dir model
 
 
@@ -28,14 +30,37 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    """One real single-node KRaft broker for the whole test session."""
-    broker = LocalBroker(data_dir=tmp_path_factory.mktemp("kafka"))
+def _session_proxy() -> Iterator[TcpProxy]:
+    """Bound before the broker starts, so that the port the broker advertises is never taken."""
+    proxy = TcpProxy()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory, _session_proxy: TcpProxy) -> Iterator[LocalBroker]:
+    """One real single-node KRaft broker for the whole test session (with a proxied listener, see
+    ``broker_proxy``)."""
+    broker = LocalBroker(data_dir=tmp_path_factory.mktemp("kafka"), proxy_port=_session_proxy.port)
+    _session_proxy.target = broker.proxied_listener_port
     broker.start(timeout=120)
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def broker_proxy(kafka_broker: LocalBroker, _session_proxy: TcpProxy) -> Iterator[TcpProxy]:
+    """The TCP proxy every client given ``kafka_broker.proxied_bootstrap_servers`` goes through,
+    passing traffic; the test may cut or slow it (healed again after the test)."""
+    _session_proxy.heal()
+    try:
+        yield _session_proxy
+    finally:
+        _session_proxy.heal()
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ them); the tombstones are at the partition's tail as compaction leaves deletes t
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from stream_detector.producer import produce_events
@@ -27,6 +26,7 @@ from stream_detector.windows import snapshot_position, with_offset
 from test_chaos import _worker
 from test_chaos_topics import FAST_METADATA, _delete_topic
 from test_delivery import collect_scores, expected_scored, shifted, wait_for_group_lag_zero
+from worker_harness import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +37,7 @@ WINDOW = 32
 
 def _snapshots(bootstrap: str, topic: str) -> dict[bytes, tuple[int, bytes | None]]:
     """Each key's last changelog record: (partition, value)."""
-    out: dict[bytes, tuple[int, bytes | None]] = {}
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"cl-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False})
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
-    try:
-        idle_until = time.monotonic() + 4.0
-        while time.monotonic() < idle_until:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            idle_until = time.monotonic() + 2.0
-            out[msg.key()] = (msg.partition(), msg.value())
-    finally:
-        consumer.close()
-    return out
+    return {msg.key(): (msg.partition(), msg.value()) for msg in read_records(bootstrap, topic, first_s=4.0)}
 
 
 def test_changelog_garbage_impossible_positions_tail_tombstones_and_its_deletion_never_stop_the_worker_or_lose_events(

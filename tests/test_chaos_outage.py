@@ -18,7 +18,6 @@ from collections import defaultdict
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
 
 from stream_detector.kafka.admin import committed_offsets
 from stream_detector.kafka.local_broker import LocalBroker, ensure_topics
@@ -28,7 +27,7 @@ from stream_detector.synthetic import generate
 
 from test_delivery import (alerted_event_ids, anomaly_segments, collect_scores, expected_scored,
                            wait_for_group_lag_zero, with_obvious_anomalies)
-from worker_harness import WorkerProcess
+from worker_harness import WorkerProcess, read_records
 
 pytestmark = pytest.mark.integration
 
@@ -43,21 +42,8 @@ def _alerted_ids(bootstrap: str, topic: str) -> set[str]:
 
 def _positions(bootstrap: str, topic: str) -> dict[str, tuple[int, int]]:
     """Event id -> (partition, offset) of every record in the topic now."""
-    out: dict[str, tuple[int, int]] = {}
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"where-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    try:
-        idle_until = time.monotonic() + 5.0
-        while time.monotonic() < idle_until:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            idle_until = time.monotonic() + 2.0
-            out[orjson.loads(msg.value())["event_id"]] = (msg.partition(), msg.offset())
-    finally:
-        consumer.close()
-    return out
+    return {orjson.loads(msg.value())["event_id"]: (msg.partition(), msg.offset())
+            for msg in read_records(bootstrap, topic)}
 
 
 def test_a_broker_outage_past_the_delivery_timeout_stops_the_worker_uncommitted_and_a_restart_alerts_everything(

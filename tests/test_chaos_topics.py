@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 import orjson
 import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewPartitions
 
 from stream_detector.kafka.local_broker import ensure_topics
@@ -26,6 +24,7 @@ from stream_detector.synthetic import generate
 from test_chaos import _worker, wait_for_floor
 from test_delivery import (alerted_event_ids, anomaly_segments, collect_scores, expected_scored, shifted,
                            wait_for_group_lag_zero, with_obvious_anomalies)
+from worker_harness import read_records
 
 pytestmark = pytest.mark.integration
 
@@ -46,20 +45,9 @@ def _grow(bootstrap: str, topic: str, partitions: int, timeout: float = 30.0) ->
 def _partitions_of(bootstrap: str, topic: str, event_ids: set[str]) -> dict[int, int]:
     """How many of ``event_ids`` each input partition holds (to explain a failure)."""
     out: dict[int, int] = {}
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"where-{uuid.uuid4().hex[:8]}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
-    consumer.subscribe([topic])
-    try:
-        idle_until = time.monotonic() + 5.0
-        while time.monotonic() < idle_until:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            idle_until = time.monotonic() + 3.0
-            if orjson.loads(msg.value()).get("event_id") in event_ids:
-                out[msg.partition()] = out.get(msg.partition(), 0) + 1
-    finally:
-        consumer.close()
+    for msg in read_records(bootstrap, topic, idle_s=3.0):
+        if orjson.loads(msg.value()).get("event_id") in event_ids:
+            out[msg.partition()] = out.get(msg.partition(), 0) + 1
     return out
 
 

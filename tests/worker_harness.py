@@ -12,7 +12,29 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from confluent_kafka import Consumer, Message, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
+
+
+def read_records(bootstrap: str, topic: str, idle_s: float = 2.0, first_s: float = 5.0) -> list[Message]:
+    """Every record of every partition of ``topic`` from its start (no consumer group), in order per
+    partition: read until ``idle_s`` without a record (``first_s`` before the first)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False})
+    out: list[Message] = []
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        idle_until = time.monotonic() + first_s
+        while time.monotonic() < idle_until:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            idle_until = time.monotonic() + idle_s
+            out.append(msg)
+    finally:
+        consumer.close()
+    return out
 
 
 def free_port() -> int:
@@ -35,6 +57,14 @@ class WorkerProcess:
     # The command line; the real worker by default (a test may run a launcher that wraps it).
     command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "stream_detector", "worker"])
     process: subprocess.Popen | None = None
+
+    def sibling(self, log_path: Path, bootstrap_servers: str | None = None) -> "WorkerProcess":
+        """Another worker of the same group, on the same topics, with the same settings (and command);
+        ``bootstrap_servers`` to reach the broker another way (through a proxy, say)."""
+        return WorkerProcess(bootstrap_servers or self.bootstrap_servers, self.model_dir, log_path,
+                             input_topic=self.input_topic, alerts_topic=self.alerts_topic,
+                             dead_letter_topic=self.dead_letter_topic, consumer_group=self.consumer_group,
+                             extra_env=dict(self.extra_env), command=list(self.command))
 
     @property
     def metrics_url(self) -> str:

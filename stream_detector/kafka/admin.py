@@ -142,3 +142,25 @@ def committed_offsets(bootstrap_servers: str, group: str, topic: str, partitions
     finally:
         consumer.close()
     return {tp.partition: tp.offset if tp.error is None and tp.offset >= 0 else -1 for tp in answer}
+
+
+class GroupUnsettled(RuntimeError):
+    """The consumer group is rebalancing: its members' assignments are not final."""
+
+
+def member_partitions(bootstrap_servers: str, group: str, member_id: str, topic: str,
+                      client_config: dict | None = None, timeout: float = 10) -> set[int] | None:
+    """The partitions of ``topic`` the group's member ``member_id`` holds, as the group coordinator
+    sees them; None if the group has no such member (it left, or was evicted). Raises
+    :class:`GroupUnsettled` while the group rebalances, a ``KafkaException`` if it cannot be asked."""
+    from confluent_kafka import ConsumerGroupState
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers,
+                         "logger": logging.getLogger(__name__ + ".librdkafka"), **(client_config or {})})
+    description = admin.describe_consumer_groups([group], request_timeout=timeout)[group].result(timeout=timeout)
+    for member in description.members:
+        if member.member_id == member_id:
+            if description.state != ConsumerGroupState.STABLE:
+                raise GroupUnsettled(f"group {group} is {description.state.name}")
+            return {tp.partition for tp in member.assignment.topic_partitions if tp.topic == topic}
+    return None

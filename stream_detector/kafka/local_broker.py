@@ -154,6 +154,10 @@ class LocalBroker:
     Ports and data dir are fixed for the object's lifetime, so ``restart()``
     (after ``stop()`` or a simulated crash via ``kill()``) brings back the same
     broker with the same data at the same bootstrap address.
+
+    With ``proxy_port``, the broker also listens on a second port (``proxied_listener_port``)
+    that it advertises as ``127.0.0.1:proxy_port``: clients given ``proxied_bootstrap_servers``
+    reach it only through what forwards that port (a test's TCP proxy that can cut or slow them).
     """
 
     def __init__(
@@ -163,6 +167,7 @@ class LocalBroker:
         controller_port: int | None = None,
         kafka_home: Path | None = None,
         extra_config: dict[str, str] | None = None,
+        proxy_port: int | None = None,
     ) -> None:
         # A temp data dir we created is ours to delete at interpreter exit;
         # a caller-supplied one is kept.
@@ -176,6 +181,16 @@ class LocalBroker:
         )
         if self.port == self.controller_port:
             raise ValueError("port and controller_port must differ")
+        # A second listener, PROXIED, advertised at 127.0.0.1:proxy_port: a client that bootstraps
+        # there is told to connect there for everything, so whatever listens on proxy_port and
+        # forwards to `proxied_listener_port` (a test's TCP proxy) carries all of its traffic. Kafka
+        # clients connect to the advertised address after the bootstrap, so a proxy in front of
+        # `port` alone would be bypassed.
+        self.proxy_port = proxy_port
+        self.proxied_listener_port: int | None = (
+            None if proxy_port is None
+            else _free_port({self.port, self.controller_port, proxy_port})
+        )
         env_home = os.environ.get(KAFKA_HOME_ENV)
         self.kafka_home = Path(
             kafka_home if kafka_home is not None else (env_home or DEFAULT_KAFKA_HOME)
@@ -192,6 +207,13 @@ class LocalBroker:
     def bootstrap_servers(self) -> str:
         """Address clients should use, e.g. ``127.0.0.1:39123``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def proxied_bootstrap_servers(self) -> str:
+        """The address of the PROXIED listener (``proxy_port``); raises if there is none."""
+        if self.proxy_port is None:
+            raise BrokerError("this broker has no proxied listener (proxy_port not given)")
+        return f"127.0.0.1:{self.proxy_port}"
 
     @property
     def libs_dir(self) -> Path:
@@ -246,18 +268,22 @@ class LocalBroker:
 
     # ----------------------------------------------------------------- config
     def _server_properties(self) -> dict[str, str]:
+        listeners = f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        advertised = f"PLAINTEXT://127.0.0.1:{self.port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        if self.proxy_port is not None:
+            listeners += f",PROXIED://127.0.0.1:{self.proxied_listener_port}"
+            advertised += f",PROXIED://127.0.0.1:{self.proxy_port}"
+            protocols += ",PROXIED:PLAINTEXT"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},"
-                f"CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": listeners,
+            "advertised.listeners": advertised,
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": protocols,
             "log.dirs": str(self.log_dirs),
             # Single node: every internal topic must fit on one replica.
             "offsets.topic.replication.factor": "1",

@@ -1,7 +1,10 @@
 """Everything the worker writes (alerts, dead letters, scores, window snapshots) goes out here.
 
-One confluent-kafka (librdkafka) producer, idempotent (``acks=all``, ordered per partition, no
-duplicates on retry), with its delivery reports handled on a small thread of its own. The worker
+A confluent-kafka (librdkafka) producer, idempotent (``acks=all``, ordered per partition, no
+duplicates on retry), with its delivery reports handled on a small thread of its own (the worker
+has two: one for window snapshots, which purges what it holds once the broker has been out of
+reach too long, see :mod:`stream_detector.runtime.fencing`; one for the rest). The same thread
+notes a stall: a delivery outstanding ``stall_s`` without any acknowledgement. The worker
 sends a batch's messages as one :class:`Deliveries` group and awaits the group: one event-loop
 wake-up per group instead of a future and a task hop per message, and the encoding and batching
 happen in C. Measured against Faust's own (aiokafka) producer, which spent about a third of the
@@ -30,6 +33,8 @@ LINGER_MS = 2
 _POLL_S = 0.05
 # librdkafka's default `message.max.bytes`: produce() refuses a larger record (key, value, headers).
 DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+
+_PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 
 __all__ = ["DeliveryError", "Deliveries", "OutputProducer"]
 
@@ -63,6 +68,7 @@ class Deliveries:
         self._sent += 1
 
     def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:  # poll thread
+        self._out.reports += 1
         if err is not None and self._error is None:
             self._error = err
         self._acked += 1
@@ -77,7 +83,10 @@ class Deliveries:
         if future is None or future.done():
             return
         if self._error is not None:
-            future.set_exception(DeliveryError(f"delivery failed: {self._error}"))
+            error = DeliveryError(f"delivery failed: {self._error}")
+            # Purged (see OutputProducer's purge_after_s): not refused by the broker, maybe not written.
+            error.purged = self._error.code() in _PURGED
+            future.set_exception(error)
         else:
             future.set_result(self._sent)
 
@@ -95,7 +104,8 @@ class OutputProducer:
     """An idempotent confluent-kafka producer with a delivery-report thread, for asyncio code."""
 
     def __init__(self, bootstrap_servers: str, client_config: dict[str, Any] | None = None,
-                 linger_ms: float = LINGER_MS, extra: dict[str, Any] | None = None):
+                 linger_ms: float = LINGER_MS, extra: dict[str, Any] | None = None, stall_s: float = 1.0,
+                 purge_after_s: float | None = None):
         config = {
             "bootstrap.servers": bootstrap_servers,
             "enable.idempotence": True,  # acks=all, in order per partition, no duplicates on retry
@@ -107,21 +117,58 @@ class OutputProducer:
         # The largest record produce() accepts: dead letters are cut to fit it (see runtime.dead_letters).
         self.max_message_bytes = int(config.get("message.max.bytes", DEFAULT_MAX_MESSAGE_BYTES))
         self._producer = Producer(config)
+        self._stall_s = stall_s
+        # Set by the poll thread: monotonic time of the last delivery report or of the last moment
+        # nothing was outstanding; and whether a delivery went unacknowledged for `stall_s` since
+        # `stalled()` was last asked (the broker out of reach: see runtime.fencing).
+        self._last_contact = time.monotonic()
+        self._stalled = False
+        self.reports = 0  # delivery reports handled (poll thread only): poll() also serves logs and errors
+        # With purge_after_s: after that long without any acknowledgement, everything outstanding is
+        # purged, so that nothing written before the broker went out of reach is sent when it is
+        # back; each purged message fails its group with a DeliveryError whose `purged` is True.
+        self._purge_after_s = purge_after_s
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is None:
+            self._last_contact = time.monotonic()  # not the construction's: a first send may come much later
             self._thread = threading.Thread(target=self._poll, name="output-deliveries", daemon=True)
             self._thread.start()
 
     def _poll(self) -> None:
-        poll, stopping = self._producer.poll, self._stopping
+        producer, stopping, monotonic = self._producer, self._stopping, time.monotonic
+        poll = producer.poll
+        seen = self.reports
         while not stopping.is_set():
             try:
                 poll(_POLL_S)
             except Exception:  # raised by a delivery callback: keep reporting the others
                 log.exception("delivery report handling failed")
+            now = monotonic()
+            if self.reports != seen or not len(producer):
+                seen = self.reports
+                self._last_contact = now
+            elif now - self._last_contact >= self._stall_s:
+                self._stalled = True
+                if self._purge_after_s is not None and now - self._last_contact >= self._purge_after_s:
+                    log.warning("%d message(s) unacknowledged for %.1f s: purged (the broker is out of reach)",
+                                len(producer), now - self._last_contact)
+                    producer.purge(in_queue=True, in_flight=True, blocking=False)
+                    self._last_contact = now
+
+    def stalled(self) -> bool:
+        """Whether a delivery went ``stall_s`` without any acknowledgement since the last call (the
+        broker out of reach, or slower than that); the call forgets it."""
+        if not self._stalled:
+            return False
+        self._stalled = False
+        return True
+
+    def reachable(self) -> bool:
+        """Whether the broker answers now: nothing outstanding, or an acknowledgement within ``stall_s``."""
+        return not len(self._producer) or time.monotonic() - self._last_contact < self._stall_s
 
     def group(self) -> Deliveries:
         """A new group of messages to await together; call from the event loop."""

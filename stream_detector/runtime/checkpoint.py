@@ -18,6 +18,7 @@ from ..detector import PreparedBatch, RawRecord
 from ..errors import BatchFailed
 from ..kafka.output import Deliveries
 from .failures import FailurePolicy
+from .fencing import ZombieFence
 
 # Batches whose window snapshots may be on their way to the changelog while the next is handled
 # (under a backlog): the worker does not wait a broker round trip per batch; offsets still wait.
@@ -27,9 +28,10 @@ SETTLING_MAX = 32
 
 # Stages of a batch, as named in failures (BatchFailed.stage) and the batch-failure metric.
 # (`consume`: taking the next batch from the stream.)
-CONSUME, DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, SEND_SNAPSHOTS, ACK = (
-    "consume", "decode", "window", "score", "judge", "send_alerts", "send_snapshots", "ack")
-STAGES = (CONSUME, DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, SEND_SNAPSHOTS, ACK)
+# (`fence`: the zombie check before snapshots, see runtime.fencing: the worker was evicted.)
+CONSUME, DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, FENCE, SEND_SNAPSHOTS, ACK = (
+    "consume", "decode", "window", "score", "judge", "send_alerts", "fence", "send_snapshots", "ack")
+STAGES = (CONSUME, DECODE, WINDOW, SCORE, JUDGE, SEND_ALERTS, FENCE, SEND_SNAPSHOTS, ACK)
 
 
 @dataclass(slots=True)
@@ -70,6 +72,9 @@ class Settler:
     occasionally takes 50 to 100 ms) delays commits, not the alerts of the events behind it.
     Bounded: the loop waits once ``SETTLING_MAX`` batches are waiting to be settled.
 
+    With a ``fence`` (:mod:`~stream_detector.runtime.fencing`), snapshots are not sent after the
+    broker was out of reach until the group confirms this worker still holds its partitions.
+
     The first failure ends the task (as :class:`BatchFailed` naming its stage): nothing after it
     is acked, :meth:`check` and :meth:`put` raise it, and ``failures`` (if given) is told at once.
     """
@@ -77,16 +82,19 @@ class Settler:
     def __init__(self, publish: Callable[[Published], Awaitable[None]],
                  send_snapshots: Callable[[Snapshots], Awaitable[Any] | None],
                  ack: Callable[[list[Any]], Awaitable[None]], assignment: Callable[[], Any],
-                 generation: Callable[[], Any] = lambda: None, failures: FailurePolicy | None = None):
+                 generation: Callable[[], Any] = lambda: None, failures: FailurePolicy | None = None,
+                 fence: ZombieFence | None = None):
         self._publish, self._send_snapshots, self._ack, self._assignment = publish, send_snapshots, ack, assignment
         self._generation = generation
+        self._fence = fence
         self._queue: asyncio.Queue[tuple[Published | None, Snapshots | None, list[Any], int] | None] = \
             asyncio.Queue(maxsize=SETTLING_MAX)
         # Settled micro-batches (number, events) whose events no written snapshot covers yet.
         self._unacked: deque[tuple[int, list[Any]]] = deque()
         # Snapshot writes the broker has not acknowledged yet, oldest first, each with the events it
         # covers: under a backlog up to WRITES_IN_FLIGHT stay out while the next batches settle.
-        self._writing: deque[tuple[Awaitable[Any] | None, list[Any]]] = deque()
+        # (The snapshots too: sent again if the producer purged them.)
+        self._writing: deque[tuple[Awaitable[Any] | None, list[Any], Snapshots]] = deque()
         self._task = asyncio.ensure_future(self._run())
         if failures is not None:
             self._task.add_done_callback(lambda task: self._report(task, failures))
@@ -120,7 +128,7 @@ class Settler:
         """Events handed over and not acked yet."""
         return (sum(len(item[2]) for item in self._queue._queue if item is not None)  # type: ignore[attr-defined]
                 + sum(len(events) for _, events in self._unacked)
-                + sum(len(covered) for _, covered in self._writing))
+                + sum(len(covered) for _, covered, _ in self._writing))
 
     async def close(self) -> None:
         """Settles everything handed over (raises if that fails) and stops."""
@@ -148,6 +156,11 @@ class Settler:
                 except Exception as exc:
                     raise BatchFailed(SEND_ALERTS, exc) from exc
             if snapshots is not None:
+                fence = self._fence
+                if fence is not None and fence.due():  # the broker was out of reach since the last write
+                    await self._check_fence()
+                    # Writes the producer purged meanwhile go again first, in order, before this one.
+                    await self._settle_writes(wait=True)
                 try:
                     sent = self._send_snapshots(snapshots)
                 except Exception as exc:
@@ -156,23 +169,42 @@ class Settler:
                 while unacked and snapshots.covers is not None and unacked[0][0] <= snapshots.covers:
                     covered.extend(unacked.popleft()[1])
                 if sent is not None or covered:
-                    self._writing.append((sent, covered))
+                    self._writing.append((sent, covered, snapshots))
             # Nothing behind: wait for the writes now, so that the offsets are committed soon.
             await self._settle_writes(wait=queue.empty())
 
+    async def _check_fence(self) -> None:
+        assert self._fence is not None
+        try:
+            await self._fence.check()
+        except Exception as exc:
+            raise BatchFailed(FENCE, exc) from exc
+
     async def _settle_writes(self, wait: bool) -> None:
         """Acks, in order, the events of every write that is in the changelog (all of them when
-        ``wait``; else at most ``WRITES_IN_FLIGHT`` writes stay out)."""
+        ``wait``; else at most ``WRITES_IN_FLIGHT`` writes stay out).
+
+        A write the producer purged (the broker out of reach too long, see ``runtime.fencing``) is
+        sent again once the fence has passed, and every write after it is settled (and sent again
+        if purged too) before anything else is written: a key's snapshots stay in order."""
         writing = self._writing
         while writing:
-            written, covered = writing[0]
+            written, covered, snapshots = writing[0]
             if written is not None:
                 if not written.done() and not wait and len(writing) <= WRITES_IN_FLIGHT:
                     break
                 try:
                     await written  # in the changelog before the offsets may be committed (raises if not)
                 except Exception as exc:
-                    raise BatchFailed(SEND_SNAPSHOTS, exc) from exc
+                    if self._fence is None or not getattr(exc, "purged", False):
+                        raise BatchFailed(SEND_SNAPSHOTS, exc) from exc
+                    await self._check_fence()
+                    try:
+                        writing[0] = (self._send_snapshots(snapshots), covered, snapshots)
+                    except Exception as exc2:
+                        raise BatchFailed(SEND_SNAPSHOTS, exc2) from exc2
+                    wait = True
+                    continue
             writing.popleft()
             if covered:
                 # Not events of partitions revoked since: Faust forgot their acks at the revocation,

@@ -45,6 +45,7 @@ from .checkpoint import (ACK, CONSUME, JUDGE, SCORE, SEND_ALERTS, SEND_SNAPSHOTS
                          Snapshots)
 from .dead_letters import dead_letter
 from .failures import MODEL_ATTEMPTS, FailurePolicy
+from .fencing import ZombieFence
 from .state import ChangelogState
 
 log = logging.getLogger("stream_detector.worker")
@@ -81,8 +82,10 @@ class BatchPipeline:
     """Windows, scores, judges and publishes micro-batches; hands them to the settler in order."""
 
     def __init__(self, config: PipelineConfig, detector: Detector, metrics: WorkerMetrics, executor: Executor | None,
-                 out: OutputProducer, state: ChangelogState, failures: FailurePolicy | None = None, part_size: int = 0):
+                 out: OutputProducer, state: ChangelogState, failures: FailurePolicy | None = None, part_size: int = 0,
+                 fence: ZombieFence | None = None):
         self.config = config
+        self.fence = fence  # the zombie check before snapshots after the broker was out of reach
         self.detector = detector
         self.metrics = metrics
         self.executor = executor
@@ -120,7 +123,8 @@ class BatchPipeline:
         config = self.config
         deferred = config.batch_adaptive
         pipelined = deferred and config.batch_pipeline
-        self.settler = settler = Settler(self.publish, self.state.send, ack, assignment, generation, self.failures)
+        self.settler = settler = Settler(self.publish, self.state.send, ack, assignment, generation, self.failures,
+                                              self.fence)
         unjudged = self.unjudged
         failed = False
         try:
