@@ -22,8 +22,11 @@ GAP_SMOOTHING = 1.0 / 8  # weight of the newest gap in a key's rate: about its l
 # Snapshot of one key: header, then the window oldest-first (float32), then the profile state, then
 # (version 2) whatever else the owner keeps per key (its alert and threshold state), opaque here.
 _SNAPSHOT_HEADER = struct.Struct("<BHHHqiq")  # version, W, F, S, count, partition, offset
+# Version 3 (written only for a key that took events from the repartition topic): the offset of
+# its last event read from there follows the input offset.
+_SNAPSHOT_HEADER_V3 = struct.Struct("<BHHHqiqq")
 _SNAPSHOT_VERSION = 2
-_SNAPSHOT_VERSIONS = (1, 2)  # version 1: no trailing bytes
+_SNAPSHOT_VERSIONS = (1, 2, 3)  # version 1: no trailing bytes
 
 
 class SnapshotError(ValueError):
@@ -66,6 +69,8 @@ class WindowStore:
         # Source position of the last event applied to each key: replayed events are recognised.
         self._partition = np.zeros(0, dtype=np.int32)
         self._offset = np.zeros(0, dtype=np.int64)
+        # Offset of the last event taken from the repartition topic (same partition number), -1 if none.
+        self._roffset = np.zeros(0, dtype=np.int64)
         self._event_time = np.zeros(0, dtype=np.float64)  # newest event timestamp seen per key
         # Moving average of the key's event-time gaps (seconds; -1 until its second event): its rate.
         self._gap = np.zeros(0, dtype=np.float64)
@@ -85,7 +90,7 @@ class WindowStore:
     @property
     def bytes_per_key(self) -> int:
         """Array bytes one key costs (window data + count + state + last seen + source position)."""
-        return self.window * self.n_features * 4 + 8 + self.state_size * 8 + 8 + 4 + 8 + 8 + 8 + 1
+        return self.window * self.n_features * 4 + 8 + self.state_size * 8 + 8 + 4 + 8 + 8 + 8 + 8 + 1
 
     def slot(self, key: str, now: float) -> int:
         """The key's slot, allocating (and evicting if full) for a new key."""
@@ -150,6 +155,14 @@ class WindowStore:
             return 1 if offset <= self._offset[slot] else 0
         return -1 if known >= 0 else 0
 
+    def placed_repartitioned(self, slot: int, partition: int, offset: int) -> int:
+        """:meth:`placed` for a record of the repartition topic: against the offset of the key's last
+        event taken from there (a key's input and repartition positions are kept apart)."""
+        known = self._partition[slot]
+        if known == partition:
+            return 1 if offset <= self._roffset[slot] else 0
+        return -1 if known >= 0 else 0
+
     def position(self, slot: int) -> tuple[int, int]:
         """(partition, offset) of the last event applied to the key; (-1, -1) when unknown."""
         return int(self._partition[slot]), int(self._offset[slot])
@@ -182,8 +195,21 @@ class WindowStore:
         return bool(self._persisted[slot])
 
     def set_position(self, slot: int, partition: int, offset: int) -> None:
+        if self._partition[slot] != partition:
+            self._roffset[slot] = -1  # a repartition offset names a record of the same partition number
         self._partition[slot] = partition
         self._offset[slot] = offset
+
+    def set_repartitioned_position(self, slot: int, partition: int, offset: int) -> None:
+        """The key's last event came from the repartition topic's ``partition`` at ``offset``."""
+        if self._partition[slot] != partition:
+            self._offset[slot] = -1
+        self._partition[slot] = partition
+        self._roffset[slot] = offset
+
+    def repartitioned_offset(self, slot: int) -> int:
+        """Offset of the key's last event taken from the repartition topic; -1 when none."""
+        return int(self._roffset[slot])
 
     @property
     def snapshot_body_size(self) -> int:
@@ -198,8 +224,13 @@ class WindowStore:
             self.copy_window(slot, window)
         else:
             window[:] = self._data[slot]  # not wrapped yet: rows 0..count-1 are oldest-first
-        header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
-                                       int(self._partition[slot]), int(self._offset[slot]))
+        roffset = int(self._roffset[slot])
+        if roffset >= 0:
+            header = _SNAPSHOT_HEADER_V3.pack(3, self.window, self.n_features, self.state_size, count,
+                                              int(self._partition[slot]), int(self._offset[slot]), roffset)
+        else:
+            header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
+                                           int(self._partition[slot]), int(self._offset[slot]))
         return header + window.tobytes() + self._state[slot].tobytes() + extra
 
     def restore(self, key: str, blob: bytes, now: float) -> int:
@@ -211,19 +242,29 @@ class WindowStore:
         version, w, f, st, count, partition, offset = _SNAPSHOT_HEADER.unpack_from(blob)
         if version not in _SNAPSHOT_VERSIONS or (w, f, st) != (self.window, self.n_features, self.state_size):
             raise SnapshotError(f"snapshot shape {(version, w, f, st)} does not fit this store")
+        header = _header_of(version)
+        expected = self.body_size_of(blob)
         if len(blob) < expected or (version == 1 and len(blob) != expected):
             raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
+        roffset = header.unpack_from(blob)[7] if version == 3 else -1
         slot = self.slot(key, now)
-        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=_SNAPSHOT_HEADER.size).reshape(w, f)
+        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=header.size).reshape(w, f)
         # Stored oldest-first; the ring is rotated so the key keeps its true event count (per-key
         # normals learn at every W-th event of a key, and must keep that phase across a restart).
         self._data[slot] = body if count < w else np.roll(body, count % w, axis=0)
         self._count[slot] = count
-        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=_SNAPSHOT_HEADER.size + w * f * 4)
+        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=header.size + w * f * 4)
         self._partition[slot] = partition
         self._offset[slot] = offset
+        self._roffset[slot] = roffset
         self._persisted[slot] = True
         return slot
+
+    def body_size_of(self, blob: bytes) -> int:
+        """Bytes of this snapshot before its trailing ``extra`` bytes (its header's size depends on
+        its version)."""
+        version = blob[0] if blob else _SNAPSHOT_VERSION
+        return self.snapshot_body_size - _SNAPSHOT_HEADER.size + _header_of(version).size
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forgets keys whose events come from these partitions (revoked in a rebalance)."""
@@ -258,6 +299,7 @@ class WindowStore:
         self._state[slot] = 0.0
         self._partition[slot] = -1
         self._offset[slot] = -1
+        self._roffset[slot] = -1
         self._event_time[slot] = -np.inf
         self._gap[slot] = -1.0
         self._persisted[slot] = False
@@ -284,12 +326,17 @@ class WindowStore:
         self._last_seen = _resized(self._last_seen, capacity)
         self._partition = _resized(self._partition, capacity)
         self._offset = _resized(self._offset, capacity)
+        self._roffset = _resized(self._roffset, capacity)
         self._event_time = _resized(self._event_time, capacity)
         self._gap = _resized(self._gap, capacity)
         self._persisted = _resized(self._persisted, capacity)
         # Lowest slots are handed out first, which keeps hot data together.
         self._free.extend(range(capacity - 1, old - 1, -1))
         self._capacity = capacity
+
+
+def _header_of(version: int) -> struct.Struct:
+    return _SNAPSHOT_HEADER_V3 if version == 3 else _SNAPSHOT_HEADER
 
 
 def snapshot_partition(blob: bytes) -> int:
@@ -310,9 +357,19 @@ def snapshot_position(blob: bytes) -> tuple[int, int]:
 
 
 def with_offset(blob: bytes, offset: int) -> bytes:
-    """The snapshot with its last event's offset replaced (its partition kept)."""
+    """The snapshot with its last input event's offset replaced (its partition and its repartition
+    offset kept)."""
     version, w, f, st, count, partition, _ = _SNAPSHOT_HEADER.unpack_from(blob)
     return _SNAPSHOT_HEADER.pack(version, w, f, st, count, partition, offset) + blob[_SNAPSHOT_HEADER.size:]
+
+
+def snapshot_repartitioned_offset(blob: bytes) -> int:
+    """Offset of the key's last event taken from the repartition topic (-1 if none, or no snapshot)."""
+    try:
+        header = _SNAPSHOT_HEADER_V3.unpack_from(blob)
+    except struct.error:
+        return -1
+    return header[7] if header[0] == 3 else -1
 
 
 def without_position(blob: bytes) -> bytes:

@@ -90,6 +90,7 @@ from .runtime.failures import FailurePolicy
 from .runtime.feedback import FeedbackHandler
 from .runtime.pipeline import BatchPipeline, PipelineConfig
 from .runtime.state import ChangelogState
+from .repartition import KeyRouter
 
 log = logging.getLogger("stream_detector.worker")
 
@@ -364,8 +365,18 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         consumer_fetch_max_wait_ms=settings.fetch_max_wait_ms,
         **passthrough,
     )
+    # Repartitioning (key_partition_check=repartition): events not on their window key's partition
+    # are forwarded to the repartition topic and read back by the same agent. Faust's assignor gives
+    # partition p of every topic the app subscribes to with as many partitions (the input, this one,
+    # the changelog) to one worker (faust.assignor.PartitionAssignor: co-subscribed topics with
+    # equal partition counts are co-partitioned), so a key's window stays whole.
+    repartition_topic = settings.repartition_topic_name if settings.key_partition_check == "repartition" else ""
+    router = KeyRouter(repartition_topic, input_partitions, settings.repartition_partitioner) \
+        if repartition_topic else None
+    service.detector.windows.router = router
     # The worker reads each event's message bytes itself; with the fast path Faust does not decode them.
-    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw",
+    source = app.topic(settings.input_topic, *([repartition_topic] if repartition_topic else []),
+                       key_serializer="raw", value_serializer="raw",
                        schema=RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
     out = app.output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"))
@@ -408,6 +419,11 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             width = await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, topic, needed,
                                                client_config(settings, "admin"))
             await loop.run_in_executor(None, out.partitions, topic)
+            if router is not None:  # keys' home partitions among the grown input's
+                await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, router.topic,
+                                           needed, client_config(settings, "admin"))
+                await loop.run_in_executor(None, out.partitions, router.topic)
+                router.partitions = needed
         except Exception as exc:  # the first snapshot to a new partition then stops the worker (exit 70)
             log.error("input topic grown to %d partitions, changelog %s not grown: %s: %s", needed, topic,
                       type(exc).__name__, exc)
@@ -415,6 +431,23 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         log.warning("input topic grown to %d partitions: changelog %s grown from %d to %d", needed, topic,
                     changelog_width[0], width)
         changelog_width[0] = width
+
+    async def seek_repartition_start(partitions: list[int]) -> None:
+        """The repartition topic's partitions without a committed offset are read from their start,
+        whatever ``auto_offset_reset`` says: every record there is an event forwarded and acked on
+        the input, to be windowed (as Kafka Streams reads its repartition topics)."""
+        assert router is not None
+        try:
+            committed = await asyncio.get_running_loop().run_in_executor(
+                None, committed_offsets, settings.bootstrap_servers, settings.consumer_group, router.topic,
+                partitions, client_config(settings, "consumer"))
+            sought = await faust_fixes.seek_uncommitted(app, router.topic, committed, "earliest")
+        except Exception as exc:
+            log.warning("repartition partitions without a committed offset not sought (%s: %s)",
+                        type(exc).__name__, exc)
+        else:
+            if sought:
+                log.info("repartition partitions without a committed offset read from %s", sought)
 
     @state.on_recover
     async def restore_open_incidents() -> None:
@@ -446,6 +479,8 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 else:
                     if sought:
                         log.info("input partitions without a committed offset read from %s", sought)
+            if router is not None:
+                await seek_repartition_start(partitions)
         # Keys come back lazily, at their next event; one with an open incident may never send
         # again, and only a key held in memory has its incident closed by the idle sweep.
         restored = changelog.restore_open_incidents(state.data.items())
@@ -570,6 +605,15 @@ def run_worker(settings: Settings) -> None:
     ensure_topics(settings.bootstrap_servers, {changelog: partitions}, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={changelog: {**settings.changelog_topic_config, "cleanup.policy": "compact"}})
+    if settings.key_partition_check == "repartition":
+        # As wide as the input (a partition per input partition, read by its owner), on the same broker.
+        repartition = settings.repartition_topic_name
+        try:
+            grow_partitions(settings.bootstrap_servers, repartition, partitions, admin_config)
+        except TopicError:
+            pass  # none yet: created below
+        ensure_topics(settings.bootstrap_servers, {repartition: partitions}, client_config=admin_config,
+                      replication_factor=settings.topic_replication_factor)
     # /readyz, read on the metrics thread: flags set on the event loop (Faust's assignment signals).
     assigned: set = set()
     app.on_partitions_assigned.connect(lambda _app, assigned_now, **_: _replace(assigned, assigned_now))

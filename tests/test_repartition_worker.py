@@ -1,0 +1,154 @@
+"""key_partition_check=repartition against the real broker: events whose record key is null or
+another key than their window key, mixed with well keyed ones on a two-partition input, are each
+scored exactly once, every key's scores equal an offline replay of its events in one partition
+(the order they were windowed in: a key's well keyed events in their input order, its forwarded
+ones in the repartition topic's), and the group's committed offsets reach the end of the input
+and of the repartition topic."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from stream_detector.detector import Detector, RawRecord
+from stream_detector.kafka.local_broker import ensure_topics
+from stream_detector.registry import load_served
+from stream_detector.repartition import SOURCE_HEADER
+from stream_detector.scoring import ModelRunner
+from stream_detector.synthetic import generate
+
+from stream_detector.producer import iter_messages
+
+from test_delivery import WINDOW, expected_scored
+from worker_harness import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+
+def _read_all(bootstrap: str, topic: str, idle_s: float = 3.0) -> list:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    out = []
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < idle_s:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error():
+                continue
+            out.append(msg)
+            last = time.monotonic()
+    finally:
+        consumer.close()
+    return out
+
+
+def _committed_at_end(bootstrap: str, group: str, topic: str, partitions: int, timeout: float) -> None:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+            ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)]
+            if [tp.offset for tp in committed] == ends:
+                return
+            assert time.monotonic() < deadline, f"{topic}: committed {[tp.offset for tp in committed]}, ends {ends}"
+            time.sleep(0.5)
+    finally:
+        consumer.close()
+
+
+def _scores(bootstrap: str, topic: str, n: int, timeout: float) -> dict[str, list[float]]:
+    """Event id -> its scores, read until ``n`` distinct events are scored (or the time is up)."""
+    scored: dict[str, list[float]] = defaultdict(list)
+    deadline = time.monotonic() + timeout
+    for message in iter_messages(bootstrap, topic, idle_timeout=timeout):
+        scored[message["event_id"]].append(message["score"])
+        if len(scored) >= n or time.monotonic() > deadline:
+            break
+    return scored
+
+
+def test_null_and_wrongly_keyed_events_are_repartitioned_and_scored_once_as_one_partition_replays(
+        kafka_broker, sensor_model_dir, tmp_path):
+    bootstrap = kafka_broker.bootstrap_servers
+    worker = WorkerProcess(bootstrap, sensor_model_dir, tmp_path / "worker.log")
+    scores_topic = f"scores-{uuid.uuid4().hex[:10]}"
+    worker.extra_env = {"STREAM_DETECTOR_SCORES_TOPIC": scores_topic, "STREAM_DETECTOR_LAG_INTERVAL_S": "1",
+                        "STREAM_DETECTOR_KEY_PARTITION_CHECK": "repartition"}
+    ensure_topics(bootstrap, {worker.input_topic: 2, worker.alerts_topic: 1, worker.dead_letter_topic: 1,
+                              scores_topic: 1})
+    repartition_topic = f"{worker.consumer_group}-{worker.input_topic}-repartition"
+    events = generate("sensors", 6, 60, anomaly_rate=0.0, seed=131)
+    keys = sorted({e.key for e in events})
+    well, null, wrong, mixed = keys[:2], keys[2:4], keys[4:5], keys[5:]
+    # The mixed key: its well keyed first half, scored before its null-keyed second half is sent.
+    later = [e for e in events if e.key in mixed][30:]
+    first = [e for e in events if e not in later]
+    worker.start()
+    try:
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        for i, e in enumerate(first):
+            value = orjson.dumps(e.to_message())
+            if e.key in null:  # no record key: spread over the partitions
+                producer.produce(worker.input_topic, value=value, partition=i % 2)
+            elif e.key in wrong:  # keyed by another entity than the window's (key_field-style)
+                producer.produce(worker.input_topic, key=b"terminal-9", value=value)
+            else:
+                producer.produce(worker.input_topic, key=e.key.encode(), value=value)
+        assert producer.flush(30) == 0
+        # As many events scored as there are past each key's first W-1 (which they are is checked below:
+        # null-keyed events spread over both partitions reach the repartition topic in either's order).
+        scored = _scores(bootstrap, scores_topic, len(expected_scored(first)), timeout=60)
+        assert len(scored) == len(expected_scored(first)), worker.log_tail()
+        for i, e in enumerate(later):
+            producer.produce(worker.input_topic, value=orjson.dumps(e.to_message()), partition=i % 2)
+        assert producer.flush(30) == 0
+        want = len(expected_scored(events))
+        scored = _scores(bootstrap, scores_topic, want, timeout=60)
+        assert len(scored) == want, worker.log_tail()
+        _committed_at_end(bootstrap, worker.consumer_group, worker.input_topic, 2, timeout=30)
+        _committed_at_end(bootstrap, worker.consumer_group, repartition_topic, 2, timeout=30)
+        scored = _scores(bootstrap, scores_topic, want + 1, timeout=3)
+        assert len(scored) == want and all(len(s) == 1 for s in scored.values())  # each exactly once
+        forwarded = _read_all(bootstrap, repartition_topic)
+        n_forwarded = sum(1 for e in events if e.key not in well) - 30
+        assert len(forwarded) == n_forwarded  # well keyed events were never forwarded
+        metrics = worker.metrics()
+        assert metrics["stream_detector_events_repartitioned_total"] == n_forwarded
+        assert metrics.get("stream_detector_events_replayed_total", 0) == 0
+    finally:
+        worker.stop()
+
+    # Each key's events in the order they were windowed: its direct ones in input order, then its
+    # forwarded ones in their repartition partition's order (a key's forwards share one partition).
+    by_id = {e.event_id: e for e in events}
+    order: dict[str, list[str]] = defaultdict(list)
+    for e in first:
+        if e.key in well or e.key in mixed:
+            order[e.key].append(e.event_id)
+    partitions: dict[str, set[int]] = defaultdict(set)
+    for msg in forwarded:
+        event = orjson.loads(msg.value())
+        partitions[event["key"]].add(msg.partition())
+        assert msg.key() == event["key"].encode()
+        assert dict(msg.headers())[SOURCE_HEADER].startswith(f"{worker.input_topic}:".encode())
+        order[event["key"]].append(event["event_id"])
+    assert all(len(p) == 1 for p in partitions.values())  # a key's forwards on one partition, in order
+    assert sorted(order) == keys and sum(map(len, order.values())) == len(events)
+    artifact = load_served(sensor_model_dir)
+    runner = ModelRunner(artifact, device="cpu")
+    for key, ids in order.items():
+        replay = Detector(artifact, runner.score)
+        records = [RawRecord(orjson.dumps(by_id[i].to_message()), key.encode(), by_id[i].timestamp, 0, n)
+                   for n, i in enumerate(ids)]
+        decisions, _ = replay.process(records)
+        assert [d.event.event_id for d in decisions] == ids[WINDOW - 1:]  # the same events scored
+        assert {i for i in scored if by_id[i].key == key} == set(ids[WINDOW - 1:])
+        got = [scored[d.event.event_id][0] for d in decisions]
+        assert got == pytest.approx([d.score for d in decisions], rel=1e-4, abs=1e-6), key
