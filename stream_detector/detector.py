@@ -60,6 +60,8 @@ class RawRecord:
     # (topic:partition:offset, from its header), which record-position event ids use.
     repartitioned: bool = False
     origin: str | None = None
+    origin_partition: int = -1  # the input record's partition and offset (-1: not known)
+    origin_offset: int = -1
 
 
 @dataclass
@@ -184,7 +186,8 @@ class FeatureWindows:
             self.touched[key] = slot
 
     def add(self, event: Event, now: float, partition: int = -1, offset: int = -1,
-            record_key: bytes | None = None, repartitioned: bool = False) -> int | None:
+            record_key: bytes | None = None, repartitioned: bool = False, origin_partition: int = -1,
+            origin_offset: int = -1) -> int | None:
         """Appends the event's features; returns the key's slot once its window is full, else None.
 
         For a Kafka record (``offset >= 0``) that the key's (restored) window already holds, a
@@ -205,7 +208,10 @@ class FeatureWindows:
         computed only for a key seen on another partition or not seen yet). Any other is left
         alone and :data:`FORWARD` returned: the worker forwards it to the repartition topic, whose
         partition of the same number is read by the same worker. A ``repartitioned`` record (read
-        back from that topic) is windowed, its replay check against the key's repartition offset.
+        back from that topic) is windowed, its replay check against the key's repartition offset;
+        one whose input record (``origin_partition``, ``origin_offset``) is at or before the last
+        forwarded event the key took from that input partition is a duplicate forward (the input
+        record forwarded again after a crash before its offset was committed): :data:`REPLAYED`.
         """
         store = self.store
         key = event.key
@@ -227,6 +233,8 @@ class FeatureWindows:
                       else store.placed(slot, partition, offset))
             if placed == 1:
                 return REPLAYED
+            if repartitioned and origin_offset >= 0 and store.forwarded_before(slot, origin_partition, origin_offset):
+                return REPLAYED
             if placed < 0:
                 if router is not None and router.home(key) != partition:
                     return FORWARD
@@ -245,6 +253,8 @@ class FeatureWindows:
         if offset >= 0:
             if repartitioned:
                 store.set_repartitioned_position(slot, partition, offset)
+                if origin_offset >= 0:
+                    store.set_origin(slot, origin_partition, origin_offset)
             else:
                 store.set_position(slot, partition, offset)
             touched = self.touched
@@ -706,7 +716,8 @@ class Detector:
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
                    now: float) -> int:
-        slot = self.windows.add(event, now, record.partition, record.offset, record.key, record.repartitioned)
+        slot = self.windows.add(event, now, record.partition, record.offset, record.key, record.repartitioned,
+                                record.origin_partition, record.origin_offset)
         if slot is None:
             batch.warming_up += 1
             self.stats.warming_up += 1

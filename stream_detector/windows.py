@@ -23,8 +23,12 @@ GAP_SMOOTHING = 1.0 / 8  # weight of the newest gap in a key's rate: about its l
 # (version 2) whatever else the owner keeps per key (its alert and threshold state), opaque here.
 _SNAPSHOT_HEADER = struct.Struct("<BHHHqiq")  # version, W, F, S, count, partition, offset
 # Version 3 (written only for a key that took events from the repartition topic): the offset of
-# its last event read from there follows the input offset.
-_SNAPSHOT_HEADER_V3 = struct.Struct("<BHHHqiqq")
+# its last event read from there follows the input offset, then how many input partitions its
+# forwarded events came from, and per such partition the input offset of the last one taken
+# (``_ORIGIN`` pairs): a duplicate forward (the same input record forwarded again after a crash,
+# at a new offset of the repartition topic) is recognised by it.
+_SNAPSHOT_HEADER_V3 = struct.Struct("<BHHHqiqqH")
+_ORIGIN = struct.Struct("<iq")
 _SNAPSHOT_VERSION = 2
 _SNAPSHOT_VERSIONS = (1, 2, 3)  # version 1: no trailing bytes
 
@@ -71,6 +75,8 @@ class WindowStore:
         self._offset = np.zeros(0, dtype=np.int64)
         # Offset of the last event taken from the repartition topic (same partition number), -1 if none.
         self._roffset = np.zeros(0, dtype=np.int64)
+        # Per key with forwarded events: input partition -> input offset of the last one taken.
+        self._origins: dict[int, dict[int, int]] = {}
         self._event_time = np.zeros(0, dtype=np.float64)  # newest event timestamp seen per key
         # Moving average of the key's event-time gaps (seconds; -1 until its second event): its rate.
         self._gap = np.zeros(0, dtype=np.float64)
@@ -207,6 +213,19 @@ class WindowStore:
         self._partition[slot] = partition
         self._roffset[slot] = offset
 
+    def forwarded_before(self, slot: int, origin_partition: int, origin_offset: int) -> bool:
+        """Whether the key took a forwarded event of the same input partition at or after this
+        input offset: this one is a duplicate forward (its input record forwarded again after a
+        crash before the input offset was committed)."""
+        origins = self._origins.get(slot)
+        return origins is not None and origin_offset <= origins.get(origin_partition, -1)
+
+    def set_origin(self, slot: int, origin_partition: int, origin_offset: int) -> None:
+        origins = self._origins.get(slot)
+        if origins is None:
+            origins = self._origins[slot] = {}
+        origins[origin_partition] = origin_offset
+
     def repartitioned_offset(self, slot: int) -> int:
         """Offset of the key's last event taken from the repartition topic; -1 when none."""
         return int(self._roffset[slot])
@@ -225,9 +244,12 @@ class WindowStore:
         else:
             window[:] = self._data[slot]  # not wrapped yet: rows 0..count-1 are oldest-first
         roffset = int(self._roffset[slot])
-        if roffset >= 0:
+        origins = self._origins.get(slot)
+        if roffset >= 0 or origins:
+            origins = origins or {}
             header = _SNAPSHOT_HEADER_V3.pack(3, self.window, self.n_features, self.state_size, count,
-                                              int(self._partition[slot]), int(self._offset[slot]), roffset)
+                                              int(self._partition[slot]), int(self._offset[slot]), roffset,
+                                              len(origins)) + b"".join(_ORIGIN.pack(q, o) for q, o in origins.items())
         else:
             header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
                                            int(self._partition[slot]), int(self._offset[slot]))
@@ -242,29 +264,33 @@ class WindowStore:
         version, w, f, st, count, partition, offset = _SNAPSHOT_HEADER.unpack_from(blob)
         if version not in _SNAPSHOT_VERSIONS or (w, f, st) != (self.window, self.n_features, self.state_size):
             raise SnapshotError(f"snapshot shape {(version, w, f, st)} does not fit this store")
-        header = _header_of(version)
-        expected = self.body_size_of(blob)
+        try:
+            header_size = _header_size(blob)
+        except struct.error:
+            raise SnapshotError(f"snapshot of {len(blob)} bytes: header cut short") from None
+        expected = self.snapshot_body_size - _SNAPSHOT_HEADER.size + header_size
         if len(blob) < expected or (version == 1 and len(blob) != expected):
             raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
-        roffset = header.unpack_from(blob)[7] if version == 3 else -1
+        roffset, origins = _repartition_positions(blob)
         slot = self.slot(key, now)
-        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=header.size).reshape(w, f)
+        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=header_size).reshape(w, f)
         # Stored oldest-first; the ring is rotated so the key keeps its true event count (per-key
         # normals learn at every W-th event of a key, and must keep that phase across a restart).
         self._data[slot] = body if count < w else np.roll(body, count % w, axis=0)
         self._count[slot] = count
-        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=header.size + w * f * 4)
+        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=header_size + w * f * 4)
         self._partition[slot] = partition
         self._offset[slot] = offset
         self._roffset[slot] = roffset
+        if origins:
+            self._origins[slot] = origins
         self._persisted[slot] = True
         return slot
 
     def body_size_of(self, blob: bytes) -> int:
         """Bytes of this snapshot before its trailing ``extra`` bytes (its header's size depends on
         its version)."""
-        version = blob[0] if blob else _SNAPSHOT_VERSION
-        return self.snapshot_body_size - _SNAPSHOT_HEADER.size + _header_of(version).size
+        return self.snapshot_body_size - _SNAPSHOT_HEADER.size + _header_size(blob)
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forgets keys whose events come from these partitions (revoked in a rebalance)."""
@@ -300,6 +326,7 @@ class WindowStore:
         self._partition[slot] = -1
         self._offset[slot] = -1
         self._roffset[slot] = -1
+        self._origins.pop(slot, None)
         self._event_time[slot] = -np.inf
         self._gap[slot] = -1.0
         self._persisted[slot] = False
@@ -335,8 +362,21 @@ class WindowStore:
         self._capacity = capacity
 
 
-def _header_of(version: int) -> struct.Struct:
-    return _SNAPSHOT_HEADER_V3 if version == 3 else _SNAPSHOT_HEADER
+def _header_size(blob: bytes) -> int:
+    """Bytes of a snapshot's header (version 3: with its origin pairs)."""
+    if blob and blob[0] == 3:
+        return _SNAPSHOT_HEADER_V3.size + _ORIGIN.size * _SNAPSHOT_HEADER_V3.unpack_from(blob)[8]
+    return _SNAPSHOT_HEADER.size
+
+
+def _repartition_positions(blob: bytes) -> tuple[int, dict[int, int]]:
+    """(repartition offset, input partition -> input offset of the last forwarded event) of a
+    snapshot: (-1, {}) before version 3."""
+    if not blob or blob[0] != 3:
+        return -1, {}
+    header = _SNAPSHOT_HEADER_V3.unpack_from(blob)
+    origins = dict(_ORIGIN.unpack_from(blob, _SNAPSHOT_HEADER_V3.size + i * _ORIGIN.size) for i in range(header[8]))
+    return header[7], origins
 
 
 def snapshot_partition(blob: bytes) -> int:
@@ -366,16 +406,21 @@ def with_offset(blob: bytes, offset: int) -> bytes:
 def snapshot_repartitioned_offset(blob: bytes) -> int:
     """Offset of the key's last event taken from the repartition topic (-1 if none, or no snapshot)."""
     try:
-        header = _SNAPSHOT_HEADER_V3.unpack_from(blob)
+        return _repartition_positions(blob)[0]
     except struct.error:
         return -1
-    return header[7] if header[0] == 3 else -1
 
 
 def without_position(blob: bytes) -> bytes:
     """The snapshot with its offset forgotten (kept: its partition): none of the partition's records
-    is taken for one the window already holds."""
-    return with_offset(blob, -1)
+    is taken for one the window already holds; nor (version 3) is any forwarded event taken for a
+    duplicate forward (its input offsets per partition forgotten; its repartition topic offset kept:
+    that topic is not reset with the input)."""
+    blob = with_offset(blob, -1)
+    if blob[0] != 3:
+        return blob
+    header = _SNAPSHOT_HEADER_V3.unpack_from(blob)
+    return _SNAPSHOT_HEADER_V3.pack(*header[:8], 0) + blob[_header_size(blob):]
 
 
 def _resized(array: np.ndarray, rows: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from stream_detector.runtime.failures import EXIT_BATCH_FAILED, FailurePolicy
 from stream_detector.runtime.pipeline import BatchPipeline, PipelineConfig
 from stream_detector.runtime.state import ChangelogState
 from stream_detector.thresholds import GlobalThreshold
-from stream_detector.windows import snapshot_position, snapshot_repartitioned_offset
+from stream_detector.windows import snapshot_position, snapshot_repartitioned_offset, without_position
 
 from test_alert_lifecycle import WINDOW, artifact, newest_a  # noqa: F401 (fixture)
 from test_pipeline_failures import FakeDeliveries, FakeOutput, Stopped
@@ -250,3 +250,42 @@ def test_a_forwarded_events_record_position_id_is_its_input_records(artifact):
     forwarded = detector.decoder.decode(value, RawRecord(value, key.encode(), T0, 0, 3, repartitioned=True,
                                                          origin="in:1:42"))
     assert (direct.event_id, forwarded.event_id) == ("in:0:7", "in:1:42")
+
+
+def _forwarded(key: str, i: int, offset: int, origin_partition: int, origin_offset: int) -> RawRecord:
+    return RawRecord(_value(key, i), key.encode(), T0 + i, 0, offset, repartitioned=True,
+                     origin=f"in:{origin_partition}:{origin_offset}", origin_partition=origin_partition,
+                     origin_offset=origin_offset)
+
+
+def test_a_duplicate_forward_after_a_crash_is_not_appended_again_also_after_a_restore(artifact):
+    """kill -9 after a forward was acknowledged and before its input offset was committed: the
+    input record is forwarded again, at a new offset of the repartition topic. The key took that
+    input partition's event already, so the copy is a replay, never a second window entry."""
+    key = HOME0[0]
+    detector = _detector(artifact)
+    originals = [_forwarded(key, 0, 0, 0, 5), _forwarded(key, 1, 1, 1, 3), _forwarded(key, 2, 2, 0, 6)]
+    duplicates = [_forwarded(key, 0, 3, 0, 5), _forwarded(key, 2, 4, 0, 6), _forwarded(key, 1, 5, 1, 3)]
+    _, batch = detector.process(originals + duplicates)
+    store = detector.windows.store
+    assert batch.replayed == 3 and store.count(store.slot_of(key)) == 3
+    blob = store.snapshot(store.slot_of(key))
+    restored = Detector(detector.artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                        router=KeyRouter(TOPIC, PARTITIONS), restore=lambda k: blob if k == key else None)
+    _, batch = restored.process([_forwarded(key, 2, 6, 0, 6), _forwarded(key, 3, 7, 0, 7)])
+    assert batch.replayed == 1 and restored.windows.store.count(restored.windows.store.slot_of(key)) == 4
+
+
+def test_a_dropped_position_forgets_the_forwarded_input_offsets_and_keeps_the_repartition_offset(artifact):
+    """A group reset or a recreated input topic: the input's events are processed again, so their
+    new forwards are windowed; the repartition topic's own records already taken stay replays."""
+    key = HOME0[0]
+    detector = _detector(artifact)
+    detector.process([_record(key, 0, 0, 9, key.encode()), _forwarded(key, 1, 4, 1, 3)])
+    store = detector.windows.store
+    blob = without_position(store.snapshot(store.slot_of(key)))
+    assert snapshot_position(blob) == (0, -1) and snapshot_repartitioned_offset(blob) == 4
+    restored = Detector(detector.artifact, newest_a, clock=lambda: T0, threshold=GlobalThreshold(1.0),
+                        router=KeyRouter(TOPIC, PARTITIONS), restore=lambda k: blob if k == key else None)
+    _, batch = restored.process([_forwarded(key, 1, 4, 1, 3), _forwarded(key, 1, 9, 1, 3)])
+    assert batch.replayed == 1 and restored.windows.store.count(restored.windows.store.slot_of(key)) == 3

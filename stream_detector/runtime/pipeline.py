@@ -307,8 +307,16 @@ class BatchPipeline:
             return RawRecord(message.value, message.key, message.timestamp, message.partition, message.offset, headers)
         origin = next((value.decode("utf-8", "replace") for name, value in headers
                        if name == SOURCE_HEADER and isinstance(value, bytes)), None)
+        origin_partition = origin_offset = -1
+        if origin is not None:
+            try:
+                _, partition, offset = origin.rsplit(":", 2)
+                origin_partition, origin_offset = int(partition), int(offset)
+            except ValueError:
+                pass  # not one of ours: windowed, never taken for a duplicate
         return RawRecord(message.value, message.key, message.timestamp, message.partition, message.offset, headers,
-                         repartitioned=True, origin=origin)
+                         repartitioned=True, origin=origin, origin_partition=origin_partition,
+                         origin_offset=origin_offset)
 
     def forward(self, sent: Deliveries, record: RawRecord, key: str) -> None:
         """Forwards an input event to its window key's partition of the repartition topic: its value,
