@@ -152,3 +152,87 @@ def test_null_and_wrongly_keyed_events_are_repartitioned_and_scored_once_as_one_
         assert {i for i in scored if by_id[i].key == key} == set(ids[WINDOW - 1:])
         got = [scored[d.event.event_id][0] for d in decisions]
         assert got == pytest.approx([d.score for d in decisions], rel=1e-4, abs=1e-6), key
+
+
+def test_kill_9_mid_stream_repartitioned_keys_never_take_an_event_twice(kafka_broker, sensor_model_dir, tmp_path):
+    """kill -9 twice while null-keyed events are forwarded: a forward acknowledged before its input
+    offset was committed is made again after the restart (a duplicate in the repartition topic);
+    every event is still scored, and every score of it (a crash re-scores the events after the last
+    snapshot, from the same restored window) equals an offline one-partition replay of its key's
+    events without duplicates: no window ever took an event twice."""
+    import signal
+    import threading
+
+    bootstrap = kafka_broker.bootstrap_servers
+    worker = WorkerProcess(bootstrap, sensor_model_dir, tmp_path / "worker.log")
+    scores_topic = f"scores-{uuid.uuid4().hex[:10]}"
+    worker.extra_env = {"STREAM_DETECTOR_SCORES_TOPIC": scores_topic, "STREAM_DETECTOR_LAG_INTERVAL_S": "1",
+                        "STREAM_DETECTOR_KEY_PARTITION_CHECK": "repartition"}
+    ensure_topics(bootstrap, {worker.input_topic: 2, worker.alerts_topic: 1, worker.dead_letter_topic: 1,
+                              scores_topic: 1})
+    repartition_topic = f"{worker.consumer_group}-{worker.input_topic}-repartition"
+    events = generate("sensors", 6, 200, anomaly_rate=0.0, seed=137)
+    keys = sorted({e.key for e in events})
+    null = set(keys[:4])
+
+    def produce() -> None:
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+        for i, e in enumerate(events):
+            value = orjson.dumps(e.to_message())
+            if e.key in null:
+                producer.produce(worker.input_topic, value=value, partition=i % 2)
+            else:
+                producer.produce(worker.input_topic, key=e.key.encode(), value=value)
+            if i % 50 == 49:
+                producer.flush(10)
+                time.sleep(0.1)  # about 400 events/s
+        assert producer.flush(30) == 0
+
+    worker.start()
+    try:
+        thread = threading.Thread(target=produce)
+        thread.start()
+        for delay in (1.0, 1.0):
+            time.sleep(delay)
+            worker.process.send_signal(signal.SIGKILL)
+            worker.process.wait(10)
+            worker.start()
+        thread.join(60)
+        assert not thread.is_alive()
+        want = expected_scored(events)  # a count: null-keyed events enter their window in forward order
+        scored = _scores(bootstrap, scores_topic, len(want), timeout=90)
+        assert len(scored) >= len(want), worker.log_tail()
+        _committed_at_end(bootstrap, worker.consumer_group, worker.input_topic, 2, timeout=60)
+        _committed_at_end(bootstrap, worker.consumer_group, repartition_topic, 2, timeout=60)
+        scored = _scores(bootstrap, scores_topic, len(want) + 1, timeout=3)
+        forwarded = _read_all(bootstrap, repartition_topic)
+    finally:
+        worker.stop()
+
+    by_id = {e.event_id: e for e in events}
+    order: dict[str, list[str]] = defaultdict(list)
+    for e in events:
+        if e.key not in null:
+            order[e.key].append(e.event_id)
+    sources: set[bytes] = set()
+    duplicates = 0
+    for msg in forwarded:
+        source = dict(msg.headers())[SOURCE_HEADER]
+        if source in sources:
+            duplicates += 1
+            continue
+        sources.add(source)
+        event = orjson.loads(msg.value())
+        order[event["key"]].append(event["event_id"])
+    assert len(sources) == sum(1 for e in events if e.key in null)  # every null-keyed event forwarded
+    artifact = load_served(sensor_model_dir)
+    runner = ModelRunner(artifact, device="cpu")
+    for key, ids in order.items():
+        records = [RawRecord(orjson.dumps(by_id[i].to_message()), key.encode(), by_id[i].timestamp, 0, n)
+                   for n, i in enumerate(ids)]
+        decisions, _ = Detector(artifact, runner.score).process(records)
+        assert {i for i in scored if by_id[i].key == key} == set(ids[WINDOW - 1:]), key
+        for d in decisions:
+            assert scored[d.event.event_id] == pytest.approx([d.score] * len(scored[d.event.event_id]), rel=1e-4,
+                                                             abs=1e-6), (key, d.event.event_id)
+    print(f"{duplicates} duplicate forwards; {sum(map(len, scored.values())) - len(scored)} events re-scored")
