@@ -419,11 +419,6 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
             width = await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, topic, needed,
                                                client_config(settings, "admin"))
             await loop.run_in_executor(None, out.partitions, topic)
-            if router is not None:  # keys' home partitions among the grown input's
-                await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, router.topic,
-                                           needed, client_config(settings, "admin"))
-                await loop.run_in_executor(None, out.partitions, router.topic)
-                router.partitions = needed
         except Exception as exc:  # the first snapshot to a new partition then stops the worker (exit 70)
             log.error("input topic grown to %d partitions, changelog %s not grown: %s: %s", needed, topic,
                       type(exc).__name__, exc)
@@ -431,6 +426,24 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         log.warning("input topic grown to %d partitions: changelog %s grown from %d to %d", needed, topic,
                     changelog_width[0], width)
         changelog_width[0] = width
+
+    async def follow_input_width() -> None:
+        """Keys' home partitions are among the input's partitions: when the input grew (every member
+        recovers after the rebalance that follows), the repartition topic grows to match and homes
+        are taken among the new count, on every worker, whichever partitions it holds."""
+        assert router is not None
+        loop = asyncio.get_running_loop()
+        try:
+            width = await loop.run_in_executor(None, out.partitions, settings.input_topic)
+            if width != router.partitions:
+                await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, router.topic, width,
+                                           client_config(settings, "admin"))
+                await loop.run_in_executor(None, out.partitions, router.topic)
+                log.warning("input topic %s has %d partitions: repartition topic %s grown from %d",
+                            settings.input_topic, width, router.topic, router.partitions)
+                router.partitions = width
+        except Exception as exc:  # forwards keep the old homes until the next recovery
+            log.error("repartition topic %s not grown with the input: %s: %s", router.topic, type(exc).__name__, exc)
 
     async def seek_repartition_start(partitions: list[int]) -> None:
         """The repartition topic's partitions without a committed offset are read from their start,
@@ -480,6 +493,7 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     if sought:
                         log.info("input partitions without a committed offset read from %s", sought)
             if router is not None:
+                await follow_input_width()
                 await seek_repartition_start(partitions)
         # Keys come back lazily, at their next event; one with an open incident may never send
         # again, and only a key held in memory has its incident closed by the idle sweep.
