@@ -55,8 +55,8 @@ def _committed_at_end(bootstrap: str, group: str, topic: str, partitions: int, t
         while True:
             committed = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
             ends = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)]
-            if [tp.offset for tp in committed] == ends:
-                return
+            if all(tp.offset == end or (end == 0 and tp.offset < 0) for tp, end in zip(committed, ends)):
+                return  # (a partition with no record has nothing to commit)
             assert time.monotonic() < deadline, f"{topic}: committed {[tp.offset for tp in committed]}, ends {ends}"
             time.sleep(0.5)
     finally:
@@ -185,14 +185,14 @@ def test_kill_9_mid_stream_repartitioned_keys_never_take_an_event_twice(kafka_br
                 producer.produce(worker.input_topic, key=e.key.encode(), value=value)
             if i % 50 == 49:
                 producer.flush(10)
-                time.sleep(0.1)  # about 400 events/s
+                time.sleep(0.25)  # about 200 events/s: kills land mid-stream
         assert producer.flush(30) == 0
 
     worker.start()
     try:
         thread = threading.Thread(target=produce)
         thread.start()
-        for delay in (1.0, 1.0):
+        for delay in (3.0, 4.0):
             time.sleep(delay)
             worker.process.send_signal(signal.SIGKILL)
             worker.process.wait(10)
