@@ -40,6 +40,12 @@ larger than one fetch; its flow control (:mod:`~stream_detector.kafka.faust_fixe
 Faust's rebalance recovery that dropped the first events fetched for a new assignment; and the
 worker reads a changelog partition again when its restore stalls.
 
+With ``key_partition_check=repartition``, an event not on its window key's partition is forwarded
+(in step 1, with the batch's dead letters, so its offset is acked only once the broker has it) to
+the repartition topic, keyed by its window key, on the key's home partition
+(:mod:`~stream_detector.repartition`); the agent reads that topic too, and Faust's assignor gives
+its partition p to the owner of input partition p.
+
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), the keys that first changed ``state_flush_s`` ago or more (1 s
 by default) are written to a compacted changelog (a Faust table's changelog topic, partitioned like
