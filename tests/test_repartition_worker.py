@@ -8,6 +8,7 @@ and of the repartition topic."""
 from __future__ import annotations
 
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 
@@ -74,13 +75,39 @@ def _scores(bootstrap: str, topic: str, n: int, timeout: float) -> dict[str, lis
     return scored
 
 
+def _wait_ready(worker: WorkerProcess, timeout: float) -> None:
+    """Until the worker's /readyz answers 200 (it holds input partitions, its recovery done)."""
+    url = worker.metrics_url.replace("/metrics", "/readyz")
+    deadline = time.monotonic() + timeout
+    while True:
+        worker.assert_alive()
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"not ready after {timeout} s; log:\n{worker.log_tail()}"
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_null_and_wrongly_keyed_events_are_repartitioned_and_scored_once_as_one_partition_replays(
-        kafka_broker, sensor_model_dir, tmp_path):
+        kafka_broker, sensor_model_dir, tmp_path, workers):
+    """With two workers each owns one input partition and the same repartition partition: a
+    forwarded event crosses to the other worker when its key's partition is the other's."""
     bootstrap = kafka_broker.bootstrap_servers
     worker = WorkerProcess(bootstrap, sensor_model_dir, tmp_path / "worker.log")
     scores_topic = f"scores-{uuid.uuid4().hex[:10]}"
     worker.extra_env = {"STREAM_DETECTOR_SCORES_TOPIC": scores_topic, "STREAM_DETECTOR_LAG_INTERVAL_S": "1",
                         "STREAM_DETECTOR_KEY_PARTITION_CHECK": "repartition"}
+    fleet = [worker]
+    for n in range(1, workers):
+        other = WorkerProcess(bootstrap, sensor_model_dir, tmp_path / f"worker-{n}.log")
+        for attr in ("input_topic", "alerts_topic", "dead_letter_topic", "consumer_group"):
+            setattr(other, attr, getattr(worker, attr))
+        other.extra_env = dict(worker.extra_env)
+        fleet.append(other)
     ensure_topics(bootstrap, {worker.input_topic: 2, worker.alerts_topic: 1, worker.dead_letter_topic: 1,
                               scores_topic: 1})
     repartition_topic = f"{worker.consumer_group}-{worker.input_topic}-repartition"
@@ -90,7 +117,10 @@ def test_null_and_wrongly_keyed_events_are_repartitioned_and_scored_once_as_one_
     # The mixed key: its well keyed first half, scored before its null-keyed second half is sent.
     later = [e for e in events if e.key in mixed][30:]
     first = [e for e in events if e not in later]
-    worker.start()
+    for member in fleet:
+        member.start()
+    for member in fleet:  # every member holds its partition before any event is sent
+        _wait_ready(member, timeout=60)
     try:
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
         for i, e in enumerate(first):
@@ -119,11 +149,14 @@ def test_null_and_wrongly_keyed_events_are_repartitioned_and_scored_once_as_one_
         forwarded = _read_all(bootstrap, repartition_topic)
         n_forwarded = sum(1 for e in events if e.key not in well) - 30
         assert len(forwarded) == n_forwarded  # well keyed events were never forwarded
-        metrics = worker.metrics()
-        assert metrics["stream_detector_events_repartitioned_total"] == n_forwarded
-        assert metrics.get("stream_detector_events_replayed_total", 0) == 0
+        metrics = [member.metrics() for member in fleet]
+        assert sum(m["stream_detector_events_repartitioned_total"] for m in metrics) == n_forwarded
+        assert all(m.get("stream_detector_events_replayed_total", 0) == 0 for m in metrics)
+        if workers == 2:  # each windowed events: the partitions were shared
+            assert all(m["stream_detector_windows_scored_total"] > 0 for m in metrics)
     finally:
-        worker.stop()
+        for member in fleet:
+            member.stop()
 
     # Each key's events in the order they were windowed: its direct ones in input order, then its
     # forwarded ones in their repartition partition's order (a key's forwards share one partition).
