@@ -228,13 +228,17 @@ class FeatureWindows:
         if key not in store:
             self._restore_if_known(key, now)
         slot = store.slot(key, now)
+        placed = 0
         if offset >= 0:
-            placed = (store.placed_repartitioned(slot, partition, offset) if repartitioned
-                      else store.placed(slot, partition, offset))
-            if placed == 1:
-                return REPLAYED
-            if repartitioned and origin_offset >= 0 and store.forwarded_before(slot, origin_partition, origin_offset):
-                return REPLAYED
+            if repartitioned:
+                placed = store.placed_repartitioned(slot, partition, offset)
+                if placed == 1 or (origin_offset >= 0
+                                   and store.forwarded_before(slot, origin_partition, origin_offset)):
+                    return REPLAYED
+            else:
+                placed = store.placed(slot, partition, offset)
+                if placed == 1:
+                    return REPLAYED
             if placed < 0:
                 if router is not None and router.home(key) != partition:
                     return FORWARD
@@ -256,6 +260,8 @@ class FeatureWindows:
                 if origin_offset >= 0:
                     store.set_origin(slot, origin_partition, origin_offset)
             else:
+                if placed < 0:  # moved to another partition: its repartition offset named the old one's
+                    store.forget_repartitioned(slot)
                 store.set_position(slot, partition, offset)
             touched = self.touched
             if event.key not in touched:

@@ -201,10 +201,12 @@ class WindowStore:
         return bool(self._persisted[slot])
 
     def set_position(self, slot: int, partition: int, offset: int) -> None:
-        if self._partition[slot] != partition:
-            self._roffset[slot] = -1  # a repartition offset names a record of the same partition number
         self._partition[slot] = partition
         self._offset[slot] = offset
+
+    def forget_repartitioned(self, slot: int) -> None:
+        """The key moved to another partition: its repartition offset named the old one's record."""
+        self._roffset[slot] = -1
 
     def set_repartitioned_position(self, slot: int, partition: int, offset: int) -> None:
         """The key's last event came from the repartition topic's ``partition`` at ``offset``."""
