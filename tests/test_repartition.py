@@ -183,7 +183,7 @@ def test_a_forwarded_events_offset_is_acked_only_once_the_broker_has_its_forward
     forwarded_when_acked: list[tuple[int, bool]] = []
 
     async def ack(acked: list[Any]) -> None:
-        delivered = {orjson_source(m) for m in out.topic(TOPIC)}
+        delivered = {_forward_source(m) for m in out.topic(TOPIC)}
         forwarded_when_acked.extend((e.message.offset, f"in:0:{e.message.offset}" in delivered) for e in acked)
 
     _run(pipeline, events, ack)
@@ -197,7 +197,7 @@ def test_a_forwarded_events_offset_is_acked_only_once_the_broker_has_its_forward
         assert timestamp_ms == int((T0 + offset) * 1000)
 
 
-def orjson_source(message: tuple) -> str:
+def _forward_source(message: tuple) -> str:
     headers = dict(message[3][1])
     return headers[SOURCE_HEADER].decode()
 
