@@ -33,6 +33,7 @@ from .profiles import Profile
 from .scoring import Scores
 from .shadow import Challenger, ShadowCounts
 from .thresholds import ThresholdConfig, ThresholdPolicy, build_threshold_policy
+from .repartition import KeyRouter
 from .windows import DROPPED_REVOKED, SnapshotError, WindowStore
 
 
@@ -54,6 +55,13 @@ class RawRecord:
     partition: int = -1
     offset: int = -1
     headers: Sequence[tuple[str, bytes]] = ()
+    # Read from the repartition topic (``key_partition_check=repartition``): ``partition`` and
+    # ``offset`` are that topic's; ``origin`` names the input record it was forwarded from
+    # (topic:partition:offset, from its header), which record-position event ids use.
+    repartitioned: bool = False
+    origin: str | None = None
+    origin_partition: int = -1  # the input record's partition and offset (-1: not known)
+    origin_offset: int = -1
 
 
 @dataclass
@@ -65,6 +73,8 @@ class PreparedBatch:
     warming_up: int = 0  # valid events whose key has fewer than W events so far
     replayed: int = 0  # redelivered records whose event the restored window already holds
     unscored: int = 0  # events of hot keys skipped by the scoring stride (still in their windows)
+    # Events to forward to the repartition topic (record, window key): not windowed here.
+    forward: list[tuple[RawRecord, str]] = field(default_factory=list)
     # Each window's key normal (offset and inverse scale per feature), applied by Detector.score
     # in the scoring thread; None when the model has no per-key normal or once applied.
     offsets: np.ndarray | None = None
@@ -99,12 +109,14 @@ class DetectorStats:
     warming_up: int = 0
     replayed: int = 0
     unscored: int = 0  # skipped by the scoring stride
+    repartitioned: int = 0  # events handed back for the repartition topic (not windowed here)
     over_threshold: int = 0  # scored windows over their key's threshold
     alerts: int = 0  # alert messages (open, update, close)
     evicted: Counter = field(default_factory=Counter)
 
 
 REPLAYED = -1  # FeatureWindows.add's answer for a record the key's window already holds
+FORWARD = -2  # FeatureWindows.add's answer for a record to forward to its key's home partition
 
 
 class FeatureWindows:
@@ -128,6 +140,8 @@ class FeatureWindows:
         self.restore = restore
         # Refuse events that would split a key's window across partitions (see `add`).
         self.check_partitions = False
+        # Or forward them to their key's home partition (key_partition_check=repartition; see `add`).
+        self.router: KeyRouter | None = None
         self.restore_failures = 0
         self.out_of_order = 0  # events older than their key's newest: still windowed, in arrival order
         # Keys changed since their last snapshot (-> slot). Each becomes due to be written a while
@@ -153,7 +167,7 @@ class FeatureWindows:
             self.restore_failures += 1
             log.warning("state of key %r not restored (%s); it starts a new window", key, exc)
             return False
-        extra = blob[self.store.snapshot_body_size:]
+        extra = blob[self.store.body_size_of(blob):]
         if extra and self.restore_extra is not None:
             self.restore_extra(key, extra)
         return True
@@ -172,7 +186,8 @@ class FeatureWindows:
             self.touched[key] = slot
 
     def add(self, event: Event, now: float, partition: int = -1, offset: int = -1,
-            record_key: bytes | None = None) -> int | None:
+            record_key: bytes | None = None, repartitioned: bool = False, origin_partition: int = -1,
+            origin_offset: int = -1) -> int | None:
         """Appends the event's features; returns the key's slot once its window is full, else None.
 
         For a Kafka record (``offset >= 0``) that the key's (restored) window already holds, a
@@ -183,23 +198,53 @@ class FeatureWindows:
         workers) when its record key is not the window key (wherever it lands: the same key's
         other such records land elsewhere) or when it comes from another partition than the key's
         last event (checked with the replay check's read): it raises
-        :class:`KeyPartitionMismatch` and nothing is appended. Partitioner-agnostic: librdkafka
+        :class:`KeyPartitionMismatch` and nothing is appended.
+        Partitioner-agnostic: librdkafka
         (CRC32) and Java clients (murmur2) place a key's records on one partition all the same.
+
+        With a ``router`` (repartitioning), an input record (``offset >= 0``, not ``repartitioned``)
+        is windowed here only when its record key is its window key and it is on the key's
+        partition: the one the key's window was last on, or else the key's home partition (a hash,
+        computed only for a key seen on another partition or not seen yet). Any other is left
+        alone and :data:`FORWARD` returned: the worker forwards it to the repartition topic, whose
+        partition of the same number is read by the same worker. A ``repartitioned`` record (read
+        back from that topic) is windowed, its replay check against the key's repartition offset;
+        one whose input record (``origin_partition``, ``origin_offset``) is at or before the last
+        forwarded event the key took from that input partition is a duplicate forward (the input
+        record forwarded again after a crash before its offset was committed): :data:`REPLAYED`.
         """
         store = self.store
         key = event.key
-        if self.check_partitions and offset >= 0 and record_key != key.encode():
+        router = self.router if offset >= 0 and not repartitioned else None
+        if router is not None:
+            if record_key != key.encode():
+                return FORWARD
+            # A key not held (nor restored) is placed by its hash; a held one by its last event's
+            # partition (below), hashed only when that differs.
+            if key not in store and not self._restore_if_known(key, now) and router.home(key) != partition:
+                return FORWARD
+        elif self.check_partitions and offset >= 0 and record_key != key.encode():
             raise KeyPartitionMismatch(f"record key {record_key!r:.60} is not the window key {key!r:.60}")
         if key not in store:
             self._restore_if_known(key, now)
         slot = store.slot(key, now)
+        placed = 0
         if offset >= 0:
-            placed = store.placed(slot, partition, offset)
-            if placed == 1:
-                return REPLAYED
-            if placed < 0 and self.check_partitions:
-                raise KeyPartitionMismatch(f"key {key!r:.60} is on partition {store.position(slot)[0]}, "
-                                           f"this record on {partition}")
+            if repartitioned:
+                placed = store.placed_repartitioned(slot, partition, offset)
+                if placed == 1 or (origin_offset >= 0
+                                   and store.forwarded_before(slot, origin_partition, origin_offset)):
+                    return REPLAYED
+            else:
+                placed = store.placed(slot, partition, offset)
+                if placed == 1:
+                    return REPLAYED
+            if placed < 0:
+                if router is not None and router.home(key) != partition:
+                    return FORWARD
+                if self.check_partitions:
+                    raise KeyPartitionMismatch(f"key {key!r:.60} is on partition {store.position(slot)[0]}, "
+                                               f"this record on {partition}")
         if not store.observe_time(slot, event.timestamp):
             self.out_of_order += 1
         self.profile.featurize(event.values, event.timestamp, store.state(slot), store.next_row(slot))
@@ -210,7 +255,14 @@ class FeatureWindows:
             # Exactly the last W events; or, for a key restored without its normal, the window it has.
             normal.learn_block(event.key, store.ring(slot))
         if offset >= 0:
-            store.set_position(slot, partition, offset)
+            if repartitioned:
+                store.set_repartitioned_position(slot, partition, offset)
+                if origin_offset >= 0:
+                    store.set_origin(slot, origin_partition, origin_offset)
+            else:
+                if placed < 0:  # moved to another partition: its repartition offset named the old one's
+                    store.forget_repartitioned(slot)
+                store.set_position(slot, partition, offset)
             touched = self.touched
             if event.key not in touched:
                 self._fresh.append(event.key)
@@ -293,6 +345,7 @@ class Detector:
         topic: str = "",
         drift_halflife: float = 10_000,
         key_partition_check: bool = False,
+        router: KeyRouter | None = None,
     ):
         if score_stride < 1 or not hot_key_rate >= 0:
             raise ValueError("score_stride must be at least 1 and hot_key_rate not negative")
@@ -325,6 +378,7 @@ class Detector:
                                       restore=restore, key_normal=self.key_normal)
         self.windows.restore_extra = self._restore_key_state
         self.windows.check_partitions = key_partition_check
+        self.windows.router = router  # key_partition_check=repartition
         self._pending_model: tuple[ModelArtifact, Callable[[np.ndarray], Scores], ThresholdPolicy | None] | None = None
         # Two row buffers, a micro-batch's windows in one, the next batch's in the other: a pipelined
         # worker prepares batch k+1 while the model still reads batch k's rows.
@@ -376,7 +430,7 @@ class Detector:
     def snapshot_has_open_incident(self, blob: bytes) -> bool:
         """Whether a changelog snapshot holds an incident that was opened (published) and not closed:
         read at recovery, once per restored key, to restore such keys at once."""
-        extra = blob[self.windows.store.snapshot_body_size:]
+        extra = blob[self.windows.store.body_size_of(blob):]
         try:
             version = extra[0] if extra else 0
             if version == 1:
@@ -668,7 +722,8 @@ class Detector:
 
     def _add_event(self, event: Event, record: RawRecord, batch: PreparedBatch, rows: np.ndarray, n: int,
                    now: float) -> int:
-        slot = self.windows.add(event, now, record.partition, record.offset, record.key)
+        slot = self.windows.add(event, now, record.partition, record.offset, record.key, record.repartitioned,
+                                record.origin_partition, record.origin_offset)
         if slot is None:
             batch.warming_up += 1
             self.stats.warming_up += 1
@@ -676,6 +731,10 @@ class Detector:
         if slot == REPLAYED:
             batch.replayed += 1
             self.stats.replayed += 1
+            return n
+        if slot == FORWARD:
+            batch.forward.append((record, event.key))
+            self.stats.repartitioned += 1
             return n
         store = self.windows.store
         if (self.score_stride > 1 and (store.count(slot) - self.window) % self.score_stride

@@ -241,7 +241,8 @@ class EventDecoder:
         if record is None or record.partition is None or record.offset is None or record.partition < 0 \
                 or record.offset < 0:
             return None
-        return f"{self.topic}:{record.partition}:{record.offset}"
+        origin = getattr(record, "origin", None)  # forwarded through the repartition topic: its input record's
+        return origin if origin else f"{self.topic}:{record.partition}:{record.offset}"
 
     def from_mapping(self, doc: dict[str, Any], record: RecordMeta | None = None) -> Event | Invalid:
         """Validates an already-parsed event (the trainer's CSV rows come this way too)."""

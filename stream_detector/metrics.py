@@ -95,6 +95,10 @@ class WorkerMetrics:
         self.events_replayed = Counter(p + "events_replayed",
                                        "Redelivered events already held by a restored window (not applied twice).",
                                        registry=r)
+        self.events_repartitioned = Counter(
+            p + "events_repartitioned", "Events forwarded to the repartition topic, keyed by their window key "
+            "(key_partition_check=repartition), acknowledged by the broker: windowed where that topic is read.",
+            registry=r)
         self.keys_restored = Counter(p + "keys_restored", "Key windows restored from the state changelog.",
                                      registry=r)
         self.positions_dropped = Counter(

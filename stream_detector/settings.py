@@ -153,10 +153,19 @@ class Settings:
     )
     key_partition_check: str = field(
         default="off",
-        metadata=_doc("`dead_letter`: an event whose Kafka record key is not its window key (null, or another "
-                      "key), or that reaches another partition than its key's earlier events, is dead-lettered "
-                      "(`key_partition_mismatch`) instead of splitting the key's window across partitions; `off`: "
-                      "taken as it comes."),
+        metadata=_doc("An event whose Kafka record key is not its window key (null, another key, a `key_field` "
+                      "other than the record key) or that reaches another partition than its key's: "
+                      "`repartition`: forwarded to `<consumer_group>-<input_topic>-repartition`, keyed by its window "
+                      "key, to its key's partition, and windowed there with the key's other events; "
+                      "`dead_letter`: dead-lettered (`key_partition_mismatch`); `off`: windowed where it arrives "
+                      "(its key's window split across partitions)."),
+    )
+    repartition_partitioner: str = field(
+        default="consistent",
+        metadata=_doc("With `key_partition_check=repartition`, the partitioner the input's producers key records "
+                      "with, which gives each key its partition: `consistent` (CRC-32, librdkafka's default: "
+                      "confluent-kafka and the other librdkafka clients) or `murmur2` (Java clients, Kafka Streams, "
+                      "aiokafka). Another than the producers' loses nothing, but forwards their well keyed events too."),
     )
     # Event envelope (README: "Event schema"): where the key, time, id and fields are in a record.
     event_key_from: str = field(
@@ -458,7 +467,8 @@ class Settings:
             problems.append("score_stride must be at least 1")
         if not 0 <= self.hot_key_rate < float("inf"):
             problems.append("hot_key_rate must be zero or positive and finite")
-        for name, allowed in (("key_partition_check", ("off", "dead_letter")), ("event_key_from", ("body", "record_key")), ("event_time_from", ("body", "record_timestamp")),
+        for name, allowed in (("key_partition_check", ("off", "dead_letter", "repartition")),
+                              ("repartition_partitioner", ("consistent", "murmur2")), ("event_key_from", ("body", "record_key")), ("event_time_from", ("body", "record_timestamp")),
                               ("event_id_from", ("body", "record_position"))):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be {' or '.join(allowed)}, not {getattr(self, name)!r}")
@@ -590,6 +600,11 @@ class Settings:
     def feedback_topic_name(self) -> str:
         """The feedback topic: ``feedback_topic``, or ``<alerts_topic>.feedback`` when it is empty."""
         return self.feedback_topic or f"{self.alerts_topic}.feedback"
+
+    @property
+    def repartition_topic_name(self) -> str:
+        """The internal topic events are forwarded to with ``key_partition_check=repartition``."""
+        return f"{self.consumer_group}-{self.input_topic}-repartition"
 
     @property
     def shadow_topic_name(self) -> str:

@@ -22,8 +22,15 @@ GAP_SMOOTHING = 1.0 / 8  # weight of the newest gap in a key's rate: about its l
 # Snapshot of one key: header, then the window oldest-first (float32), then the profile state, then
 # (version 2) whatever else the owner keeps per key (its alert and threshold state), opaque here.
 _SNAPSHOT_HEADER = struct.Struct("<BHHHqiq")  # version, W, F, S, count, partition, offset
+# Version 3 (written only for a key that took events from the repartition topic): the offset of
+# its last event read from there follows the input offset, then how many input partitions its
+# forwarded events came from, and per such partition the input offset of the last one taken
+# (``_ORIGIN`` pairs): a duplicate forward (the same input record forwarded again after a crash,
+# at a new offset of the repartition topic) is recognised by it.
+_SNAPSHOT_HEADER_V3 = struct.Struct("<BHHHqiqqH")
+_ORIGIN = struct.Struct("<iq")
 _SNAPSHOT_VERSION = 2
-_SNAPSHOT_VERSIONS = (1, 2)  # version 1: no trailing bytes
+_SNAPSHOT_VERSIONS = (1, 2, 3)  # version 1: no trailing bytes
 
 
 class SnapshotError(ValueError):
@@ -66,6 +73,10 @@ class WindowStore:
         # Source position of the last event applied to each key: replayed events are recognised.
         self._partition = np.zeros(0, dtype=np.int32)
         self._offset = np.zeros(0, dtype=np.int64)
+        # Offset of the last event taken from the repartition topic (same partition number), -1 if none.
+        self._roffset = np.zeros(0, dtype=np.int64)
+        # Per key with forwarded events: input partition -> input offset of the last one taken.
+        self._origins: dict[int, dict[int, int]] = {}
         self._event_time = np.zeros(0, dtype=np.float64)  # newest event timestamp seen per key
         # Moving average of the key's event-time gaps (seconds; -1 until its second event): its rate.
         self._gap = np.zeros(0, dtype=np.float64)
@@ -85,7 +96,7 @@ class WindowStore:
     @property
     def bytes_per_key(self) -> int:
         """Array bytes one key costs (window data + count + state + last seen + source position)."""
-        return self.window * self.n_features * 4 + 8 + self.state_size * 8 + 8 + 4 + 8 + 8 + 8 + 1
+        return self.window * self.n_features * 4 + 8 + self.state_size * 8 + 8 + 4 + 8 + 8 + 8 + 8 + 1
 
     def slot(self, key: str, now: float) -> int:
         """The key's slot, allocating (and evicting if full) for a new key."""
@@ -150,6 +161,14 @@ class WindowStore:
             return 1 if offset <= self._offset[slot] else 0
         return -1 if known >= 0 else 0
 
+    def placed_repartitioned(self, slot: int, partition: int, offset: int) -> int:
+        """:meth:`placed` for a record of the repartition topic: against the offset of the key's last
+        event taken from there (a key's input and repartition positions are kept apart)."""
+        known = self._partition[slot]
+        if known == partition:
+            return 1 if offset <= self._roffset[slot] else 0
+        return -1 if known >= 0 else 0
+
     def position(self, slot: int) -> tuple[int, int]:
         """(partition, offset) of the last event applied to the key; (-1, -1) when unknown."""
         return int(self._partition[slot]), int(self._offset[slot])
@@ -185,6 +204,34 @@ class WindowStore:
         self._partition[slot] = partition
         self._offset[slot] = offset
 
+    def forget_repartitioned(self, slot: int) -> None:
+        """The key moved to another partition: its repartition offset named the old one's record."""
+        self._roffset[slot] = -1
+
+    def set_repartitioned_position(self, slot: int, partition: int, offset: int) -> None:
+        """The key's last event came from the repartition topic's ``partition`` at ``offset``."""
+        if self._partition[slot] != partition:
+            self._offset[slot] = -1
+        self._partition[slot] = partition
+        self._roffset[slot] = offset
+
+    def forwarded_before(self, slot: int, origin_partition: int, origin_offset: int) -> bool:
+        """Whether the key took a forwarded event of the same input partition at or after this
+        input offset: this one is a duplicate forward (its input record forwarded again after a
+        crash before the input offset was committed)."""
+        origins = self._origins.get(slot)
+        return origins is not None and origin_offset <= origins.get(origin_partition, -1)
+
+    def set_origin(self, slot: int, origin_partition: int, origin_offset: int) -> None:
+        origins = self._origins.get(slot)
+        if origins is None:
+            origins = self._origins[slot] = {}
+        origins[origin_partition] = origin_offset
+
+    def repartitioned_offset(self, slot: int) -> int:
+        """Offset of the key's last event taken from the repartition topic; -1 when none."""
+        return int(self._roffset[slot])
+
     @property
     def snapshot_body_size(self) -> int:
         """Bytes of a snapshot before its trailing ``extra`` bytes."""
@@ -198,8 +245,16 @@ class WindowStore:
             self.copy_window(slot, window)
         else:
             window[:] = self._data[slot]  # not wrapped yet: rows 0..count-1 are oldest-first
-        header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
-                                       int(self._partition[slot]), int(self._offset[slot]))
+        roffset = int(self._roffset[slot])
+        origins = self._origins.get(slot)
+        if roffset >= 0 or origins:
+            origins = origins or {}
+            header = _SNAPSHOT_HEADER_V3.pack(3, self.window, self.n_features, self.state_size, count,
+                                              int(self._partition[slot]), int(self._offset[slot]), roffset,
+                                              len(origins)) + b"".join(_ORIGIN.pack(q, o) for q, o in origins.items())
+        else:
+            header = _SNAPSHOT_HEADER.pack(_SNAPSHOT_VERSION, self.window, self.n_features, self.state_size, count,
+                                           int(self._partition[slot]), int(self._offset[slot]))
         return header + window.tobytes() + self._state[slot].tobytes() + extra
 
     def restore(self, key: str, blob: bytes, now: float) -> int:
@@ -211,19 +266,33 @@ class WindowStore:
         version, w, f, st, count, partition, offset = _SNAPSHOT_HEADER.unpack_from(blob)
         if version not in _SNAPSHOT_VERSIONS or (w, f, st) != (self.window, self.n_features, self.state_size):
             raise SnapshotError(f"snapshot shape {(version, w, f, st)} does not fit this store")
+        try:
+            header_size = _header_size(blob)
+        except struct.error:
+            raise SnapshotError(f"snapshot of {len(blob)} bytes: header cut short") from None
+        expected = self.snapshot_body_size - _SNAPSHOT_HEADER.size + header_size
         if len(blob) < expected or (version == 1 and len(blob) != expected):
             raise SnapshotError(f"snapshot of {len(blob)} bytes, expected {expected}")
+        roffset, origins = _repartition_positions(blob)
         slot = self.slot(key, now)
-        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=_SNAPSHOT_HEADER.size).reshape(w, f)
+        body = np.frombuffer(blob, dtype=np.float32, count=w * f, offset=header_size).reshape(w, f)
         # Stored oldest-first; the ring is rotated so the key keeps its true event count (per-key
         # normals learn at every W-th event of a key, and must keep that phase across a restart).
         self._data[slot] = body if count < w else np.roll(body, count % w, axis=0)
         self._count[slot] = count
-        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=_SNAPSHOT_HEADER.size + w * f * 4)
+        self._state[slot] = np.frombuffer(blob, dtype=np.float64, count=st, offset=header_size + w * f * 4)
         self._partition[slot] = partition
         self._offset[slot] = offset
+        self._roffset[slot] = roffset
+        if origins:
+            self._origins[slot] = origins
         self._persisted[slot] = True
         return slot
+
+    def body_size_of(self, blob: bytes) -> int:
+        """Bytes of this snapshot before its trailing ``extra`` bytes (its header's size depends on
+        its version)."""
+        return self.snapshot_body_size - _SNAPSHOT_HEADER.size + _header_size(blob)
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forgets keys whose events come from these partitions (revoked in a rebalance)."""
@@ -258,6 +327,8 @@ class WindowStore:
         self._state[slot] = 0.0
         self._partition[slot] = -1
         self._offset[slot] = -1
+        self._roffset[slot] = -1
+        self._origins.pop(slot, None)
         self._event_time[slot] = -np.inf
         self._gap[slot] = -1.0
         self._persisted[slot] = False
@@ -284,12 +355,30 @@ class WindowStore:
         self._last_seen = _resized(self._last_seen, capacity)
         self._partition = _resized(self._partition, capacity)
         self._offset = _resized(self._offset, capacity)
+        self._roffset = _resized(self._roffset, capacity)
         self._event_time = _resized(self._event_time, capacity)
         self._gap = _resized(self._gap, capacity)
         self._persisted = _resized(self._persisted, capacity)
         # Lowest slots are handed out first, which keeps hot data together.
         self._free.extend(range(capacity - 1, old - 1, -1))
         self._capacity = capacity
+
+
+def _header_size(blob: bytes) -> int:
+    """Bytes of a snapshot's header (version 3: with its origin pairs)."""
+    if blob and blob[0] == 3:
+        return _SNAPSHOT_HEADER_V3.size + _ORIGIN.size * _SNAPSHOT_HEADER_V3.unpack_from(blob)[8]
+    return _SNAPSHOT_HEADER.size
+
+
+def _repartition_positions(blob: bytes) -> tuple[int, dict[int, int]]:
+    """(repartition offset, input partition -> input offset of the last forwarded event) of a
+    snapshot: (-1, {}) before version 3."""
+    if not blob or blob[0] != 3:
+        return -1, {}
+    header = _SNAPSHOT_HEADER_V3.unpack_from(blob)
+    origins = dict(_ORIGIN.unpack_from(blob, _SNAPSHOT_HEADER_V3.size + i * _ORIGIN.size) for i in range(header[8]))
+    return header[7], origins
 
 
 def snapshot_partition(blob: bytes) -> int:
@@ -310,15 +399,30 @@ def snapshot_position(blob: bytes) -> tuple[int, int]:
 
 
 def with_offset(blob: bytes, offset: int) -> bytes:
-    """The snapshot with its last event's offset replaced (its partition kept)."""
+    """The snapshot with its last input event's offset replaced (its partition and its repartition
+    offset kept)."""
     version, w, f, st, count, partition, _ = _SNAPSHOT_HEADER.unpack_from(blob)
     return _SNAPSHOT_HEADER.pack(version, w, f, st, count, partition, offset) + blob[_SNAPSHOT_HEADER.size:]
 
 
+def snapshot_repartitioned_offset(blob: bytes) -> int:
+    """Offset of the key's last event taken from the repartition topic (-1 if none, or no snapshot)."""
+    try:
+        return _repartition_positions(blob)[0]
+    except struct.error:
+        return -1
+
+
 def without_position(blob: bytes) -> bytes:
     """The snapshot with its offset forgotten (kept: its partition): none of the partition's records
-    is taken for one the window already holds."""
-    return with_offset(blob, -1)
+    is taken for one the window already holds; nor (version 3) is any forwarded event taken for a
+    duplicate forward (its input offsets per partition forgotten; its repartition topic offset kept:
+    that topic is not reset with the input)."""
+    blob = with_offset(blob, -1)
+    if blob[0] != 3:
+        return blob
+    header = _SNAPSHOT_HEADER_V3.unpack_from(blob)
+    return _SNAPSHOT_HEADER_V3.pack(*header[:8], 0) + blob[_header_size(blob):]
 
 
 def _resized(array: np.ndarray, rows: int) -> np.ndarray:

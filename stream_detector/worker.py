@@ -40,6 +40,12 @@ larger than one fetch; its flow control (:mod:`~stream_detector.kafka.faust_fixe
 Faust's rebalance recovery that dropped the first events fetched for a new assignment; and the
 worker reads a changelog partition again when its restore stalls.
 
+With ``key_partition_check=repartition``, an event not on its window key's partition is forwarded
+(in step 1, with the batch's dead letters, so its offset is acked only once the broker has it) to
+the repartition topic, keyed by its window key, on the key's home partition
+(:mod:`~stream_detector.repartition`); the agent reads that topic too, and Faust's assignor gives
+its partition p to the owner of input partition p.
+
 Window state survives restarts and rebalances: at a batch boundary (sent after the alerts of every
 event it covers are acknowledged), the keys that first changed ``state_flush_s`` ago or more (1 s
 by default) are written to a compacted changelog (a Faust table's changelog topic, partitioned like
@@ -94,6 +100,7 @@ from .runtime.fencing import STALL_S, ZombieFence
 from .runtime.feedback import FeedbackHandler
 from .runtime.pipeline import BatchPipeline, PipelineConfig
 from .runtime.state import ChangelogState
+from .repartition import KeyRouter
 
 log = logging.getLogger("stream_detector.worker")
 
@@ -369,8 +376,18 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
         consumer_fetch_max_wait_ms=settings.fetch_max_wait_ms,
         **passthrough,
     )
+    # Repartitioning (key_partition_check=repartition): events not on their window key's partition
+    # are forwarded to the repartition topic and read back by the same agent. Faust's assignor gives
+    # partition p of every topic the app subscribes to with as many partitions (the input, this one,
+    # the changelog) to one worker (faust.assignor.PartitionAssignor: co-subscribed topics with
+    # equal partition counts are co-partitioned), so a key's window stays whole.
+    repartition_topic = settings.repartition_topic_name if settings.key_partition_check == "repartition" else ""
+    router = KeyRouter(repartition_topic, input_partitions, settings.repartition_partitioner) \
+        if repartition_topic else None
+    service.detector.windows.router = router
     # The worker reads each event's message bytes itself; with the fast path Faust does not decode them.
-    source = app.topic(settings.input_topic, key_serializer="raw", value_serializer="raw",
+    source = app.topic(settings.input_topic, *([repartition_topic] if repartition_topic else []),
+                       key_serializer="raw", value_serializer="raw",
                        schema=RawEvents() if settings.consumer_fast_path else None)
     # Everything the worker writes (alerts, dead letters, scores, snapshots) goes through `out`.
     out = app.output = OutputProducer(settings.bootstrap_servers, client_config(settings, "producer"), stall_s=STALL_S)
@@ -432,6 +449,41 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                     changelog_width[0], width)
         changelog_width[0] = width
 
+    async def follow_input_width() -> None:
+        """Keys' home partitions are among the input's partitions: when the input grew (every member
+        recovers after the rebalance that follows), the repartition topic grows to match and homes
+        are taken among the new count, on every worker, whichever partitions it holds."""
+        assert router is not None
+        loop = asyncio.get_running_loop()
+        try:
+            width = await loop.run_in_executor(None, out.partitions, settings.input_topic)
+            if width != router.partitions:
+                await loop.run_in_executor(None, grow_partitions, settings.bootstrap_servers, router.topic, width,
+                                           client_config(settings, "admin"))
+                await loop.run_in_executor(None, out.partitions, router.topic)
+                log.warning("input topic %s has %d partitions: repartition topic %s grown from %d",
+                            settings.input_topic, width, router.topic, router.partitions)
+                router.partitions = width
+        except Exception as exc:  # forwards keep the old homes until the next recovery
+            log.error("repartition topic %s not grown with the input: %s: %s", router.topic, type(exc).__name__, exc)
+
+    async def seek_repartition_start(partitions: list[int]) -> None:
+        """The repartition topic's partitions without a committed offset are read from their start,
+        whatever ``auto_offset_reset`` says: every record there is an event forwarded and acked on
+        the input, to be windowed (as Kafka Streams reads its repartition topics)."""
+        assert router is not None
+        try:
+            committed = await asyncio.get_running_loop().run_in_executor(
+                None, committed_offsets, settings.bootstrap_servers, settings.consumer_group, router.topic,
+                partitions, client_config(settings, "consumer"))
+            sought = await faust_fixes.seek_uncommitted(app, router.topic, committed, "earliest")
+        except Exception as exc:
+            log.warning("repartition partitions without a committed offset not sought (%s: %s)",
+                        type(exc).__name__, exc)
+        else:
+            if sought:
+                log.info("repartition partitions without a committed offset read from %s", sought)
+
     @state.on_recover
     async def restore_open_incidents() -> None:
         # Awaited by Faust's recovery before the input partitions resume.
@@ -462,6 +514,9 @@ def create_app(settings: Settings, service: DetectorService, input_partitions: i
                 else:
                     if sought:
                         log.info("input partitions without a committed offset read from %s", sought)
+            if router is not None:
+                await follow_input_width()
+                await seek_repartition_start(partitions)
         # Keys come back lazily, at their next event; one with an open incident may never send
         # again, and only a key held in memory has its incident closed by the idle sweep.
         restored = changelog.restore_open_incidents(state.data.items())
@@ -603,6 +658,15 @@ def run_worker(settings: Settings) -> None:
     ensure_topics(settings.bootstrap_servers, {changelog: partitions}, client_config=admin_config,
                   replication_factor=settings.topic_replication_factor,
                   topic_configs={changelog: {**settings.changelog_topic_config, "cleanup.policy": "compact"}})
+    if settings.key_partition_check == "repartition":
+        # As wide as the input (a partition per input partition, read by its owner), on the same broker.
+        repartition = settings.repartition_topic_name
+        try:
+            grow_partitions(settings.bootstrap_servers, repartition, partitions, admin_config)
+        except TopicError:
+            pass  # none yet: created below
+        ensure_topics(settings.bootstrap_servers, {repartition: partitions}, client_config=admin_config,
+                      replication_factor=settings.topic_replication_factor)
     # /readyz, read on the metrics thread: flags set on the event loop (Faust's assignment signals).
     assigned: set = set()
     app.on_partitions_assigned.connect(lambda _app, assigned_now, **_: _replace(assigned, assigned_now))

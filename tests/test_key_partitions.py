@@ -61,11 +61,11 @@ def test_without_the_check_every_event_is_windowed_where_it_arrives(artifact):
     assert batch.invalid == [] and len(decisions) == WINDOW + 1
 
 
-@pytest.mark.parametrize("value", ["off", "dead_letter"])
-def test_the_setting_takes_off_or_dead_letter(value):
+@pytest.mark.parametrize("value", ["off", "dead_letter", "repartition"])
+def test_the_setting_takes_off_dead_letter_or_repartition(value):
     assert Settings(key_partition_check=value).key_partition_check == value
     with pytest.raises(ValueError, match="invalid settings"):
-        Settings(key_partition_check="repartition")
+        Settings(key_partition_check="refuse")
 
 
 def test_a_null_keyed_event_is_dead_lettered_even_on_its_keys_partition(artifact):

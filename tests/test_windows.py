@@ -170,9 +170,9 @@ def test_rejects_non_positive_sizes(args):
 
 def test_bytes_per_key():
     store = WindowStore(window=4, n_features=3, state_size=2)
-    # window + count + state + last seen + source partition and offset + newest event time + event-time gap
-    # average + persisted flag
-    assert store.bytes_per_key == 4 * 3 * 4 + 8 + 2 * 8 + 8 + 4 + 8 + 8 + 8 + 1
+    # window + count + state + last seen + source partition and offset + repartition offset + newest event
+    # time + event-time gap average + persisted flag
+    assert store.bytes_per_key == 4 * 3 * 4 + 8 + 2 * 8 + 8 + 4 + 8 + 8 + 8 + 8 + 1
 
 
 def test_snapshot_restores_window_state_and_position_in_another_store():

@@ -63,8 +63,8 @@ class Deliveries:
         return self._sent
 
     def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
-             headers: Sequence[tuple[str, bytes]] | None = None) -> None:
-        self._out.produce(topic, key, value, partition, headers, self._on_delivery)
+             headers: Sequence[tuple[str, bytes]] | None = None, timestamp_ms: int | None = None) -> None:
+        self._out.produce(topic, key, value, partition, headers, self._on_delivery, timestamp_ms)
         self._sent += 1
 
     def _on_delivery(self, err: KafkaError | None, _msg: Any) -> None:  # poll thread
@@ -176,13 +176,15 @@ class OutputProducer:
         return Deliveries(self, asyncio.get_running_loop())
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
-                headers: Sequence[tuple[str, bytes]] | None, on_delivery: Any) -> None:
+                headers: Sequence[tuple[str, bytes]] | None, on_delivery: Any, timestamp_ms: int | None = None) -> None:
         """Queues one message; blocks briefly (backpressure) while librdkafka's queue is full."""
         kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": on_delivery}
         if partition is not None:
             kwargs["partition"] = partition
         if headers:
             kwargs["headers"] = list(headers)
+        if timestamp_ms:  # the record's own time (a forwarded event keeps its input record's)
+            kwargs["timestamp"] = timestamp_ms
         while True:
             try:
                 self._producer.produce(topic, **kwargs)

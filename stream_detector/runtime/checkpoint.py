@@ -49,6 +49,7 @@ class Published:
     messages: list[tuple[dict[str, Any], RawRecord | None]]  # alert messages, with their records
     dead_letters: int
     shadow: list[dict[str, Any]] = field(default_factory=list)  # the challenger's, sent to the shadow topic
+    forwarded: int = 0  # events forwarded to the repartition topic (their offsets acked once the broker has them)
 
 
 @dataclass(slots=True)

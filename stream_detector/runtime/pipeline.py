@@ -38,6 +38,7 @@ from ..errors import NON_FINITE_SCORE, BatchFailed
 from ..events import Invalid
 from ..kafka.output import Deliveries, OutputProducer
 from ..logs import RateLimitedLog
+from ..repartition import SOURCE_HEADER
 from ..metrics import WorkerMetrics, observe_many
 from ..scoring import Scores
 from ..shadow import CHALLENGER_MODEL, CHAMPION_MODEL, OVER, UNDER
@@ -66,12 +67,17 @@ class PipelineConfig:
     max_keys: int = 100_000
     invalid_log_interval_s: float = 10.0
     shadow_topic: str = ""  # the challenger's alerts (stream_detector.shadow); empty: `<alerts_topic>.shadow`
+    # Where events whose record is not on their window key's partition are forwarded to (and read
+    # back from): key_partition_check=repartition; empty: not repartitioning.
+    repartition_topic: str = ""
 
     @classmethod
     def from_settings(cls, settings: Any) -> "PipelineConfig":
         return cls(settings.input_topic, settings.alerts_topic, settings.dead_letter_topic, settings.scores_topic,
                    settings.batch_max, settings.batch_adaptive, settings.batch_pipeline, settings.state_flush_s,
-                   settings.max_keys, shadow_topic=settings.shadow_topic_name)
+                   settings.max_keys, shadow_topic=settings.shadow_topic_name,
+                   repartition_topic=(settings.repartition_topic_name
+                                      if settings.key_partition_check == "repartition" else ""))
 
     @property
     def shadow_topic_name(self) -> str:
@@ -261,11 +267,14 @@ class BatchPipeline:
         """Decodes and windows a batch, sends its dead letters, and starts scoring it off the loop."""
         self._stage = WINDOW
         detector, metrics = self.detector, self.metrics
-        records = [
-            RawRecord(e.message.value, e.message.key, e.message.timestamp, e.message.partition,
-                      e.message.offset, tuple(e.message.headers or ()))
-            for e in events
-        ]
+        if self.config.repartition_topic:
+            records = [self._record(e.message) for e in events]
+        else:
+            records = [
+                RawRecord(e.message.value, e.message.key, e.message.timestamp, e.message.partition,
+                          e.message.offset, tuple(e.message.headers or ()))
+                for e in events
+            ]
         metrics.events_consumed.inc(len(records))
         loop = asyncio.get_running_loop()
         parts: list[tuple[PreparedBatch, asyncio.Future | None]] = []
@@ -278,6 +287,8 @@ class BatchPipeline:
             parts.append((batch, loop.run_in_executor(executor, score, batch) if len(batch) else None))
             for record, invalid in batch.invalid:
                 self.dead_letter(sent, record, invalid)
+            for record, key in batch.forward:
+                self.forward(sent, record, key)
         warming_up = sum(batch.warming_up for batch, _ in parts)
         replayed = sum(batch.replayed for batch, _ in parts)
         unscored = sum(batch.unscored for batch, _ in parts)
@@ -293,6 +304,35 @@ class BatchPipeline:
         self.unjudged.append(scoring)
         return scoring
 
+    def _record(self, message: Any) -> RawRecord:
+        """The record of a message of the input or (repartitioning) the repartition topic."""
+        headers = tuple(message.headers or ())
+        if message.topic != self.config.repartition_topic:
+            return RawRecord(message.value, message.key, message.timestamp, message.partition, message.offset, headers)
+        origin = next((value.decode("utf-8", "replace") for name, value in headers
+                       if name == SOURCE_HEADER and isinstance(value, bytes)), None)
+        origin_partition = origin_offset = -1
+        if origin is not None:
+            try:
+                _, partition, offset = origin.rsplit(":", 2)
+                origin_partition, origin_offset = int(partition), int(offset)
+            except ValueError:
+                pass  # not one of ours: windowed, never taken for a duplicate
+        return RawRecord(message.value, message.key, message.timestamp, message.partition, message.offset, headers,
+                         repartitioned=True, origin=origin, origin_partition=origin_partition,
+                         origin_offset=origin_offset)
+
+    def forward(self, sent: Deliveries, record: RawRecord, key: str) -> None:
+        """Forwards an input event to its window key's partition of the repartition topic: its value,
+        headers and timestamp unchanged, keyed by its window key, with its input position in a
+        header. In the batch's deliveries, so its offset is acked only once the broker has it."""
+        router = self.detector.windows.router
+        assert router is not None
+        headers = [*record.headers, (SOURCE_HEADER, f"{self.config.input_topic}:{record.partition}:"
+                                                    f"{record.offset}".encode())]
+        sent.send(self.config.repartition_topic, key.encode(), record.value, router.home(key), headers,
+                  int(record.timestamp * 1000) if record.timestamp else None)
+
     def dead_letter(self, sent: Deliveries, record: RawRecord, invalid: Invalid) -> None:
         """Counts, logs (at most once per reason every ``invalid_log_interval_s``) and sends one
         refused message to the dead-letter topic, cut to fit the producer's size limit if need be."""
@@ -300,8 +340,10 @@ class BatchPipeline:
         self.metrics.events_invalid.labels(reason=invalid.reason).inc()
         self.invalid_log.log(invalid.reason, "invalid event at %s[%d]@%d: %s (%s)", config.input_topic,
                              record.partition, record.offset, invalid.reason, invalid.detail)
+        source = (f"{config.repartition_topic}:{record.partition}:{record.offset}" if record.repartitioned
+                  else f"{config.input_topic}:{record.partition}:{record.offset}")
         letter = dead_letter(record.value, record.key, record.headers, invalid.reason, invalid.detail,
-                             f"{config.input_topic}:{record.partition}:{record.offset}", self.out.max_message_bytes)
+                             source, self.out.max_message_bytes)
         if letter.truncated:
             self.metrics.dead_letters_truncated.inc()
         sent.send(config.dead_letter_topic, letter.key, letter.value, headers=letter.headers)
@@ -390,7 +432,8 @@ class BatchPipeline:
         metrics.incidents_open.set(lifecycle.open_count)
         metrics.keys_calibrated.set(getattr(detector.threshold, "calibrated_keys", 0))
         metrics.active_keys.set(len(detector.windows))
-        return Published(sent, messages, invalid_before + non_finite, shadow)
+        return Published(sent, messages, invalid_before + non_finite, shadow,
+                         sum(len(batch.forward) for batch, _ in scoring.parts))
 
     def _send_shadow(self, sent: Deliveries) -> list[dict[str, Any]]:
         """Sends the challenger's alert messages to the shadow topic (never the alerts topic) and
@@ -417,6 +460,8 @@ class BatchPipeline:
         metrics = self.metrics
         if published.dead_letters:
             metrics.dead_lettered.inc(published.dead_letters)
+        if published.forwarded:
+            metrics.events_repartitioned.inc(published.forwarded)
         done = time.time()
         for message, record in published.messages:
             metrics.alerts_published.inc()
