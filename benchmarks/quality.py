@@ -55,7 +55,7 @@ from trainer.data import CsvSpec, LoadedData, load_csv  # noqa: E402
 from trainer.evaluate import evaluate, evaluation_mask, replay  # noqa: E402
 from stream_detector.artifacts import save_artifact  # noqa: E402
 from trainer.fit import (  # noqa: E402
-    TrainConfig, WindowSet, split_by_key_time, train_and_save, train_model, windows_from_events,
+    TrainConfig, WindowSet, split_by_key_time, train_and_save, train_model, windows_between, windows_from_events,
 )
 from trainer.metrics import detection_metrics, precision_at_k_per_day  # noqa: E402
 from stream_detector.thresholds import fit_quantile_threshold  # noqa: E402
@@ -357,23 +357,17 @@ def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_in
     return out
 
 
-def keep_windows(ws: WindowSet, keep: np.ndarray) -> WindowSet:
-    """The windows of ``ws`` where ``keep`` holds (keys and event indices unchanged)."""
-    return WindowSet(ws.windows[keep], ws.key_index[keep], ws.event_index[keep], ws.label[keep],
-                     ws.contaminated[keep], ws.keys)
-
-
 def training_window_set(events: Sequence[Event], labels: Sequence[int], profile: Profile, window: int,
                         start: float, end: float, warmup_s: float) -> WindowSet:
     """Training windows of the dates [start, end): the windows whose newest event is in them. The
     events of the ``warmup_s`` seconds before ``start`` are replayed first, so that windows and
     per-key state (a customer's mean amount, terminals, pace) are warm at the start, as they are
-    when the test week starts; no window ending before ``start`` is kept. Events are in timestamp
-    order."""
+    when the test week starts; no window ending before ``start`` is kept (``trainer train
+    --train-from``). Events are in timestamp order."""
     t = np.array([e.timestamp for e in events])
-    warm, first, stop = (int(np.searchsorted(t, v)) for v in (start - warmup_s, start, end))
-    ws = windows_from_events(events[warm:stop], profile, window, labels[warm:stop])
-    ws = keep_windows(ws, ws.event_index >= first - warm)
+    warm, stop = (int(np.searchsorted(t, v)) for v in (start - warmup_s, end))
+    part = events[warm:stop]
+    ws = windows_between(windows_from_events(part, profile, window, labels[warm:stop]), part, since=start)
     ws.event_index = ws.event_index + warm
     return ws
 
