@@ -206,10 +206,13 @@ def global_threshold_metrics(rep, value: float) -> dict[str, Any]:
 
 def baseline_rows(profile: Profile, window: int, train_events: Sequence[Event], train_labels: Sequence[int],
                   eval_events: Sequence[Event], eval_labels: Sequence[int], eval_mask: np.ndarray, quantile: float,
-                  seed: int, extra_metrics=None, max_fit: int | None = None) -> list[dict[str, Any]]:
+                  seed: int, extra_metrics=None, max_fit: int | None = None,
+                  train_ws: WindowSet | None = None) -> list[dict[str, Any]]:
     """Fits every baseline on normal training windows, thresholds on the held-out ones, and
-    scores the evaluated events' windows (the same windows the detector scores)."""
-    train_ws = windows_from_events(train_events, profile, window, train_labels)
+    scores the evaluated events' windows (the same windows the detector scores). ``train_ws``:
+    the training windows the models got, instead of windows of ``train_events`` alone."""
+    if train_ws is None:
+        train_ws = windows_from_events(train_events, profile, window, train_labels)
     tr, va = split_by_key_time(train_ws, 0.2)
     normal = ~train_ws.contaminated
     fit_x, val_x = train_ws.windows[tr & normal], train_ws.windows[va & normal]
@@ -452,14 +455,14 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
     rows = []
     unsupervised = [(k, o) for k, o in TX_UNSUPERVISED if not args.models or k in args.models]
     supervised = not args.models or TX_SUPERVISED[0] in args.models
+    ws = training_windows(events, base_profile) if not args.no_baselines or (
+        (unsupervised or supervised) and not args.tx_risk_only) else None
     if (unsupervised or supervised) and not args.tx_risk_only:
-        ws = training_windows(events, base_profile)
         for kind, overrides in unsupervised:
             rows.append(run_model(kind, overrides, events, base_profile, kind, ws))
         if supervised and not args.tx_risk_only:
             kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
             rows.append(run_model(kind, overrides, events, base_profile, f"{kind} (no terminal risk)", ws))
-        del ws
     risk_unsupervised = unsupervised if args.tx_unsupervised_risk and not args.tx_risk_only else []
     feedback_note: dict[str, Any] = {}
     if supervised or risk_unsupervised:
@@ -485,7 +488,8 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
         del risk_ws
     if not args.no_baselines:
         rows += baseline_rows(base_profile, TX_WINDOW, train_events, train_labels, events, labels, mask, TX_QUANTILE,
-                              args.seed, extra_metrics, max_fit=TX_MAX_TRAIN)
+                              args.seed, extra_metrics, max_fit=TX_MAX_TRAIN, train_ws=ws)
+    del ws
     return {"rows": rows, "feedback": feedback_note,
             "data": {"replayed_events": len(events), "train_events": len(train_events),
                      "train": list(tx_train), "gap": list(tx_gap), "test": list(tx_test),
