@@ -21,7 +21,13 @@ Protocols (all thresholds are fitted on training data only; no test label is use
   a gap week 2018-05-28 .. 2018-06-03 (``--tx-gap``; replayed, neither trained on nor evaluated: the
   label delay), test week 2018-06-04 .. 2018-06-10 (``--tx-test``). Unsupervised models train on
   normal windows; the supervised classifier on labelled windows, with the terminal's fraud rate and fraud recency
-  known 7 days later as upstream enrichment (see ``terminal_context``).
+  known 7 days later as upstream enrichment (see ``terminal_context``); every unsupervised model also
+  runs fed that enrichment (``+ terminal risk``; ``--no-tx-unsupervised-risk`` leaves those rows out).
+  Training windows end in the training dates; the ``--tx-warmup-days`` (35) before the training start
+  are replayed first, so that windows and per-key state are warm (``trainer train --train-from``).
+  ``--tx-protocol handbook``: the fraud handbook's protocol, one training week, one delay week and one
+  test week, on each split of ``TX_HANDBOOK_SPLITS`` (two, in 2018Q2), with each split's figures and
+  their median.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from trainer.data import CsvSpec, LoadedData, load_csv  # noqa: E402
 from trainer.evaluate import evaluate, evaluation_mask, replay  # noqa: E402
 from stream_detector.artifacts import save_artifact  # noqa: E402
 from trainer.fit import (  # noqa: E402
-    TrainConfig, WindowSet, split_by_key_time, train_and_save, train_model, windows_from_events,
+    TrainConfig, WindowSet, split_by_key_time, train_and_save, train_model, windows_between, windows_from_events,
 )
 from trainer.metrics import detection_metrics, precision_at_k_per_day  # noqa: E402
 from stream_detector.thresholds import fit_quantile_threshold  # noqa: E402
@@ -106,6 +112,13 @@ TX_UNSUPERVISED: list[tuple[str, dict[str, Any]]] = [
 TX_SUPERVISED = ("lstm_classifier", {"hidden": 32, "epochs": 20, "patience": 4, "max_train_windows": 100_000,
                                      "class_weight": "sqrt"})
 TX_REPLAY_DAYS = 35  # replayed before the test week: windows, per-key state and adaptive thresholds warm up
+TX_WARMUP_DAYS = 35  # --tx-warmup-days: replayed before the training start (per-key state only, no window kept)
+# --tx-protocol handbook: the fraud handbook's protocol (one training week, one delay week, one test
+# week), on two splits of 2018Q2 so that a figure is not one week's luck: (train, gap, test).
+TX_HANDBOOK_SPLITS = [
+    (("2018-05-21", "2018-05-28"), ("2018-05-28", "2018-06-04"), ("2018-06-04", "2018-06-11")),
+    (("2018-06-04", "2018-06-11"), ("2018-06-11", "2018-06-18"), ("2018-06-18", "2018-06-25")),
+]
 TX_RISK_DELAY_DAYS = 7
 TX_RISK_WINDOWS_DAYS = (1, 7, 30)
 TX_PUBLISHED = [
@@ -140,6 +153,20 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.is_available()}
+
+
+def git_commit() -> str:
+    """The checkout's commit, marked ``-dirty`` when tracked files differ from it."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except Exception:  # noqa: BLE001 - a report without the commit is still a report
+        return ""
 
 
 def merge(a: LoadedData, b: LoadedData) -> tuple[list[Event], list[int]]:
@@ -179,10 +206,13 @@ def global_threshold_metrics(rep, value: float) -> dict[str, Any]:
 
 def baseline_rows(profile: Profile, window: int, train_events: Sequence[Event], train_labels: Sequence[int],
                   eval_events: Sequence[Event], eval_labels: Sequence[int], eval_mask: np.ndarray, quantile: float,
-                  seed: int, extra_metrics=None, max_fit: int | None = None) -> list[dict[str, Any]]:
+                  seed: int, extra_metrics=None, max_fit: int | None = None,
+                  train_ws: WindowSet | None = None) -> list[dict[str, Any]]:
     """Fits every baseline on normal training windows, thresholds on the held-out ones, and
-    scores the evaluated events' windows (the same windows the detector scores)."""
-    train_ws = windows_from_events(train_events, profile, window, train_labels)
+    scores the evaluated events' windows (the same windows the detector scores). ``train_ws``:
+    the training windows the models got, instead of windows of ``train_events`` alone."""
+    if train_ws is None:
+        train_ws = windows_from_events(train_events, profile, window, train_labels)
     tr, va = split_by_key_time(train_ws, 0.2)
     normal = ~train_ws.contaminated
     fit_x, val_x = train_ws.windows[tr & normal], train_ws.windows[va & normal]
@@ -336,6 +366,21 @@ def terminal_context(events: Sequence[Event], labels: Sequence[int], terminal_in
     return out
 
 
+def training_window_set(events: Sequence[Event], labels: Sequence[int], profile: Profile, window: int,
+                        start: float, end: float, warmup_s: float) -> WindowSet:
+    """Training windows of the dates [start, end): the windows whose newest event is in them. The
+    events of the ``warmup_s`` seconds before ``start`` are replayed first, so that windows and
+    per-key state (a customer's mean amount, terminals, pace) are warm at the start, as they are
+    when the test week starts; no window ending before ``start`` is kept (``trainer train
+    --train-from``). Events are in timestamp order."""
+    t = np.array([e.timestamp for e in events])
+    warm, stop = (int(np.searchsorted(t, v)) for v in (start - warmup_s, end))
+    part = events[warm:stop]
+    ws = windows_between(windows_from_events(part, profile, window, labels[warm:stop]), part, since=start)
+    ws.event_index = ws.event_index + warm
+    return ws
+
+
 def with_context(events: Sequence[Event], context: np.ndarray) -> list[Event]:
     return [Event(e.key, e.event_id, e.timestamp, tuple(e.values) + tuple(float(v) for v in row))
             for e, row in zip(events, context)]
@@ -404,23 +449,23 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
             "features": list(profile.feature_names), "config": result.model.config()})
 
     def training_windows(evs: Sequence[Event], profile: Profile) -> WindowSet:
-        """Windows of the training dates only: events from the training start to its end."""
-        first, n_train = int(np.searchsorted(t, ts(tx_train[0]))), int(np.searchsorted(t, ts(tx_train[1])))
-        return windows_from_events(evs[first:n_train], profile, TX_WINDOW, labels[first:n_train])
+        return training_window_set(evs, labels, profile, TX_WINDOW, ts(tx_train[0]), ts(tx_train[1]),
+                                   args.tx_warmup_days * DAY)
 
     rows = []
     unsupervised = [(k, o) for k, o in TX_UNSUPERVISED if not args.models or k in args.models]
     supervised = not args.models or TX_SUPERVISED[0] in args.models
-    if unsupervised or supervised:
-        ws = training_windows(events, base_profile)
+    ws = training_windows(events, base_profile) if not args.no_baselines or (
+        (unsupervised or supervised) and not args.tx_risk_only) else None
+    if (unsupervised or supervised) and not args.tx_risk_only:
         for kind, overrides in unsupervised:
             rows.append(run_model(kind, overrides, events, base_profile, kind, ws))
         if supervised and not args.tx_risk_only:
             kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
             rows.append(run_model(kind, overrides, events, base_profile, f"{kind} (no terminal risk)", ws))
-        del ws
-    if supervised:
-        kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
+    risk_unsupervised = unsupervised if args.tx_unsupervised_risk and not args.tx_risk_only else []
+    feedback_note: dict[str, Any] = {}
+    if supervised or risk_unsupervised:
         context = terminal_context(events, labels, terminal_index=1, recency=args.tx_recency)
         if args.tx_customer_risk:
             context.update(terminal_context(events, labels, None, prefix="customer", recency=args.tx_recency))
@@ -432,14 +477,23 @@ def run_transactions(data_dir: Path, work: Path, args: argparse.Namespace) -> di
                          "normal_test_events_with_terminal_feedback": int((mask & (y == 0) & ~invisible).sum())}
         risk_profile = TransactionProfile(**{**args.tx_profile, "context_fields": tuple(context)})
         risk_events = with_context(events, np.column_stack(list(context.values())))
-        rows.append(run_model(kind, overrides, risk_events, risk_profile, f"{kind} + terminal risk",
-                              training_windows(risk_events, risk_profile)))
+        risk_ws = training_windows(risk_events, risk_profile)
+        # Unsupervised models fed the same delayed feedback, as the handbook's autoencoder is (its 15
+        # features include the terminal risk ones): trained on normal windows, no label as target.
+        for kind, overrides in risk_unsupervised:
+            rows.append(run_model(kind, overrides, risk_events, risk_profile, f"{kind} + terminal risk", risk_ws))
+        if supervised:
+            kind, overrides = TX_SUPERVISED[0], {**TX_SUPERVISED[1], **args.tx_supervised}
+            rows.append(run_model(kind, overrides, risk_events, risk_profile, f"{kind} + terminal risk", risk_ws))
+        del risk_ws
     if not args.no_baselines:
         rows += baseline_rows(base_profile, TX_WINDOW, train_events, train_labels, events, labels, mask, TX_QUANTILE,
-                              args.seed, extra_metrics, max_fit=TX_MAX_TRAIN)
-    return {"rows": rows, "feedback": feedback_note if supervised else {},
+                              args.seed, extra_metrics, max_fit=TX_MAX_TRAIN, train_ws=ws)
+    del ws
+    return {"rows": rows, "feedback": feedback_note,
             "data": {"replayed_events": len(events), "train_events": len(train_events),
                      "train": list(tx_train), "gap": list(tx_gap), "test": list(tx_test),
+                     "warmup_days": args.tx_warmup_days,
                                    "test_events": int(mask.sum()), "test_frauds": int(y[mask].sum()),
                                    "test_frauds_by_scenario": {str(s): int(((scenario == s) & mask).sum())
                                                                for s in (1, 2, 3)},
@@ -461,9 +515,141 @@ def fmt(v: Any, kind: str = "f3") -> str:
     return f"{v:.3f}"
 
 
+def tx_lines(tx: dict[str, Any], title: str) -> list[str]:
+    """The markdown of one transactions split."""
+    lines: list[str] = []
+    d = tx["data"]
+    train_dates, gap_dates, test_dates = (d.get("train", TX_TRAIN), d.get("gap", TX_GAP), d.get("test", TX_TEST))
+    lines += [
+        title, "",
+        f"Protocol: keyed by customer; train on {train_dates[0]} .. {train_dates[1]} (exclusive), gap "
+        f"{gap_dates[0]} .. {gap_dates[1]} (replayed for per-key state, never trained on or evaluated: the label "
+        f"delay), test {test_dates[0]} .. {test_dates[1]} (exclusive): {d['test_events']} transactions, "
+        f"{d['test_frauds']} frauds (scenario 1: {d['test_frauds_by_scenario']['1']}, 2: "
+        f"{d['test_frauds_by_scenario']['2']}, 3: {d['test_frauds_by_scenario']['3']}). Transactions from "
+        f"{TX_REPLAY_DAYS} days before the test week on are replayed through the worker's detector, so windows, "
+        f"per-key state and adaptive thresholds are warm when the test week starts. Training windows end in the "
+        f"training dates ({fmt(d.get('warmup_days', 0), 'f1')} days before the training start are replayed first, "
+        "to warm windows and per-key state up, as for the test week) and "
+        f"are sub-sampled to at most {TX_MAX_TRAIN:,} (supervised: every fraud kept, normal windows sub-sampled "
+        f"to {TX_SUPERVISED[1]['max_train_windows']:,}). Unsupervised models train on normal windows only; thresholds: the {TX_QUANTILE} "
+        "quantile of held-out normal training scores (supervised: best F1 on held-out training windows). "
+        "AP and ROC-AUC are over scored test events; card precision@100 ranks customers per day by their "
+        "highest score (handbook definition), averaged over the 7 test days. Scenario recalls are at the "
+        "threshold. Profile: " + ", ".join(f"`{k}={v}`" for k, v in d["profile"].items() if k != "name") + ".", "",
+        "| model | AP | ROC-AUC | card P@100 | F1 | FAR | recall sc.1 | recall sc.2 | recall sc.3 | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in tx["rows"]:
+        lines.append(f"| {r['name']} | {fmt(r['average_precision'])} | {fmt(r['roc_auc'])} | "
+                     f"{fmt(r.get('card_precision_at_100'))} | {fmt(r['f1'])} | {fmt(r['far'], 'pct')} | "
+                     f"{fmt(r.get('recall_scenario_1'))} | {fmt(r.get('recall_scenario_2'))} | "
+                     f"{fmt(r.get('recall_scenario_3'))} | {fmt(r['train_seconds'], 'f1')} |")
+    for name, ap, auc, p100 in TX_PUBLISHED:
+        lines.append(f"| *{name}* | {fmt(ap)} | {fmt(auc)} | {fmt(p100)} | | | | | | |")
+    unsup = [r for r in tx["rows"] if r["kind"] not in ("baseline", "lstm_classifier")]
+    sup = [r for r in tx["rows"] if r["kind"] == "lstm_classifier"]
+    if unsup:
+        b = max(unsup, key=lambda r: r["average_precision"])
+        lines += ["", f"Target unsupervised AP >= {TARGETS['tx_unsupervised_ap']}: best {b['name']} "
+                      f"{fmt(b['average_precision'])} -> **{'met' if b['average_precision'] >= TARGETS['tx_unsupervised_ap'] else 'not met'}**."]
+    if sup:
+        b = max(sup, key=lambda r: r["average_precision"])
+        lines += [f"Target supervised AP >= {TARGETS['tx_supervised_ap']}: best {b['name']} "
+                  f"{fmt(b['average_precision'])} -> **{'met' if b['average_precision'] >= TARGETS['tx_supervised_ap'] else 'not met'}**."]
+    fb = tx.get("feedback") or {}
+    if fb:
+        lines += ["", f"Why scenario 2 caps every model: of the {fb['scenario_2_test_frauds']} scenario-2 test frauds, "
+                      f"{fb['scenario_2_without_terminal_feedback']} happen at terminals with no confirmed fraud in the "
+                      f"delayed feedback yet (their compromise began less than {TX_RISK_DELAY_DAYS} days earlier): nothing "
+                      "in the data tells them from normal transactions. And "
+                      f"{fb['normal_test_events_with_terminal_feedback']} normal test transactions happen at terminals "
+                      "with some confirmed fraud in their feedback (mostly one card fraud there in the past month, or a "
+                      "compromise that has ended since: the fraud shares cannot show that, the age and recency of the "
+                      "terminal's confirmed frauds mostly can)."]
+    lines.append("")
+    return lines
+
+
+HANDBOOK_METRICS = (("average_precision", "AP"), ("roc_auc", "ROC-AUC"), ("card_precision_at_100", "card P@100"))
+
+
+def handbook_summary(splits: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model (row name, in the first split's order): each split's AP, ROC-AUC and card
+    precision@100, and their median over the splits."""
+    names = [r["name"] for r in splits[0]["rows"]]
+    out = []
+    for name in names:
+        found = [next((r for r in s["rows"] if r["name"] == name), None) for s in splits]
+        row: dict[str, Any] = {"name": name, "kind": found[0]["kind"]}
+        for key, _ in HANDBOOK_METRICS:
+            values = [math.nan if r is None or r.get(key) is None else float(r[key]) for r in found]
+            row[key] = values
+            row[f"{key}_median"] = float(np.median(values)) if all(math.isfinite(v) for v in values) else math.nan
+        out.append(row)
+    return out
+
+
+def run_handbook(data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The fraud handbook's protocol on each split of TX_HANDBOOK_SPLITS."""
+    splits = []
+    for i, (train, gap, test) in enumerate(TX_HANDBOOK_SPLITS, 1):
+        log(f"handbook split {i}: train {train[0]} .. {train[1]}, gap {gap[0]} .. {gap[1]}, test {test[0]} .. {test[1]}")
+        split_args = argparse.Namespace(**{**vars(args), "tx_train": list(train), "tx_gap": list(gap),
+                                           "tx_test": list(test)})
+        splits.append(run_transactions(data_dir, work / f"handbook-{i}", split_args))
+    return {"splits": splits, "summary": handbook_summary(splits)}
+
+
+def handbook_lines(hb: dict[str, Any]) -> list[str]:
+    splits = hb["splits"]
+    n = len(splits)
+    names = " / ".join(f"split {i}" for i in range(1, n + 1))
+    lines = ["## Transactions, the fraud handbook's protocol", "",
+             f"One training week, one delay week, one test week, as the handbook trains and tests, on {n} splits "
+             "of 2018Q2 (the test weeks do not overlap): "
+             + "; ".join(f"split {i}: train {s['data']['train'][0]} .. {s['data']['train'][1]}, test "
+                         f"{s['data']['test'][0]} .. {s['data']['test'][1]} ({s['data']['test_frauds']} frauds in "
+                         f"{s['data']['test_events']} transactions)" for i, s in enumerate(splits, 1))
+             + ". Each cell: " + names + " / **median**. `+ terminal risk`: the model also reads the terminals' "
+             "delayed fraud feedback (share of confirmed frauds and log number of transactions over 1, 7 and 30 "
+             "days ending 7 days before the transaction, and the days since the terminal's first and last "
+             "confirmed frauds in those 30 days), the handbook's terminal risk features; an unsupervised model "
+             "fed them is the fair comparison with the handbook's autoencoder, whose 15 features include them "
+             "(it still trains on normal windows only, with no label as target).", "",
+             "| model | " + " | ".join(label for _, label in HANDBOOK_METRICS) + " |",
+             "| --- |" + " --- |" * len(HANDBOOK_METRICS)]
+    for r in hb["summary"]:
+        cells = [" / ".join(fmt(v) for v in r[key]) + f" / **{fmt(r[f'{key}_median'])}**" for key, _ in HANDBOOK_METRICS]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    for name, ap, auc, p100 in TX_PUBLISHED:
+        lines.append(f"| *{name}* | {fmt(ap)} | {fmt(auc)} | {fmt(p100)} |")
+    summary = hb["summary"]
+    unsup = [r for r in summary if r["kind"] not in ("baseline", "lstm_classifier")]
+    sup = [r for r in summary if r["kind"] == "lstm_classifier"]
+    handbook_auc = TX_PUBLISHED[0][2]
+    lines.append("")
+    if unsup:
+        b = max(unsup, key=lambda r: r["average_precision_median"])
+        c = max(unsup, key=lambda r: r["roc_auc_median"])
+        lines += [f"Target unsupervised AP >= {TARGETS['tx_unsupervised_ap']} (median): best {b['name']} "
+                  f"{fmt(b['average_precision_median'])} -> **{'met' if b['average_precision_median'] >= TARGETS['tx_unsupervised_ap'] else 'not met'}**.",
+                  f"Target unsupervised ROC-AUC >= {handbook_auc} (the handbook autoencoder's; median): best "
+                  f"{c['name']} {fmt(c['roc_auc_median'])} -> **{'met' if c['roc_auc_median'] >= handbook_auc else 'not met'}**."]
+    if sup:
+        b = max(sup, key=lambda r: r["average_precision_median"])
+        lines += [f"Target supervised AP >= {TARGETS['tx_supervised_ap']} (median): best {b['name']} "
+                  f"{fmt(b['average_precision_median'])} -> **{'met' if b['average_precision_median'] >= TARGETS['tx_supervised_ap'] else 'not met'}**."]
+    lines.append("")
+    for i, split in enumerate(splits, 1):
+        lines += tx_lines(split, f"### Split {i}")
+    return lines
+
+
 def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = ["# Detection quality benchmark", "",
-             f"Generated by `{meta['command']}` on {meta['finished_at']} in {meta['seconds'] / 60:.1f} min.", "",
+             f"Generated by `{meta['command']}` on {meta['finished_at']} in {meta['seconds'] / 60:.1f} min"
+             + (f", at commit `{meta['commit']}`." if meta.get("commit") else "."), "",
              f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
              f"{meta['machine']['platform']}, Python {meta['machine']['python']}, torch {meta['machine']['torch']} "
              f"({meta['machine']['torch_threads']} threads, CPU only).", ""]
@@ -501,55 +687,9 @@ def report(results: dict[str, Any], meta: dict[str, Any]) -> str:
                           f"**{'met' if met else 'not met'}**."]
         lines.append("")
     if "transactions" in results:
-        tx = results["transactions"]
-        d = tx["data"]
-        train_dates, gap_dates, test_dates = (d.get("train", TX_TRAIN), d.get("gap", TX_GAP), d.get("test", TX_TEST))
-        lines += [
-            "## Transactions (fraud handbook simulation)", "",
-            f"Protocol: keyed by customer; train on {train_dates[0]} .. {train_dates[1]} (exclusive), gap "
-            f"{gap_dates[0]} .. {gap_dates[1]} (replayed for per-key state, never trained on or evaluated: the label "
-            f"delay), test {test_dates[0]} .. {test_dates[1]} (exclusive): {d['test_events']} transactions, "
-            f"{d['test_frauds']} frauds (scenario 1: {d['test_frauds_by_scenario']['1']}, 2: "
-            f"{d['test_frauds_by_scenario']['2']}, 3: {d['test_frauds_by_scenario']['3']}). Transactions from "
-            f"{TX_REPLAY_DAYS} days before the test week on are replayed through the worker's detector, so windows, "
-            f"per-key state and adaptive thresholds are warm when the test week starts. Training windows "
-            f"are sub-sampled to at most {TX_MAX_TRAIN:,} (supervised: every fraud kept, normal windows sub-sampled "
-            f"to {TX_SUPERVISED[1]['max_train_windows']:,}). Unsupervised models train on normal windows only; thresholds: the {TX_QUANTILE} "
-            "quantile of held-out normal training scores (supervised: best F1 on held-out training windows). "
-            "AP and ROC-AUC are over scored test events; card precision@100 ranks customers per day by their "
-            "highest score (handbook definition), averaged over the 7 test days. Scenario recalls are at the "
-            "threshold. Profile: " + ", ".join(f"`{k}={v}`" for k, v in d["profile"].items() if k != "name") + ".", "",
-            "| model | AP | ROC-AUC | card P@100 | F1 | FAR | recall sc.1 | recall sc.2 | recall sc.3 | train s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in tx["rows"]:
-            lines.append(f"| {r['name']} | {fmt(r['average_precision'])} | {fmt(r['roc_auc'])} | "
-                         f"{fmt(r.get('card_precision_at_100'))} | {fmt(r['f1'])} | {fmt(r['far'], 'pct')} | "
-                         f"{fmt(r.get('recall_scenario_1'))} | {fmt(r.get('recall_scenario_2'))} | "
-                         f"{fmt(r.get('recall_scenario_3'))} | {fmt(r['train_seconds'], 'f1')} |")
-        for name, ap, auc, p100 in TX_PUBLISHED:
-            lines.append(f"| *{name}* | {fmt(ap)} | {fmt(auc)} | {fmt(p100)} | | | | | | |")
-        unsup = [r for r in tx["rows"] if r["kind"] not in ("baseline", "lstm_classifier")]
-        sup = [r for r in tx["rows"] if r["kind"] == "lstm_classifier"]
-        if unsup:
-            b = max(unsup, key=lambda r: r["average_precision"])
-            lines += ["", f"Target unsupervised AP >= {TARGETS['tx_unsupervised_ap']}: best {b['name']} "
-                          f"{fmt(b['average_precision'])} -> **{'met' if b['average_precision'] >= TARGETS['tx_unsupervised_ap'] else 'not met'}**."]
-        if sup:
-            b = max(sup, key=lambda r: r["average_precision"])
-            lines += [f"Target supervised AP >= {TARGETS['tx_supervised_ap']}: best {b['name']} "
-                      f"{fmt(b['average_precision'])} -> **{'met' if b['average_precision'] >= TARGETS['tx_supervised_ap'] else 'not met'}**."]
-        fb = tx.get("feedback") or {}
-        if fb:
-            lines += ["", f"Why scenario 2 caps every model: of the {fb['scenario_2_test_frauds']} scenario-2 test frauds, "
-                          f"{fb['scenario_2_without_terminal_feedback']} happen at terminals with no confirmed fraud in the "
-                          f"delayed feedback yet (their compromise began less than {TX_RISK_DELAY_DAYS} days earlier): nothing "
-                          "in the data tells them from normal transactions. And "
-                          f"{fb['normal_test_events_with_terminal_feedback']} normal test transactions happen at terminals "
-                          "with some confirmed fraud in their feedback (mostly one card fraud there in the past month, or a "
-                          "compromise that has ended since: the fraud shares cannot show that, the age and recency of the "
-                          "terminal's confirmed frauds mostly can)."]
-        lines.append("")
+        lines += tx_lines(results["transactions"], "## Transactions (fraud handbook simulation)")
+    if "transactions_handbook" in results:
+        lines += handbook_lines(results["transactions_handbook"])
     lines += ["## Notes", ""] + [f"- {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -577,6 +717,15 @@ NOTES = [
     "The transactions profile runs with `robust_features` (amount relative to the key's median of its last 16 "
     "amounts, decayed one-day count): in a run with the default features (and 120,000 training windows, 12 "
     "epochs) the best unsupervised AP was 0.180 (lstm_ae), the handbook autoencoder's figure.",
+    "Handbook protocol (`--tx-protocol handbook`): each split trains on one week, skips one (the label "
+    "delay) and tests on the next, as the handbook does; settings are the same for every split (none was chosen "
+    "on a week reported here), and the median over the splits is the headline figure. Training windows end in "
+    "the training week, but the weeks before it are replayed first (`--tx-warmup-days`, `trainer train "
+    "--train-from`): with window 16 and about two transactions per customer a day, a cold start leaves most "
+    "customers without a single window in one week (the handbook's features, too, look 30 days back). Rows "
+    "named `+ terminal risk` read the terminals' delayed fraud feedback; for unsupervised models that is the "
+    "handbook autoencoder's own input (its 15 features include the terminal risk ones), so those rows are the "
+    "fair comparison with its ROC-AUC 0.836; they still never see a label as a target.",
     "Runs are deterministic for a seed on this machine (a second run reproduced every figure). Timings are wall "
     "clock on a 2-core box shared with other jobs: indicative only.",
 ]
@@ -621,6 +770,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="transactions: the delayed feedback gives fraud shares and counts only, not the days "
                              "since the terminal's first and last confirmed frauds")
     parser.add_argument("--tx-risk-only", action="store_true", help="transactions: only the classifier with terminal risk")
+    parser.add_argument("--no-tx-unsupervised-risk", dest="tx_unsupervised_risk", action="store_false",
+                        help="transactions: no unsupervised models fed the terminals' delayed fraud feedback (by "
+                             "default each unsupervised model also runs with it, as the handbook's autoencoder does)")
+    parser.add_argument("--tx-warmup-days", type=float, default=TX_WARMUP_DAYS,
+                        help="transactions: days before the training start replayed to warm windows and per-key "
+                             "state up (no window ending there is trained on)")
+    parser.add_argument("--tx-protocol", choices=["weeks", "handbook"], default="weeks",
+                        help="transactions: 'weeks' runs the --tx-train/--tx-gap/--tx-test split; 'handbook' the "
+                             "fraud handbook's protocol (one training week, one delay week, one test week) on each "
+                             "split of TX_HANDBOOK_SPLITS, with per-split figures and their median")
     args = parser.parse_args(argv)
     args.tx_profile = json.loads(args.tx_profile)
     args.tx_supervised = json.loads(args.tx_supervised)
@@ -640,9 +799,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only in (None, "skab"):
             results["skab"] = run_skab(data_dir, work, args)
         if args.only in (None, "transactions"):
-            results["transactions"] = run_transactions(data_dir, work, args)
+            if args.tx_protocol == "handbook":
+                results["transactions_handbook"] = run_handbook(data_dir, work, args)
+            else:
+                results["transactions"] = run_transactions(data_dir, work, args)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, ROOT), *sys.argv[1:]]),
-            "machine": machine(), "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "commit": git_commit(), "finished_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": time.perf_counter() - started, "targets": TARGETS, "notes": NOTES}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

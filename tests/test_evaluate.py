@@ -268,3 +268,31 @@ def test_train_and_evaluate_cli_on_a_transactions_csv(tmp_path):
     assert report["metrics"]["events"] == 30 * 60
     assert report["metrics"]["warming_up_events"] == 30 * 7
     assert report["model"]["threshold_policy"] == "GlobalThreshold"  # an F1 threshold is not adapted per key
+
+
+def test_train_from_fits_only_windows_of_the_dates_warmed_by_the_events_before(tmp_path):
+    """`trainer train --train-from/--train-until`: windows ending before the dates are not fitted,
+    but their events warm each key up, so the first events of the dates already complete windows."""
+    from datetime import datetime, timezone
+
+    events = generate("transactions", n_keys=20, events_per_key=40, anomaly_rate=0.0, seed=5)
+    rows = [{"TRANSACTION_ID": i,
+             "TX_DATETIME": datetime.fromtimestamp(e.timestamp, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+             "CUSTOMER_ID": e.key, "TERMINAL_ID": e.fields["terminal_id"], "TX_AMOUNT": e.fields["amount"]}
+            for i, e in enumerate(sorted(events, key=lambda e: e.timestamp))]
+    write_csv(tmp_path / "tx.csv", rows)
+    stamps = sorted(int(datetime.strptime(r["TX_DATETIME"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+                        .timestamp()) for r in rows)
+    since, until = stamps[len(stamps) // 2], stamps[3 * len(stamps) // 4]
+    in_dates = sum(since <= s < until for s in stamps)
+    flags = ["train", "--profile", "transactions", "--csv", str(tmp_path / "tx.csv"), "--key-column", "CUSTOMER_ID",
+             "--time-column", "TX_DATETIME", "--amount-column", "TX_AMOUNT", "--terminal-column", "TERMINAL_ID",
+             "--id-column", "TRANSACTION_ID", "--window", "8", "--hidden", "8", "--latent", "4", "--epochs", "1",
+             "--no-progress", "--threads", "1", "--device", "cpu", "--val-fraction", "0"]
+    rc = trainer_main([*flags, "--train-from", str(since), "--train-until", str(until), "--out", str(tmp_path / "m")])
+    assert rc == 0
+    # Every event of the dates completes a window: each key has had more than 8 events by `since`.
+    assert load_artifact(tmp_path / "m").metadata["training"]["train_windows"] == in_dates
+    rc = trainer_main([*flags, "--out", str(tmp_path / "all")])
+    assert rc == 0
+    assert load_artifact(tmp_path / "all").metadata["training"]["train_windows"] == 20 * (40 - 7)

@@ -163,7 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"(window {window}, features: {', '.join(data.profile.feature_names)})", flush=True)
     path, result = train_and_save(data.events, data.profile, config, args.out, labels=data.labels,
                                   progress=not args.no_progress, data_description=described,
-                                  signing_key=signing_key)
+                                  signing_key=signing_key, train_from=_time_flag(args.train_from),
+                                  train_until=_time_flag(args.train_until))
     _register_trained(args, path)
     m = result.metrics
     summary = {
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "labelled anomalous (left out of unsupervised training), those of false positives normal")
     p.add_argument("--alerts-jsonl", metavar="FILE",
                    help="with --feedback-jsonl: a dump of the alerts topic, naming each incident's events")
+    p.add_argument("--train-from", metavar="TIME",
+                   help="fit only windows whose newest event is at or after TIME (ISO-8601 or epoch seconds); "
+                        "earlier events warm each key's window and state up")
+    p.add_argument("--train-until", metavar="TIME", help="fit only windows whose newest event is before TIME")
     p.add_argument("--robust-features", action="store_true",
                    help="transactions: add amount_to_key_median and log_tx_last_day to the per-key features")
     p.add_argument("--context-fields", help="transactions: comma-separated extra numeric event fields (CSV "

@@ -71,6 +71,24 @@ def windows_from_events(events: Sequence[Event], profile: Profile, window: int,
                      np.asarray(label, np.int64), np.asarray(contaminated, bool), keys)
 
 
+def windows_between(ws: WindowSet, events: Sequence[Event], since: float | None = None,
+                    until: float | None = None) -> WindowSet:
+    """The windows whose newest event's time is in [since, until) (either end open when None).
+    Events before ``since`` have still been replayed: they warm each key's window and per-key state
+    (a customer's mean amount, terminals, pace) up, so the first windows of the dates are as warm as
+    the worker's would be, without training on windows that end before them."""
+    if since is None and until is None:
+        return ws
+    t = np.array([events[i].timestamp for i in ws.event_index], dtype=np.float64)
+    keep = np.ones(len(t), dtype=bool)
+    if since is not None:
+        keep &= t >= since
+    if until is not None:
+        keep &= t < until
+    return WindowSet(ws.windows[keep], ws.key_index[keep], ws.event_index[keep], ws.label[keep],
+                     ws.contaminated[keep], ws.keys)
+
+
 @dataclass
 class TrainConfig:
     model: str = "lstm_ae"
@@ -387,9 +405,14 @@ def train_model(ws: WindowSet, profile: Profile, config: TrainConfig, progress: 
 def train_and_save(events: Sequence[Event], profile: Profile, config: TrainConfig, model_dir: str | Path,
                    labels: Sequence[int] | None = None, progress: bool = True,
                    data_description: dict[str, Any] | None = None,
-                   signing_key: bytes | None = None) -> tuple[Path, TrainResult]:
+                   signing_key: bytes | None = None, train_from: float | None = None,
+                   train_until: float | None = None) -> tuple[Path, TrainResult]:
+    """Windows of ``events`` (in timestamp order) -> trained artifact. With ``train_from`` /
+    ``train_until``, only windows whose newest event is in [train_from, train_until) are fitted;
+    earlier events only warm windows and per-key state up (:func:`windows_between`)."""
     key_normal = config.key_normal(profile)
     ws = windows_from_events(events, profile, config.window, labels, key_normal)
+    ws = windows_between(ws, events, train_from, train_until)
     result = train_model(ws, profile, config, progress=progress)
     training = dict(result.metrics)
     training["key_normal"] = key_normal.to_dict()
