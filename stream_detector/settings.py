@@ -280,8 +280,15 @@ class Settings:
                       "by the normal tail); `normal` = a normal distribution on the running spread alone."),
     )
     tail_spike_after: float = field(
-        default=4.0, metadata=_doc("With the empirical values tail: windows of the key's horizon that must have "
-                                   "reached a level before a value at that level stops being rare.")
+        default=4.0, metadata=_doc("With an empirical tail: windows of the key's horizon that must have "
+                                   "reached a level before a value (or score) at that level stops being rare.")
+    )
+    tail_score_tail: str = field(
+        default="normal",
+        metadata=_doc("Tail of the model-score check: `normal` = a normal distribution on the running spread of the "
+                      "key's scores; `empirical` = the values check's empirical rule on the score's upper tail (a "
+                      "score as high as at least `tail_spike_after` recent windows' is judged by how often that "
+                      "happened, unless it is held longer than 3 windows or higher than any before)."),
     )
     adaptive_thresholds: bool = field(
         default=True,
@@ -445,6 +452,8 @@ class Settings:
             problems.append("tail_horizon must be at least 2 and tail_warmup in [2, tail_horizon]")
         if self.tail_values_tail not in ("normal", "empirical"):
             problems.append(f"tail_values_tail must be normal or empirical, not {self.tail_values_tail!r}")
+        if self.tail_score_tail not in ("normal", "empirical"):
+            problems.append(f"tail_score_tail must be normal or empirical, not {self.tail_score_tail!r}")
         if not self.tail_spike_after > 0:
             problems.append("tail_spike_after must be positive")
         if not 1 <= self.threshold_max_ratio < float("inf"):

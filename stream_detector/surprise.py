@@ -88,10 +88,13 @@ class TailConfig:
     values_tail: str = "empirical"
     spike_width: int = 3  # empirical tail: consecutive far-out windows still judged as a (recurring) spike
     spike_after: float = 4.0  # empirical tail: windows of the horizon that reached a level before it is not rare
+    # The model-score check's tail: "normal" (a Gaussian on the running spread of the key's scores) or
+    # "empirical" (the same rule as the values' empirical tail, on the upper tail of the score)
+    score_tail: str = "normal"
 
     def __post_init__(self) -> None:
-        if self.values_tail not in VALUES_TAILS:
-            raise ValueError(f"tail values_tail must be one of {', '.join(VALUES_TAILS)}")
+        if self.values_tail not in VALUES_TAILS or self.score_tail not in VALUES_TAILS:
+            raise ValueError(f"tail values_tail and score_tail must be one of {', '.join(VALUES_TAILS)}")
         if self.spike_width < 0 or not self.spike_after > 0:
             raise ValueError("tail spike_width must not be negative and spike_after must be positive")
         if not (self.alert_surprise > 0 and math.isfinite(self.alert_surprise)):
@@ -145,6 +148,10 @@ class TailCalibration(KeyRows):
         levels = len(TAIL_LEVELS) if self._empirical else 0
         self._streak = np.zeros(0, dtype=np.int64)  # consecutive windows with a far-out value
         self._share = np.zeros((0, self.n_features, levels), dtype=np.float32)  # share of windows at each level
+        self._score_empirical = self.config.score_tail == "empirical"
+        score_levels = len(TAIL_LEVELS) if self._score_empirical else 0
+        self._score_streak = np.zeros(0, dtype=np.int64)  # consecutive windows with a far-out score
+        self._score_share = np.zeros((0, score_levels), dtype=np.float32)  # share of windows whose score reached each level
         self._grow(max(min(initial_capacity, max_keys or initial_capacity), 1))
         self.last_surprise = np.zeros(0, dtype=np.float64)  # of the last judged batch, per window
 
@@ -193,8 +200,9 @@ class TailCalibration(KeyRows):
 
     @property
     def bytes_per_key(self) -> int:
-        return 8 + 8 + 16 + 16 * self.n_features + (8 + 4 * self._share.shape[2] * self.n_features
-                                                      if self._empirical else 0)
+        return (8 + 8 + 16 + 16 * self.n_features
+                + (8 + 4 * self._share.shape[2] * self.n_features if self._empirical else 0)
+                + (8 + 4 * self._score_share.shape[1] if self._score_empirical else 0))
 
     def export_key(self, key: str) -> bytes | None:
         """The key's statistics, for its changelog snapshot; None for a key not seen."""
@@ -206,19 +214,31 @@ class TailCalibration(KeyRows):
                                    int(self._run[row])) + self._values[row].tobytes())
         if self._empirical:
             blob += _TAIL_HEADER.pack(len(TAIL_LEVELS), int(self._streak[row])) + self._share[row].tobytes()
+        if self._score_empirical:
+            blob += _TAIL_HEADER.pack(len(TAIL_LEVELS), int(self._score_streak[row])) + self._score_share[row].tobytes()
         return blob
 
     def adopt_key(self, key: str, blob: bytes) -> bool:
         """Takes over a key's statistics from :meth:`export_key`; False (the key warms up again) when
-        they were learned under another horizon or feature count, or with another values tail."""
+        they were learned under another horizon or feature count, or with another values or score tail."""
         size = _STATE_HEADER.size + 16 * self.n_features
         tail_size = _TAIL_HEADER.size + 4 * len(TAIL_LEVELS) * self.n_features if self._empirical else 0
-        if len(blob) != size + tail_size:
+        score_size = _TAIL_HEADER.size + 4 * len(TAIL_LEVELS) if self._score_empirical else 0
+        if len(blob) != size + tail_size + score_size:
             return False
+        score_streak, score_share = 0, None
+        if self._score_empirical:
+            at = size + tail_size
+            levels, score_streak = _TAIL_HEADER.unpack_from(blob, at)
+            score_share = np.frombuffer(blob, dtype=np.float32, offset=at + _TAIL_HEADER.size, count=len(TAIL_LEVELS))
+            if levels != len(TAIL_LEVELS) or score_streak < 0 or not (
+                    np.isfinite(score_share).all() and ((score_share >= 0) & (score_share <= 1)).all()):
+                return False
         streak, share = 0, None
         if self._empirical:
             levels, streak = _TAIL_HEADER.unpack_from(blob, size)
-            share = np.frombuffer(blob, dtype=np.float32, offset=size + _TAIL_HEADER.size).reshape(self.n_features, -1)
+            share = np.frombuffer(blob, dtype=np.float32, offset=size + _TAIL_HEADER.size,
+                                  count=len(TAIL_LEVELS) * self.n_features).reshape(self.n_features, -1)
             if levels != len(TAIL_LEVELS) or streak < 0 or not (np.isfinite(share).all() and
                                                                 ((share >= 0) & (share <= 1)).all()):
                 return False
@@ -237,6 +257,9 @@ class TailCalibration(KeyRows):
         if share is not None:
             self._streak[row] = streak
             self._share[row] = share
+        if score_share is not None:
+            self._score_streak[row] = score_streak
+            self._score_share[row] = score_share
         if count >= self.warmup:
             self._calibrated += 1
         return True
@@ -255,7 +278,10 @@ class TailCalibration(KeyRows):
         count = self._count[rr]
         ready = count >= cfg.warmup
         mean, var = self._score[rr, 0], self._score[rr, 1]
-        sp = surprise_upper((s - mean) / self._spread(mean, var))
+        zs = (s - mean) / self._spread(mean, var)
+        sp = surprise_upper(zs)
+        if self._score_empirical:
+            sp = self._empirical_score_surprise(rr, np.nan_to_num(zs, nan=0.0), sp, ready & finite)
         z = None
         if values is not None:
             x = values[idx]
@@ -293,6 +319,17 @@ class TailCalibration(KeyRows):
             band = clip * self._spread(moments[:, 0], moments[:, 1])
             sl = np.where(sustained, np.clip(sl, moments[:, 0] - band, moments[:, 0] + band), sl)
         self._score[rl] = _update(moments, sl, rate)
+        if self._score_empirical:
+            # As the values' shares below: the share of windows whose score reached each level.
+            zl = np.maximum(np.nan_to_num(zs[learn], nan=0.0), 0.0)
+            if clip > 0:
+                zl = np.where(sustained, np.minimum(zl, clip), zl)
+            reached = np.searchsorted(TAIL_LEVELS, zl, side="right")[:, None] > np.arange(len(TAIL_LEVELS))
+            base = 1.0 / np.minimum(n_new, cfg.horizon).astype(np.float64)
+            step = np.where(sustained, rate, base) * ready[learn]
+            share = self._score_share[rl]
+            share += step[:, None] * (reached - share)
+            self._score_share[rl] = share
         if values is not None:
             xl = values[idx][learn]
             ok = np.isfinite(xl)
@@ -354,6 +391,28 @@ class TailCalibration(KeyRows):
         out[rows] = np.maximum(np.maximum(others, relieved.max(axis=1)), 0.0) - bonferroni
         return np.maximum(out, 0.0)
 
+    def _empirical_score_surprise(self, rr: np.ndarray, z: np.ndarray, normal: np.ndarray,
+                                  ready: np.ndarray) -> np.ndarray:
+        """The model-score check with the empirical tail: the rule of :meth:`_empirical_surprise` on
+        the upper tail of the score (one feature, one-sided). An isolated far-out score is no rarer
+        than the running share of the key's past windows whose score reached its level, once at least
+        ``spike_after`` windows did; from the ``spike_width``-th far-out window in a row, or beyond
+        every level reached, the normal tail. Updates the streak of far-out scores."""
+        cfg = self.config
+        streak = np.where(ready & (normal >= cfg.alert_surprise * cfg.calm_share), self._score_streak[rr] + 1, 0)
+        self._score_streak[rr] = streak
+        levels = np.searchsorted(TAIL_LEVELS, z, side="right")
+        rows = np.flatnonzero((levels > 0) & (streak <= cfg.spike_width))
+        if len(rows) == 0:
+            return normal
+        share = self._score_share[rr[rows], levels[rows] - 1].astype(np.float64)
+        seen = share * np.minimum(self._count[rr[rows]], cfg.horizon)
+        with np.errstate(divide="ignore"):
+            empirical = np.where(seen >= cfg.spike_after * (1 - 1e-4), -np.log10(share), np.inf)
+        out = normal.copy()
+        out[rows] = np.minimum(normal[rows], empirical)
+        return out
+
     def _allocate(self, key: str) -> int:
         if self._free:
             row = self._free.pop()
@@ -368,6 +427,8 @@ class TailCalibration(KeyRows):
         self._values[row] = 0.0
         self._streak[row] = 0
         self._share[row] = 0.0
+        self._score_streak[row] = 0
+        self._score_share[row] = 0.0
         return row
 
     def _grow(self, capacity: int) -> None:
@@ -378,6 +439,9 @@ class TailCalibration(KeyRows):
         self._values = np.concatenate([self._values, np.zeros((capacity - old, 2, self.n_features))])
         self._streak = np.concatenate([self._streak, np.zeros(capacity - old, np.int64)])
         self._share = np.concatenate([self._share, np.zeros((capacity - old, *self._share.shape[1:]), np.float32)])
+        self._score_streak = np.concatenate([self._score_streak, np.zeros(capacity - old, np.int64)])
+        self._score_share = np.concatenate([self._score_share, np.zeros((capacity - old, *self._score_share.shape[1:]),
+                                                                        np.float32)])
 
 
 def _update(moments: np.ndarray, x: np.ndarray, rate: np.ndarray) -> np.ndarray:

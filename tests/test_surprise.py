@@ -234,3 +234,85 @@ def test_invalid_tail_settings_are_refused(bad):
     with pytest.raises(ValueError):
         TailConfig(**bad)
 
+
+
+def spiky_scores(rng, n, every=50, height=3.0):
+    """Model scores around 1 (spread 0.1) with a one-window spike every ``every`` windows from window 200 on."""
+    scores = normal_scores(rng, n)
+    scores[200::every] += height
+    return scores
+
+
+@pytest.mark.parametrize("after", [1, 4])
+def test_recurring_score_spikes_stop_being_surprising_with_the_empirical_score_tail(after):
+    """The model-score check's Gaussian tail alerts on every score spike of the same size however
+    often it recurs; the empirical score tail on the first ``spike_after`` only."""
+    surprise = {}
+    for tail in ("normal", "empirical"):
+        rng = np.random.default_rng(12)
+        scores = spiky_scores(rng, 1200)
+        config = TailConfig(warmup=100, horizon=2000, values=False, score_tail=tail, spike_after=after)
+        policy = TailCalibration(GLOBAL, 1, config)
+        policy.judge(["k"] * 1200, scores, None)
+        surprise[tail] = policy.last_surprise[200::50]
+    assert (surprise["normal"] >= 8).all()
+    assert (surprise["empirical"][:after] >= 8).all() and (surprise["empirical"][after:] < 8 * 0.5).all()
+
+
+def test_a_score_beyond_every_past_spike_and_a_held_high_score_still_alert_with_the_empirical_score_tail():
+    rng = np.random.default_rng(13)
+    scores = spiky_scores(rng, 1300)
+    scores[1000] = 30.0  # ten times the spikes
+    scores[1100:1200] += 3.0  # the spikes' height, now held: a fault, not a spike
+    config = TailConfig(warmup=100, horizon=2000, values=False, score_tail="empirical", spike_width=3)
+    policy = TailCalibration(GLOBAL, 1, config)
+    over = scores > policy.judge(["k"] * 1300, scores, None)
+    assert over[1000] and not over[450:1000].any()
+    assert not over[1100:1103].any() and over[1103:1110].all()
+
+
+def test_the_empirical_score_tail_forgives_recurring_spikes_only_and_keeps_an_unseen_level():
+    out = {}
+    for tail in ("normal", "empirical"):
+        rng = np.random.default_rng(14)
+        scores = spiky_scores(rng, 800, every=37)
+        scores[600] = 40.0  # beyond every level (in spreads) the spikes reached, the first ones included
+        policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=100, horizon=500, values=False, score_tail=tail))
+        policy.judge(["k"] * 800, scores, None)
+        out[tail] = policy.last_surprise.copy()
+    spikes = np.arange(200, 800, 37)
+    assert (out["empirical"][spikes] <= out["normal"][spikes] + 1e-12).all()
+    assert (out["empirical"][spikes] < out["normal"][spikes] - 1).any()
+    assert out["empirical"][600] >= 8 and out["normal"][600] >= 8
+
+
+def test_decisions_with_the_empirical_score_tail_do_not_depend_on_batching():
+    rng = np.random.default_rng(15)
+    keys = [f"k{i % 3}" for i in range(900)]
+    scores = spiky_scores(rng, 900, every=40)
+    values = rng.normal(0, 1, (900, 2))
+    config = TailConfig(warmup=50, horizon=200, score_tail="empirical")
+    whole = TailCalibration(GLOBAL, 2, config)
+    limits = whole.judge(keys, scores, values)
+    single, _ = judge_one_by_one(TailCalibration(GLOBAL, 2, config), keys, scores, values)
+    np.testing.assert_allclose(limits, single, rtol=1e-12)
+
+
+def test_a_snapshot_carries_the_empirical_score_tail_and_is_refused_under_another_score_tail():
+    rng = np.random.default_rng(16)
+    config = TailConfig(warmup=50, horizon=100, score_tail="empirical")
+    first = TailCalibration(GLOBAL, 2, config)
+    first.judge(["k"] * 300, spiky_scores(rng, 300, every=30), rng.normal(0, 1, (300, 2)))
+    second = TailCalibration(GLOBAL, 2, config)
+    assert second.adopt_key("k", first.export_key("k")) and second.export_key("k") == first.export_key("k")
+    scores, values = spiky_scores(rng, 40, every=7), rng.normal(0, 1, (40, 2))
+    np.testing.assert_array_equal(first.judge(["k"] * 40, scores, values), second.judge(["k"] * 40, scores, values))
+    assert second.bytes_per_key == TailCalibration(GLOBAL, 2, TailConfig()).bytes_per_key + 8 + 4 * 10
+    assert not TailCalibration(GLOBAL, 2, TailConfig(warmup=50, horizon=100)).adopt_key("k", first.export_key("k"))
+    assert not TailCalibration(GLOBAL, 2, config).adopt_key("k", TailCalibration(
+        GLOBAL, 2, TailConfig(warmup=50, horizon=100)).export_key("k") or b"")
+
+
+def test_an_unknown_score_tail_is_refused():
+    with pytest.raises(ValueError):
+        TailConfig(score_tail="laplace")
