@@ -59,17 +59,19 @@ def _parse_product(text: str) -> list[TailConfig]:
     axes: dict[str, list[Any]] = {"alert_surprise": [10.0], "horizon": [2000], "warmup": [100], "values": [True],
                                   "learn_clip": [3.0], "over_weight": [0.1], "calm_share": [0.5],
                                   "sustain": [8], "values_tail": ["normal"], "spike_width": [3],
-                                  "spike_after": [1.0], "score_tail": ["normal"]}
+                                  "spike_after": [1.0], "score_tail": ["normal"], "seasonal": [False],
+                                  "season_max": [300], "season_min_acf": [0.8]}
     names = {"surprise": "alert_surprise", "horizon": "horizon", "warmup": "warmup", "values": "values",
              "clip": "learn_clip", "over": "over_weight", "calm": "calm_share",
              "sustain": "sustain", "vtail": "values_tail", "width": "spike_width", "after": "spike_after",
-             "stail": "score_tail"}
+             "stail": "score_tail", "season": "seasonal", "smax": "season_max", "sacf": "season_min_acf"}
     for part in filter(None, text.split(";")):
         name, _, values = part.partition("=")
         field = names[name.strip()]
         cast = {"alert_surprise": float, "horizon": int, "warmup": int, "learn_clip": float, "over_weight": float,
                 "calm_share": float, "sustain": int, "values_tail": str.strip, "score_tail": str.strip, "spike_width": int, "spike_after": float,
-                "values": lambda v: v.strip() in ("1", "true")}[field]
+                "season_max": int, "season_min_acf": float,
+                "values": lambda v: v.strip() in ("1", "true"), "seasonal": lambda v: v.strip() in ("1", "true")}[field]
         axes[field] = [cast(v) for v in values.split(",")]
     return [TailConfig(**dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
@@ -164,7 +166,8 @@ def label(c: TailConfig) -> str:
                if c.values else "")
             + (f", score tail {c.score_tail}" + (f" (spike width {c.spike_width}, after {c.spike_after:g})"
                                                  if not (c.values and c.values_tail == "empirical") else "")
-               if c.score_tail != "normal" else ""))
+               if c.score_tail != "normal" else "")
+            + (f", seasonal (period up to {c.season_max}, acf {c.season_min_acf:g})" if c.seasonal and c.values else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,6 +66,9 @@ _MAX_SURPRISE = 300.0  # beyond float64's tail resolution; a cap keeps severitie
 # at which each key and feature keeps the running share of its windows that reached them.
 TAIL_LEVELS = 3.0 * np.sqrt(2.0) ** np.arange(10)
 _TAIL_HEADER = struct.Struct("<ii")  # levels, current streak of far-out windows; then float32 shares
+# The seasonal check: windows buffered, period (-1 buffering, 0 none), windows seen; then the residuals'
+# mean and variance (float64 x features) and the buffered windows or the period's values (float32)
+_SEASON_HEADER = struct.Struct("<iiq")
 VALUES_TAILS = ("normal", "empirical")
 
 
@@ -91,10 +94,19 @@ class TailConfig:
     # The model-score check's tail: "normal" (a Gaussian on the running spread of the key's scores) or
     # "empirical" (the same rule as the values' empirical tail, on the upper tail of the score)
     score_tail: str = "normal"
+    # The seasonal check (off by default): a key whose first 2 x season_max windows repeat with a period
+    # (autocorrelation at least season_min_acf) is also judged by how far its newest values are from
+    # the same phase of its learned period
+    seasonal: bool = False
+    season_max: int = 300  # windows: the longest period looked for (the key's first 2x this many are buffered)
+    season_min_acf: float = 0.8  # autocorrelation at the period below which a key has no period
+    season_rate: float = 0.2  # how far each window moves its phase's learned value
 
     def __post_init__(self) -> None:
         if self.values_tail not in VALUES_TAILS or self.score_tail not in VALUES_TAILS:
             raise ValueError(f"tail values_tail and score_tail must be one of {', '.join(VALUES_TAILS)}")
+        if self.season_max < 2 or not 0 < self.season_min_acf <= 1 or not 0 < self.season_rate <= 1:
+            raise ValueError("tail season_max must be at least 2, season_min_acf and season_rate in (0, 1]")
         if self.spike_width < 0 or not self.spike_after > 0:
             raise ValueError("tail spike_width must not be negative and spike_after must be positive")
         if not (self.alert_surprise > 0 and math.isfinite(self.alert_surprise)):
@@ -152,6 +164,13 @@ class TailCalibration(KeyRows):
         score_levels = len(TAIL_LEVELS) if self._score_empirical else 0
         self._score_streak = np.zeros(0, dtype=np.int64)  # consecutive windows with a far-out score
         self._score_share = np.zeros((0, score_levels), dtype=np.float32)  # share of windows whose score reached each level
+        self._seasonal = self.config.seasonal and self.config.values and self.n_features > 0
+        self._season_len = 2 * self.config.season_max + 1 if self._seasonal else 0  # windows buffered
+        self._season_period = np.zeros(0, dtype=np.int64)  # -1 while buffering, 0: no period, else the period
+        self._season_pos = np.zeros(0, dtype=np.int64)  # windows seen by the seasonal check
+        self._season_res = np.zeros((0, 2, self.n_features if self._seasonal else 0))  # residuals' mean, variance
+        # the key's first windows' values while buffering, then the learned value of each phase
+        self._season_buf = np.zeros((0, self._season_len, self.n_features if self._seasonal else 0), dtype=np.float32)
         self._grow(max(min(initial_capacity, max_keys or initial_capacity), 1))
         self.last_surprise = np.zeros(0, dtype=np.float64)  # of the last judged batch, per window
 
@@ -202,7 +221,8 @@ class TailCalibration(KeyRows):
     def bytes_per_key(self) -> int:
         return (8 + 8 + 16 + 16 * self.n_features
                 + (8 + 4 * self._share.shape[2] * self.n_features if self._empirical else 0)
-                + (8 + 4 * self._score_share.shape[1] if self._score_empirical else 0))
+                + (8 + 4 * self._score_share.shape[1] if self._score_empirical else 0)
+                + (16 + 16 * self.n_features + 4 * self._season_len * self.n_features if self._seasonal else 0))
 
     def export_key(self, key: str) -> bytes | None:
         """The key's statistics, for its changelog snapshot; None for a key not seen."""
@@ -216,6 +236,11 @@ class TailCalibration(KeyRows):
             blob += _TAIL_HEADER.pack(len(TAIL_LEVELS), int(self._streak[row])) + self._share[row].tobytes()
         if self._score_empirical:
             blob += _TAIL_HEADER.pack(len(TAIL_LEVELS), int(self._score_streak[row])) + self._score_share[row].tobytes()
+        if self._seasonal:
+            period, pos = int(self._season_period[row]), int(self._season_pos[row])
+            held = min(pos, self._season_len) if period < 0 else max(period, 0)
+            blob += (_SEASON_HEADER.pack(self._season_len, period, pos) + self._season_res[row].tobytes()
+                     + self._season_buf[row, :held].tobytes())
         return blob
 
     def adopt_key(self, key: str, blob: bytes) -> bool:
@@ -224,6 +249,24 @@ class TailCalibration(KeyRows):
         size = _STATE_HEADER.size + 16 * self.n_features
         tail_size = _TAIL_HEADER.size + 4 * len(TAIL_LEVELS) * self.n_features if self._empirical else 0
         score_size = _TAIL_HEADER.size + 4 * len(TAIL_LEVELS) if self._score_empirical else 0
+        season = None
+        if self._seasonal:
+            at = size + tail_size + score_size
+            if len(blob) < at + _SEASON_HEADER.size + 16 * self.n_features:
+                return False
+            length, period, pos = _SEASON_HEADER.unpack_from(blob, at)
+            held = min(pos, length) if period < 0 else max(period, 0)
+            body = at + _SEASON_HEADER.size
+            if (length != self._season_len or pos < 0 or period > self.config.season_max
+                    or len(blob) != body + 16 * self.n_features + 4 * held * self.n_features):
+                return False
+            res = np.frombuffer(blob, dtype=np.float64, offset=body, count=2 * self.n_features).reshape(2, -1)
+            buf = np.frombuffer(blob, dtype=np.float32, offset=body + 16 * self.n_features,
+                                count=held * self.n_features).reshape(held, -1)
+            if not (np.isfinite(res).all() and np.isfinite(buf).all()):
+                return False
+            season = (period, pos, res, buf)
+            blob = blob[:at]
         if len(blob) != size + tail_size + score_size:
             return False
         score_streak, score_share = 0, None
@@ -260,6 +303,11 @@ class TailCalibration(KeyRows):
         if score_share is not None:
             self._score_streak[row] = score_streak
             self._score_share[row] = score_share
+        if season is not None:
+            period, pos, res, buf = season
+            self._season_period[row], self._season_pos[row], self._season_res[row] = period, pos, res
+            self._season_buf[row] = 0.0
+            self._season_buf[row, :len(buf)] = buf
         if count >= self.warmup:
             self._calibrated += 1
         return True
@@ -291,6 +339,10 @@ class TailCalibration(KeyRows):
                 sp = np.maximum(sp, self._empirical_surprise(rr, z, ready))
             else:
                 sp = np.maximum(sp, surprise_two_sided(z.max(axis=1), self.n_features))
+        season = None
+        if self._seasonal and values is not None:
+            season = self._season_judge(rr, values[idx])
+            sp = np.maximum(sp, season[0])
         sp = np.where(ready & finite, sp, 0.0)
         surprise[idx] = sp
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -352,6 +404,9 @@ class TailCalibration(KeyRows):
                 share = self._share[rl]
                 share += step[:, :, None] * (reached - share)
                 self._share[rl] = share
+        if season is not None:
+            self._season_learn(rr, values[idx], season, learn, np.where(alerting | sustained, cfg.over_weight, 1.0),
+                               rate)
         self._count[rl] = n_new
         self._calibrated += int((n_new == cfg.warmup).sum())
 
@@ -413,6 +468,85 @@ class TailCalibration(KeyRows):
         out[rows] = np.minimum(normal[rows], empirical)
         return out
 
+    def _season_judge(self, rr: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The seasonal check's surprise per window (0 where the key has no period yet), the phase of
+        each window and its residual (the values minus the phase's learned values)."""
+        period = self._season_period[rr]
+        active = period > 0
+        phase = np.where(active, self._season_pos[rr] % np.maximum(period, 1), 0)
+        surprise = np.zeros(len(rr))
+        resid = np.zeros_like(x)
+        rows = np.flatnonzero(active)
+        if len(rows):
+            ra = rr[rows]
+            resid[rows] = x[rows] - self._season_buf[ra, phase[rows]]
+            mean, var = self._season_res[ra, 0], self._season_res[ra, 1]
+            # a residual's spread is at least rel_floor of the key's spread of values
+            floor = np.maximum(self.config.rel_floor * np.sqrt(np.maximum(self._values[ra, 1], 0.0)), 1e-9)
+            spread = np.maximum(np.sqrt(np.maximum(var, 0.0)), floor)
+            z = np.nan_to_num(np.abs(resid[rows] - mean) / spread, nan=0.0)
+            surprise[rows] = surprise_two_sided(z.max(axis=1), self.n_features)
+        return surprise, phase, resid
+
+    def _season_learn(self, rr: np.ndarray, x: np.ndarray, season: tuple[np.ndarray, np.ndarray, np.ndarray],
+                      learn: np.ndarray, weight: np.ndarray, rate: np.ndarray) -> None:
+        """Buffers a key's first windows and finds its period once the buffer is full; then moves each
+        window's phase value ``season_rate`` of the way to its values and its residuals' moments like
+        the other statistics (both slowed by ``weight`` while alerting). ``weight`` and ``rate`` are
+        per learnt window (``learn``)."""
+        cfg = self.config
+        _, phase, resid = season
+        ok = learn & np.isfinite(x).all(axis=1)
+        wl = np.zeros(len(rr))
+        rt = np.zeros(len(rr))
+        wl[learn], rt[learn] = weight, rate
+        period = self._season_period[rr]
+        pos = self._season_pos[rr]
+        buffering = ok & (period < 0)
+        if buffering.any():
+            rb = rr[buffering]
+            self._season_buf[rb, pos[buffering]] = x[buffering]
+            for row in rb[pos[buffering] + 1 >= self._season_len]:
+                self._season_detect(int(row))
+        active = ok & (period > 0)
+        if active.any():
+            ra = rr[active]
+            old = self._season_buf[ra, phase[active]].astype(np.float64)
+            self._season_buf[ra, phase[active]] = old + (cfg.season_rate * wl[active])[:, None] * (x[active] - old)
+            self._season_res[ra] = _update_many(self._season_res[ra], resid[active], rt[active])
+        self._season_pos[rr[ok]] += 1
+
+    def _season_detect(self, row: int) -> None:
+        """The key's period from its buffered windows: the lag (after the autocorrelation first turns
+        negative) with the highest autocorrelation, averaged over the features, if that reaches
+        ``season_min_acf``; the phase values are then the buffer's means per phase and the residuals'
+        moments those of the buffer's later periods."""
+        buf = self._season_buf[row].astype(np.float64)
+        n = len(buf)
+        var = buf.var(axis=0)
+        period = 0
+        if (var > 0).all():
+            # autocorrelation as 1 - (mean squared difference at the lag) / (2 x variance): an average over
+            # the pairs the lag has, so no lag is favoured for having fewer of them
+            lags = np.arange(1, n // 2 + 1)
+            acf = np.array([(1.0 - ((buf[lag:] - buf[:-lag]) ** 2).mean(axis=0) / (2.0 * var)).mean() for lag in lags])
+            negative = np.flatnonzero(acf < 0)
+            if len(negative):
+                best = negative[0] + int(np.argmax(acf[negative[0]:]))
+                if acf[best] >= self.config.season_min_acf:
+                    period = int(lags[best])
+        self._season_period[row] = period
+        self._season_pos[row] = n - 1  # the caller counts the window that filled the buffer
+        if not period:
+            self._season_buf[row] = 0.0
+            return
+        phases = np.arange(n) % period
+        profile = np.stack([buf[phases == p].mean(axis=0) for p in range(period)])
+        resid = buf[period:] - profile[phases[period:]]
+        self._season_res[row] = np.stack([resid.mean(axis=0), resid.var(axis=0)])
+        self._season_buf[row] = 0.0
+        self._season_buf[row, :period] = profile
+
     def _allocate(self, key: str) -> int:
         if self._free:
             row = self._free.pop()
@@ -429,6 +563,10 @@ class TailCalibration(KeyRows):
         self._share[row] = 0.0
         self._score_streak[row] = 0
         self._score_share[row] = 0.0
+        self._season_period[row] = -1
+        self._season_pos[row] = 0
+        self._season_res[row] = 0.0
+        self._season_buf[row] = 0.0
         return row
 
     def _grow(self, capacity: int) -> None:
@@ -442,6 +580,11 @@ class TailCalibration(KeyRows):
         self._score_streak = np.concatenate([self._score_streak, np.zeros(capacity - old, np.int64)])
         self._score_share = np.concatenate([self._score_share, np.zeros((capacity - old, *self._score_share.shape[1:]),
                                                                         np.float32)])
+        self._season_period = np.concatenate([self._season_period, np.full(capacity - old, -1, np.int64)])
+        self._season_pos = np.concatenate([self._season_pos, np.zeros(capacity - old, np.int64)])
+        self._season_res = np.concatenate([self._season_res, np.zeros((capacity - old, *self._season_res.shape[1:]))])
+        self._season_buf = np.concatenate([self._season_buf, np.zeros((capacity - old, *self._season_buf.shape[1:]),
+                                                                      np.float32)])
 
 
 def _update(moments: np.ndarray, x: np.ndarray, rate: np.ndarray) -> np.ndarray:

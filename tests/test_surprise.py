@@ -316,3 +316,98 @@ def test_a_snapshot_carries_the_empirical_score_tail_and_is_refused_under_anothe
 def test_an_unknown_score_tail_is_refused():
     with pytest.raises(ValueError):
         TailConfig(score_tail="laplace")
+
+
+def daily(rng, periods, period=48, peak=10.0, noise=0.3):
+    """A key with a period: low most of the time, a peak of ``peak`` during phases 20..29, unit-free noise."""
+    phase = np.arange(periods * period) % period
+    return (np.where((phase >= 20) & (phase < 30), peak, 0.0) + rng.normal(0, noise, len(phase)))[:, None]
+
+
+SEASONAL = dict(warmup=100, horizon=2000, seasonal=True, season_max=60)
+
+
+def test_the_seasonal_check_finds_a_keys_period_from_its_first_windows():
+    rng = np.random.default_rng(20)
+    policy = TailCalibration(GLOBAL, 1, TailConfig(**SEASONAL))
+    values = daily(rng, 4)
+    policy.judge(["k"] * 120, np.ones(120), values[:120])
+    assert policy._season_period[policy._rows["k"]] == -1  # still buffering 2 x 60 + 1 windows
+    policy.judge(["k"] * 72, np.ones(72), values[120:])
+    assert policy._season_period[policy._rows["k"]] == 48
+    noise = TailCalibration(GLOBAL, 1, TailConfig(**SEASONAL))
+    noise.judge(["n"] * 192, np.ones(192), rng.normal(0, 1, (192, 1)))
+    assert noise._season_period[noise._rows["n"]] == 0  # no period: the check stays silent for this key
+
+
+def test_a_missing_peak_alerts_with_the_seasonal_check_and_not_by_the_values_alone():
+    """A period without its usual peak: every value is one the key has (its low level), so the values
+    check cannot see it; the same phase's learned value can."""
+    rng = np.random.default_rng(21)
+    values = daily(rng, 12)
+    values[8 * 48 + 20:8 * 48 + 30, 0] = rng.normal(0, 0.3, 10)  # period 8: no peak
+    over = {}
+    for seasonal in (False, True):
+        policy = TailCalibration(GLOBAL, 1, TailConfig(**{**SEASONAL, "seasonal": seasonal}))
+        limits = policy.judge(["k"] * len(values), np.ones(len(values)), values)
+        over[seasonal] = 1.0 > limits
+    missing = np.arange(8 * 48 + 20, 8 * 48 + 30)
+    assert not over[False][200:].any()
+    assert over[True][missing].sum() >= 5
+    assert not np.delete(over[True], missing)[200:].any()  # nothing else, the next period's peak included
+
+
+def test_a_flat_stretch_where_the_key_usually_moves_alerts_with_the_seasonal_check():
+    rng = np.random.default_rng(22)
+    period = 48
+    phase = np.arange(12 * period) % period
+    values = (5.0 * np.sin(2 * np.pi * phase / period) + rng.normal(0, 0.2, len(phase)))[:, None]
+    flat = np.arange(9 * period, 9 * period + period // 2)
+    values[flat, 0] = 0.0  # half a period flat at the key's mean
+    policy = TailCalibration(GLOBAL, 1, TailConfig(**SEASONAL))
+    over = 1.0 > policy.judge(["k"] * len(values), np.ones(len(values)), values)
+    assert over[flat].any() and not np.delete(over, flat)[200:].any()
+
+
+def test_decisions_with_the_seasonal_check_do_not_depend_on_batching():
+    rng = np.random.default_rng(23)
+    a, b = daily(rng, 8), daily(rng, 8, peak=20.0)
+    a[6 * 48 + 20:6 * 48 + 30] = 0.0
+    keys = ["a", "b"] * len(a)
+    values = np.stack([a, b], axis=1).reshape(-1, 1)
+    config = TailConfig(**SEASONAL)
+    whole = TailCalibration(GLOBAL, 1, config).judge(keys, np.ones(len(keys)), values)
+    single, _ = judge_one_by_one(TailCalibration(GLOBAL, 1, config), keys, np.ones(len(keys)), values)
+    np.testing.assert_allclose(whole, single, rtol=1e-12)
+    assert (1.0 > whole).any()
+
+
+@pytest.mark.parametrize("windows", [50, 300])  # while buffering, and once the period is learned
+def test_a_snapshot_carries_the_seasonal_state(windows):
+    rng = np.random.default_rng(24)
+    values = daily(rng, 10)
+    values[8 * 48 + 20:8 * 48 + 30] = 0.0
+    config = TailConfig(**SEASONAL)
+    first = TailCalibration(GLOBAL, 1, config)
+    first.judge(["k"] * windows, np.ones(windows), values[:windows])
+    second = TailCalibration(GLOBAL, 1, config)
+    assert second.adopt_key("k", first.export_key("k"))
+    rest = values[windows:]
+    np.testing.assert_array_equal(first.judge(["k"] * len(rest), np.ones(len(rest)), rest),
+                                  second.judge(["k"] * len(rest), np.ones(len(rest)), rest))
+    assert not TailCalibration(GLOBAL, 1, TailConfig(**{**SEASONAL, "season_max": 50})).adopt_key(
+        "k", first.export_key("k"))  # learned with another buffer
+    assert not TailCalibration(GLOBAL, 1, TailConfig(**{**SEASONAL, "seasonal": False})).adopt_key(
+        "k", first.export_key("k"))
+
+
+def test_the_seasonal_check_costs_its_buffer_per_feature_and_key():
+    plain = TailCalibration(GLOBAL, 3, TailConfig()).bytes_per_key
+    seasonal = TailCalibration(GLOBAL, 3, TailConfig(seasonal=True, season_max=300)).bytes_per_key
+    assert seasonal - plain == 16 + 16 * 3 + 4 * 601 * 3
+
+
+@pytest.mark.parametrize("bad", [dict(season_max=1), dict(season_min_acf=0.0), dict(season_rate=1.5)])
+def test_invalid_seasonal_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        TailConfig(**bad)
