@@ -306,6 +306,10 @@ class Settings:
         default=0.8, metadata=_doc("With `tail_seasonal`: the autocorrelation at its period below which a key "
                                    "is taken to have none.")
     )
+    tail_season_max_features: int = field(
+        default=1, metadata=_doc("With `tail_seasonal`: the check runs only for models with at most this many "
+                                 "features (its buffer costs memory per feature and key; 1 = univariate streams).")
+    )
     adaptive_thresholds: bool = field(
         default=True,
         metadata=_doc("With `tail_calibration` false: per-key thresholds that follow each key's recent normal "
@@ -470,6 +474,8 @@ class Settings:
             problems.append(f"tail_values_tail must be normal or empirical, not {self.tail_values_tail!r}")
         if self.tail_season_max < 2 or not 0 < self.tail_season_min_acf <= 1:
             problems.append("tail_season_max must be at least 2 and tail_season_min_acf in (0, 1]")
+        if self.tail_season_max_features < 1:
+            problems.append("tail_season_max_features must be at least 1")
         if self.tail_score_tail not in ("normal", "empirical"):
             problems.append(f"tail_score_tail must be normal or empirical, not {self.tail_score_tail!r}")
         if not self.tail_spike_after > 0:

@@ -101,12 +101,15 @@ class TailConfig:
     season_max: int = 300  # windows: the longest period looked for (the key's first 2x this many are buffered)
     season_min_acf: float = 0.8  # autocorrelation at the period below which a key has no period
     season_rate: float = 0.2  # how far each window moves its phase's learned value
+    season_max_features: int = 1  # the check runs only for models with at most this many features (memory)
 
     def __post_init__(self) -> None:
         if self.values_tail not in VALUES_TAILS or self.score_tail not in VALUES_TAILS:
             raise ValueError(f"tail values_tail and score_tail must be one of {', '.join(VALUES_TAILS)}")
-        if self.season_max < 2 or not 0 < self.season_min_acf <= 1 or not 0 < self.season_rate <= 1:
-            raise ValueError("tail season_max must be at least 2, season_min_acf and season_rate in (0, 1]")
+        if (self.season_max < 2 or not 0 < self.season_min_acf <= 1 or not 0 < self.season_rate <= 1
+                or self.season_max_features < 1):
+            raise ValueError("tail season_max must be at least 2, season_min_acf and season_rate in (0, 1], "
+                             "season_max_features at least 1")
         if self.spike_width < 0 or not self.spike_after > 0:
             raise ValueError("tail spike_width must not be negative and spike_after must be positive")
         if not (self.alert_surprise > 0 and math.isfinite(self.alert_surprise)):
@@ -164,7 +167,8 @@ class TailCalibration(KeyRows):
         score_levels = len(TAIL_LEVELS) if self._score_empirical else 0
         self._score_streak = np.zeros(0, dtype=np.int64)  # consecutive windows with a far-out score
         self._score_share = np.zeros((0, score_levels), dtype=np.float32)  # share of windows whose score reached each level
-        self._seasonal = self.config.seasonal and self.config.values and self.n_features > 0
+        self._seasonal = (self.config.seasonal and self.config.values
+                          and 0 < self.n_features <= self.config.season_max_features)
         self._season_len = 2 * self.config.season_max + 1 if self._seasonal else 0  # windows buffered
         self._season_period = np.zeros(0, dtype=np.int64)  # -1 while buffering, 0: no period, else the period
         self._season_pos = np.zeros(0, dtype=np.int64)  # windows seen by the seasonal check

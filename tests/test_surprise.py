@@ -401,13 +401,18 @@ def test_a_snapshot_carries_the_seasonal_state(windows):
         "k", first.export_key("k"))
 
 
-def test_the_seasonal_check_costs_its_buffer_per_feature_and_key():
+def test_the_seasonal_check_costs_its_buffer_per_feature_and_key_and_only_up_to_season_max_features():
     plain = TailCalibration(GLOBAL, 3, TailConfig()).bytes_per_key
-    seasonal = TailCalibration(GLOBAL, 3, TailConfig(seasonal=True, season_max=300)).bytes_per_key
+    seasonal = TailCalibration(GLOBAL, 3, TailConfig(seasonal=True, season_max=300, season_max_features=3)).bytes_per_key
     assert seasonal - plain == 16 + 16 * 3 + 4 * 601 * 3
+    # by default only univariate models get the check (and its memory)
+    assert TailCalibration(GLOBAL, 3, TailConfig(seasonal=True)).bytes_per_key == plain
+    one = TailCalibration(GLOBAL, 1, TailConfig(seasonal=True)).bytes_per_key
+    assert one - TailCalibration(GLOBAL, 1, TailConfig()).bytes_per_key == 16 + 16 + 4 * 601
 
 
-@pytest.mark.parametrize("bad", [dict(season_max=1), dict(season_min_acf=0.0), dict(season_rate=1.5)])
+@pytest.mark.parametrize("bad", [dict(season_max=1), dict(season_min_acf=0.0), dict(season_rate=1.5),
+                                 dict(season_max_features=0)])
 def test_invalid_seasonal_settings_are_refused(bad):
     with pytest.raises(ValueError):
         TailConfig(**bad)
