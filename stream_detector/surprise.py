@@ -5,10 +5,12 @@ normal error is another key's fault. :class:`TailCalibration` turns every window
 ``-log10`` of how unlikely the window is under the key's own recent behaviour, so one number means
 the same on every key and ranks windows within and across keys (the idea of Numenta's anomaly
 likelihood, which calibrates HTM's raw prediction errors per stream; Merlion calibrates every
-detector's scores to a common scale the same way). Two checks, the larger surprise wins:
+detector's scores to a common scale the same way). Two checks (three with ``seasonal``), the
+largest surprise wins:
 
 - **the model's score** against the key's running mean and spread of its own scores (upper tail of a
-  normal distribution fitted to them);
+  normal distribution fitted to them; with ``score_tail="empirical"`` the empirical rule below, on
+  the score's upper tail);
 - **the newest event's values** against the key's running mean and spread of each feature (both
   tails, Bonferroni-corrected over the features): a cheap robust statistic that sees what a model
   trained on a short warm-up may not, a level never seen before (the windowed Gaussian of NAB).
@@ -21,6 +23,14 @@ spreads); a value is then no rarer than the share of past windows that reached i
 least ``spike_after`` windows of the horizon did. A value beyond every level the key reached keeps
 its normal tail, as does every far-out window after the ``spike_width``-th in a row (a shift, not a
 spike), so the empirical tail forgives recurring spikes, not new levels or held ones.
+
+With ``seasonal`` (models of at most ``season_max_features`` features), a key buffers its first
+``2 * season_max + 1`` windows' values and looks for a period (the lag, after the autocorrelation
+first turns negative, where it peaks, if at least ``season_min_acf``); a key with one learns each
+phase's values (moved ``season_rate`` of the way per window, slower while alerting) and is also
+judged by its values' distance from their phase's (both tails, against the running mean and spread
+of those distances): a missing peak or a flat stretch where the key usually moves, whose values are
+all ones the key has. Phases count windows (a regular cadence is assumed).
 
 A window alerts when its surprise reaches ``alert_surprise`` (8 means a tail probability of 1e-8).
 Running statistics follow each key with an exponential horizon of ``horizon`` windows (the exact mean
