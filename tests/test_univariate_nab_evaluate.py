@@ -88,6 +88,9 @@ def test_evaluate_reports_nab_scores_from_labelled_segments(univariate_model, ca
     # Each incident opening is one of the published rows.
     openings = nab["incident_openings"]["standard"]
     assert 1 <= openings["tp"] + openings["fp"] <= nab["alerts"]["standard"]["tp"] + nab["alerts"]["standard"]["fp"]
+    # Each open or update message is one notification, at one of the over-threshold rows it reports.
+    messages = nab["messages"]["standard"]
+    assert 1 <= messages["tp"] + messages["fp"] <= nab["alerts"]["standard"]["tp"] + nab["alerts"]["standard"]["fp"]
 
 
 def test_evaluate_takes_nab_windows_instead_of_a_label_column(univariate_model, capsys):
