@@ -531,8 +531,9 @@ class TailCalibration(KeyRows):
         self._season_pos[rr[ok]] += 1
 
     def _season_detect(self, row: int) -> None:
-        """The key's period from its buffered windows: the lag (after the autocorrelation first turns
-        negative) with the highest autocorrelation, averaged over the features, if that reaches
+        """The key's period from its buffered windows: the shortest lag (after the autocorrelation first
+        turns negative) where the autocorrelation, averaged over the features, peaks within 0.05 of its
+        highest there (not a multiple of the period), if that reaches
         ``season_min_acf``; the phase values are then the buffer's means per phase and the residuals'
         moments those of the buffer's later periods."""
         buf = self._season_buf[row].astype(np.float64)
@@ -546,9 +547,14 @@ class TailCalibration(KeyRows):
             acf = np.array([(1.0 - ((buf[lag:] - buf[:-lag]) ** 2).mean(axis=0) / (2.0 * var)).mean() for lag in lags])
             negative = np.flatnonzero(acf < 0)
             if len(negative):
-                best = negative[0] + int(np.argmax(acf[negative[0]:]))
-                if acf[best] >= self.config.season_min_acf:
-                    period = int(lags[best])
+                start = negative[0]
+                best = float(acf[start:].max())
+                # multiples of the period peak about as high: the shortest peak within 0.05 of the best
+                peaks = [i for i in range(start + 1, len(acf))
+                         if acf[i] >= max(best - 0.05, self.config.season_min_acf) and acf[i] >= acf[i - 1]
+                         and (i + 1 == len(acf) or acf[i] >= acf[i + 1])]
+                if peaks:
+                    period = int(lags[peaks[0]])
         self._season_period[row] = period
         self._season_pos[row] = n - 1  # the caller counts the window that filled the buffer
         if not period:

@@ -340,6 +340,20 @@ def test_the_seasonal_check_finds_a_keys_period_from_its_first_windows():
     assert noise._season_period[noise._rows["n"]] == 0  # no period: the check stays silent for this key
 
 
+def test_the_period_search_settles_on_the_period_not_a_multiple_of_it():
+    """With room for several multiples of the period in the buffer, all peak about as high; the
+    shortest is the key's period."""
+    found = []
+    for seed in range(5):
+        rng = np.random.default_rng(30 + seed)
+        phase = np.arange(400) % 48
+        values = np.sin(2 * np.pi * phase / 48)[:, None] * 3.0 + rng.normal(0, 0.3, (400, 4))
+        policy = TailCalibration(GLOBAL, 4, TailConfig(**{**SEASONAL, "season_max": 150, "season_max_features": 4}))
+        policy.judge(["k"] * 400, np.ones(400), values)
+        found.append(int(policy._season_period[policy._rows["k"]]))
+    assert found == [48] * 5
+
+
 def test_a_missing_peak_alerts_with_the_seasonal_check_and_not_by_the_values_alone():
     """A period without its usual peak: every value is one the key has (its low level), so the values
     check cannot see it; the same phase's learned value can."""
