@@ -43,11 +43,11 @@ from stream_detector.artifacts import ModelArtifact, load_artifact  # noqa: E402
 from stream_detector.scoring import ModelRunner, Scores  # noqa: E402
 from stream_detector.surprise import TailCalibration, TailConfig  # noqa: E402
 from trainer.evaluate import replay  # noqa: E402
-from trainer.nab import PROFILES, Series, load_profiles, nab_scores, normalise, null_score  # noqa: E402
+from trainer.nab import PROFILES, Series, load_profiles, nab_scores, normalise, null_score, score_series  # noqa: E402
 
 
 def parse_grid(text: str) -> list[TailConfig]:
-    """``surprise=6,10,20;horizon=2000;warmup=100;values=1;vtail=normal,empirical;width=3;after=1`` -> every
+    """``surprise=6,10,20;horizon=2000;warmup=100;values=1;vtail=normal,empirical;stail=normal,empirical;width=3;after=1`` -> every
     combination; products joined by ``|`` are united (each distinct candidate once, in order)."""
     out: list[TailConfig] = []
     for product in text.split("|"):
@@ -59,16 +59,19 @@ def _parse_product(text: str) -> list[TailConfig]:
     axes: dict[str, list[Any]] = {"alert_surprise": [10.0], "horizon": [2000], "warmup": [100], "values": [True],
                                   "learn_clip": [3.0], "over_weight": [0.1], "calm_share": [0.5],
                                   "sustain": [8], "values_tail": ["normal"], "spike_width": [3],
-                                  "spike_after": [1.0]}
+                                  "spike_after": [1.0], "score_tail": ["normal"], "seasonal": [False],
+                                  "season_max": [300], "season_min_acf": [0.8]}
     names = {"surprise": "alert_surprise", "horizon": "horizon", "warmup": "warmup", "values": "values",
              "clip": "learn_clip", "over": "over_weight", "calm": "calm_share",
-             "sustain": "sustain", "vtail": "values_tail", "width": "spike_width", "after": "spike_after"}
+             "sustain": "sustain", "vtail": "values_tail", "width": "spike_width", "after": "spike_after",
+             "stail": "score_tail", "season": "seasonal", "smax": "season_max", "sacf": "season_min_acf"}
     for part in filter(None, text.split(";")):
         name, _, values = part.partition("=")
         field = names[name.strip()]
         cast = {"alert_surprise": float, "horizon": int, "warmup": int, "learn_clip": float, "over_weight": float,
-                "calm_share": float, "sustain": int, "values_tail": str.strip, "spike_width": int, "spike_after": float,
-                "values": lambda v: v.strip() in ("1", "true")}[field]
+                "calm_share": float, "sustain": int, "values_tail": str.strip, "score_tail": str.strip, "spike_width": int, "spike_after": float,
+                "season_max": int, "season_min_acf": float,
+                "values": lambda v: v.strip() in ("1", "true"), "seasonal": lambda v: v.strip() in ("1", "true")}[field]
         axes[field] = [cast(v) for v in values.split(",")]
     return [TailConfig(**dict(zip(axes, combo))) for combo in itertools.product(*axes.values())]
 
@@ -160,7 +163,11 @@ def label(c: TailConfig) -> str:
             f"clip {c.learn_clip:g}, over-weight {c.over_weight:g}, calm {c.calm_share:g}, "
             f"sustain {c.sustain}"
             + (f", values tail {c.values_tail}" + (f" (spike width {c.spike_width}, after {c.spike_after:g})" if c.values_tail == "empirical" else "")
-               if c.values else ""))
+               if c.values else "")
+            + (f", score tail {c.score_tail}" + (f" (spike width {c.spike_width}, after {c.spike_after:g})"
+                                                 if not (c.values and c.values_tail == "empirical") else "")
+               if c.score_tail != "normal" else "")
+            + (f", seasonal (period up to {c.season_max}, acf {c.season_min_acf:g})" if c.seasonal and c.values else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,6 +240,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     folds, cv_total = leave_one_out(list(range(len(grid))))
     before_result = leave_one_out([grid.index(c) for c in before]) if before else None
+
+    # Leave one series out: raw scores at a fixed threshold add up over series, so each series is
+    # scored under the candidate with the best raw total on the other 23.
+    series_raw = {i: {s.name: score_series(s, cost, 1.0).score for s in ser} for i, ser in openings.items()}
+
+    def leave_series_out(candidates: list[int]) -> dict[str, Any]:
+        total_raw, per = 0.0, []
+        chosen: dict[str, int] = {}
+        for s in all_series:
+            rest = {i: sum(v for n, v in series_raw[i].items() if n != s.name) for i in candidates}
+            best = max(rest, key=lambda i: (rest[i], -i))
+            chosen[label(grid[best])] = chosen.get(label(grid[best]), 0) + 1
+            held = series_raw[best][s.name]
+            total_raw += held
+            if s.windows:
+                per.append(normalise(held, -cost.fn_weight * len(s.windows), cost.tp_weight * len(s.windows)))
+        total = normalise(total_raw, null_score(all_series, cost), sum(len(s.windows) for s in all_series) * cost.tp_weight)
+        q = np.percentile(per, [0, 25, 50, 75, 100]) if per else [float("nan")] * 5
+        return {"total": total, "raw": total_raw, "series_spread": [float(v) for v in q], "chosen": chosen}
+
+    series_result = leave_series_out(list(range(len(grid))))
+    series_before = leave_series_out([grid.index(c) for c in before]) if before else None
     seconds = time.perf_counter() - started
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/nab_tail_cv.py",
                                                  *(argv if argv is not None else sys.argv[1:])])
@@ -265,13 +294,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if before_result is not None:
         lines += fold_lines(f"## Leave one category out among the `--before` candidates only ({len(before)})",
                             *before_result)
+
+    def series_lines(title: str, r: dict[str, Any]) -> list[str]:
+        q = r["series_spread"]
+        out = ["", title, "", f"Cross-validated total: **{r['total']:.2f}** (raw {r['raw']:.2f}); per series with "
+               f"windows, normalised against its own windows: min {q[0]:.2f}, 25 % {q[1]:.2f}, median {q[2]:.2f}, "
+               f"75 % {q[3]:.2f}, max {q[4]:.2f}.", "", "| candidate chosen | series |", "| --- | ---: |"]
+        return out + [f"| {c} | {n} |" for c, n in sorted(r["chosen"].items(), key=lambda kv: -kv[1])] + [""]
+
+    lines += series_lines("## Leave one series out", series_result)
+    if series_before is not None:
+        lines += series_lines(f"## Leave one series out among the `--before` candidates only ({len(before)})",
+                              series_before)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"command": command, "totals": {label(grid[i]): v for i, v in totals.items()},
                                                     "folds": folds, "cv_total": cv_total,
                                                     "before": None if before_result is None else
-                                                    {"folds": before_result[0], "cv_total": before_result[1]}},
+                                                    {"folds": before_result[0], "cv_total": before_result[1]},
+                                                    "leave_series_out": series_result,
+                                                    "leave_series_out_before": series_before},
                                                    indent=2))
     print("\n".join(lines))
     return 0

@@ -289,8 +289,35 @@ class Settings:
                       "by the normal tail); `normal` = a normal distribution on the running spread alone."),
     )
     tail_spike_after: float = field(
-        default=4.0, metadata=_doc("With the empirical values tail: windows of the key's horizon that must have "
-                                   "reached a level before a value at that level stops being rare.")
+        default=4.0, metadata=_doc("With an empirical tail: windows of the key's horizon that must have "
+                                   "reached a level before a value (or score) at that level stops being rare.")
+    )
+    tail_score_tail: str = field(
+        default="normal",
+        metadata=_doc("Tail of the model-score check: `normal` = a normal distribution on the running spread of the "
+                      "key's scores; `empirical` = the values check's empirical rule on the score's upper tail (a "
+                      "score as high as at least `tail_spike_after` recent windows' is judged by how often that "
+                      "happened, unless it is held longer than 3 windows or higher than any before)."),
+    )
+    tail_seasonal: bool = field(
+        default=False,
+        metadata=_doc("Also judge the newest values against the same phase of the key's own period: a key whose first "
+                      "2 x `tail_season_max` + 1 windows repeat with a period (autocorrelation at least "
+                      "`tail_season_min_acf`) learns each phase's value and is judged by its distance from it (a day "
+                      "without its usual peak, a flat stretch where the key usually moves). Phases count windows, "
+                      "so it assumes a regular cadence. Costs 4 x (2 x `tail_season_max` + 1) bytes per feature "
+                      "per key."),
+    )
+    tail_season_max: int = field(
+        default=300, metadata=_doc("With `tail_seasonal`: the longest period, in windows, looked for.")
+    )
+    tail_season_min_acf: float = field(
+        default=0.8, metadata=_doc("With `tail_seasonal`: the autocorrelation at its period below which a key "
+                                   "is taken to have none.")
+    )
+    tail_season_max_features: int = field(
+        default=1, metadata=_doc("With `tail_seasonal`: the check runs only for models with at most this many "
+                                 "features (its buffer costs memory per feature and key; 1 = univariate streams).")
     )
     adaptive_thresholds: bool = field(
         default=True,
@@ -454,6 +481,12 @@ class Settings:
             problems.append("tail_horizon must be at least 2 and tail_warmup in [2, tail_horizon]")
         if self.tail_values_tail not in ("normal", "empirical"):
             problems.append(f"tail_values_tail must be normal or empirical, not {self.tail_values_tail!r}")
+        if self.tail_season_max < 2 or not 0 < self.tail_season_min_acf <= 1:
+            problems.append("tail_season_max must be at least 2 and tail_season_min_acf in (0, 1]")
+        if self.tail_season_max_features < 1:
+            problems.append("tail_season_max_features must be at least 1")
+        if self.tail_score_tail not in ("normal", "empirical"):
+            problems.append(f"tail_score_tail must be normal or empirical, not {self.tail_score_tail!r}")
         if not self.tail_spike_after > 0:
             problems.append("tail_spike_after must be positive")
         if not 1 <= self.threshold_max_ratio < float("inf"):

@@ -108,7 +108,10 @@ class ThresholdConfig:
     def from_settings(cls, settings: Any) -> "ThresholdConfig":
         tail = TailConfig(enabled=settings.tail_calibration, alert_surprise=settings.tail_alert_surprise,
                           horizon=settings.tail_horizon, warmup=settings.tail_warmup, values=settings.tail_values,
-                          values_tail=settings.tail_values_tail, spike_after=settings.tail_spike_after)
+                          values_tail=settings.tail_values_tail, spike_after=settings.tail_spike_after,
+                          score_tail=settings.tail_score_tail, seasonal=settings.tail_seasonal,
+                          season_max=settings.tail_season_max, season_min_acf=settings.tail_season_min_acf,
+                          season_max_features=settings.tail_season_max_features)
         return cls(adaptive=settings.adaptive_thresholds, warmup=settings.threshold_warmup_windows,
                    history=settings.threshold_history, min_ratio=settings.threshold_min_ratio,
                    max_ratio=settings.threshold_max_ratio, override=settings.threshold, tail=tail)

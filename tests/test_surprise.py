@@ -234,3 +234,199 @@ def test_invalid_tail_settings_are_refused(bad):
     with pytest.raises(ValueError):
         TailConfig(**bad)
 
+
+
+def spiky_scores(rng, n, every=50, height=3.0):
+    """Model scores around 1 (spread 0.1) with a one-window spike every ``every`` windows from window 200 on."""
+    scores = normal_scores(rng, n)
+    scores[200::every] += height
+    return scores
+
+
+@pytest.mark.parametrize("after", [1, 4])
+def test_recurring_score_spikes_stop_being_surprising_with_the_empirical_score_tail(after):
+    """The model-score check's Gaussian tail alerts on every score spike of the same size however
+    often it recurs; the empirical score tail on the first ``spike_after`` only."""
+    surprise = {}
+    for tail in ("normal", "empirical"):
+        rng = np.random.default_rng(12)
+        scores = spiky_scores(rng, 1200)
+        config = TailConfig(warmup=100, horizon=2000, values=False, score_tail=tail, spike_after=after)
+        policy = TailCalibration(GLOBAL, 1, config)
+        policy.judge(["k"] * 1200, scores, None)
+        surprise[tail] = policy.last_surprise[200::50]
+    assert (surprise["normal"] >= 8).all()
+    assert (surprise["empirical"][:after] >= 8).all() and (surprise["empirical"][after:] < 8 * 0.5).all()
+
+
+def test_a_score_beyond_every_past_spike_and_a_held_high_score_still_alert_with_the_empirical_score_tail():
+    rng = np.random.default_rng(13)
+    scores = spiky_scores(rng, 1300)
+    scores[1000] = 30.0  # ten times the spikes
+    scores[1100:1200] += 3.0  # the spikes' height, now held: a fault, not a spike
+    config = TailConfig(warmup=100, horizon=2000, values=False, score_tail="empirical", spike_width=3)
+    policy = TailCalibration(GLOBAL, 1, config)
+    over = scores > policy.judge(["k"] * 1300, scores, None)
+    assert over[1000] and not over[450:1000].any()
+    assert not over[1100:1103].any() and over[1103:1110].all()
+
+
+def test_the_empirical_score_tail_forgives_recurring_spikes_only_and_keeps_an_unseen_level():
+    out = {}
+    for tail in ("normal", "empirical"):
+        rng = np.random.default_rng(14)
+        scores = spiky_scores(rng, 800, every=37)
+        scores[600] = 40.0  # beyond every level (in spreads) the spikes reached, the first ones included
+        policy = TailCalibration(GLOBAL, 1, TailConfig(warmup=100, horizon=500, values=False, score_tail=tail))
+        policy.judge(["k"] * 800, scores, None)
+        out[tail] = policy.last_surprise.copy()
+    spikes = np.arange(200, 800, 37)
+    assert (out["empirical"][spikes] <= out["normal"][spikes] + 1e-12).all()
+    assert (out["empirical"][spikes] < out["normal"][spikes] - 1).any()
+    assert out["empirical"][600] >= 8 and out["normal"][600] >= 8
+
+
+def test_decisions_with_the_empirical_score_tail_do_not_depend_on_batching():
+    rng = np.random.default_rng(15)
+    keys = [f"k{i % 3}" for i in range(900)]
+    scores = spiky_scores(rng, 900, every=40)
+    values = rng.normal(0, 1, (900, 2))
+    config = TailConfig(warmup=50, horizon=200, score_tail="empirical")
+    whole = TailCalibration(GLOBAL, 2, config)
+    limits = whole.judge(keys, scores, values)
+    single, _ = judge_one_by_one(TailCalibration(GLOBAL, 2, config), keys, scores, values)
+    np.testing.assert_allclose(limits, single, rtol=1e-12)
+
+
+def test_a_snapshot_carries_the_empirical_score_tail_and_is_refused_under_another_score_tail():
+    rng = np.random.default_rng(16)
+    config = TailConfig(warmup=50, horizon=100, score_tail="empirical")
+    first = TailCalibration(GLOBAL, 2, config)
+    first.judge(["k"] * 300, spiky_scores(rng, 300, every=30), rng.normal(0, 1, (300, 2)))
+    second = TailCalibration(GLOBAL, 2, config)
+    assert second.adopt_key("k", first.export_key("k")) and second.export_key("k") == first.export_key("k")
+    scores, values = spiky_scores(rng, 40, every=7), rng.normal(0, 1, (40, 2))
+    np.testing.assert_array_equal(first.judge(["k"] * 40, scores, values), second.judge(["k"] * 40, scores, values))
+    assert second.bytes_per_key == TailCalibration(GLOBAL, 2, TailConfig()).bytes_per_key + 8 + 4 * 10
+    assert not TailCalibration(GLOBAL, 2, TailConfig(warmup=50, horizon=100)).adopt_key("k", first.export_key("k"))
+    assert not TailCalibration(GLOBAL, 2, config).adopt_key("k", TailCalibration(
+        GLOBAL, 2, TailConfig(warmup=50, horizon=100)).export_key("k") or b"")
+
+
+def test_an_unknown_score_tail_is_refused():
+    with pytest.raises(ValueError):
+        TailConfig(score_tail="laplace")
+
+
+def daily(rng, periods, period=48, peak=10.0, noise=0.3):
+    """A key with a period: low most of the time, a peak of ``peak`` during phases 20..29, unit-free noise."""
+    phase = np.arange(periods * period) % period
+    return (np.where((phase >= 20) & (phase < 30), peak, 0.0) + rng.normal(0, noise, len(phase)))[:, None]
+
+
+SEASONAL = dict(warmup=100, horizon=2000, seasonal=True, season_max=60)
+
+
+def test_the_seasonal_check_finds_a_keys_period_from_its_first_windows():
+    rng = np.random.default_rng(20)
+    policy = TailCalibration(GLOBAL, 1, TailConfig(**SEASONAL))
+    values = daily(rng, 4)
+    policy.judge(["k"] * 120, np.ones(120), values[:120])
+    assert policy._season_period[policy._rows["k"]] == -1  # still buffering 2 x 60 + 1 windows
+    policy.judge(["k"] * 72, np.ones(72), values[120:])
+    assert policy._season_period[policy._rows["k"]] == 48
+    noise = TailCalibration(GLOBAL, 1, TailConfig(**SEASONAL))
+    noise.judge(["n"] * 192, np.ones(192), rng.normal(0, 1, (192, 1)))
+    assert noise._season_period[noise._rows["n"]] == 0  # no period: the check stays silent for this key
+
+
+def test_the_period_search_settles_on_the_period_not_a_multiple_of_it():
+    """With room for several multiples of the period in the buffer, all peak about as high; the
+    shortest is the key's period."""
+    found = []
+    for seed in range(5):
+        rng = np.random.default_rng(30 + seed)
+        phase = np.arange(400) % 48
+        values = np.sin(2 * np.pi * phase / 48)[:, None] * 3.0 + rng.normal(0, 0.3, (400, 4))
+        policy = TailCalibration(GLOBAL, 4, TailConfig(**{**SEASONAL, "season_max": 150, "season_max_features": 4}))
+        policy.judge(["k"] * 400, np.ones(400), values)
+        found.append(int(policy._season_period[policy._rows["k"]]))
+    assert found == [48] * 5
+
+
+def test_a_missing_peak_alerts_with_the_seasonal_check_and_not_by_the_values_alone():
+    """A period without its usual peak: every value is one the key has (its low level), so the values
+    check cannot see it; the same phase's learned value can."""
+    rng = np.random.default_rng(21)
+    values = daily(rng, 12)
+    values[8 * 48 + 20:8 * 48 + 30, 0] = rng.normal(0, 0.3, 10)  # period 8: no peak
+    over = {}
+    for seasonal in (False, True):
+        policy = TailCalibration(GLOBAL, 1, TailConfig(**{**SEASONAL, "seasonal": seasonal}))
+        limits = policy.judge(["k"] * len(values), np.ones(len(values)), values)
+        over[seasonal] = 1.0 > limits
+    missing = np.arange(8 * 48 + 20, 8 * 48 + 30)
+    assert not over[False][200:].any()
+    assert over[True][missing].sum() >= 5
+    assert not np.delete(over[True], missing)[200:].any()  # nothing else, the next period's peak included
+
+
+def test_a_flat_stretch_where_the_key_usually_moves_alerts_with_the_seasonal_check():
+    rng = np.random.default_rng(22)
+    period = 48
+    phase = np.arange(12 * period) % period
+    values = (5.0 * np.sin(2 * np.pi * phase / period) + rng.normal(0, 0.2, len(phase)))[:, None]
+    flat = np.arange(9 * period, 9 * period + period // 2)
+    values[flat, 0] = 0.0  # half a period flat at the key's mean
+    policy = TailCalibration(GLOBAL, 1, TailConfig(**SEASONAL))
+    over = 1.0 > policy.judge(["k"] * len(values), np.ones(len(values)), values)
+    assert over[flat].any() and not np.delete(over, flat)[200:].any()
+
+
+def test_decisions_with_the_seasonal_check_do_not_depend_on_batching():
+    rng = np.random.default_rng(23)
+    a, b = daily(rng, 8), daily(rng, 8, peak=20.0)
+    a[6 * 48 + 20:6 * 48 + 30] = 0.0
+    keys = ["a", "b"] * len(a)
+    values = np.stack([a, b], axis=1).reshape(-1, 1)
+    config = TailConfig(**SEASONAL)
+    whole = TailCalibration(GLOBAL, 1, config).judge(keys, np.ones(len(keys)), values)
+    single, _ = judge_one_by_one(TailCalibration(GLOBAL, 1, config), keys, np.ones(len(keys)), values)
+    np.testing.assert_allclose(whole, single, rtol=1e-12)
+    assert (1.0 > whole).any()
+
+
+@pytest.mark.parametrize("windows", [50, 300])  # while buffering, and once the period is learned
+def test_a_snapshot_carries_the_seasonal_state(windows):
+    rng = np.random.default_rng(24)
+    values = daily(rng, 10)
+    values[8 * 48 + 20:8 * 48 + 30] = 0.0
+    config = TailConfig(**SEASONAL)
+    first = TailCalibration(GLOBAL, 1, config)
+    first.judge(["k"] * windows, np.ones(windows), values[:windows])
+    second = TailCalibration(GLOBAL, 1, config)
+    assert second.adopt_key("k", first.export_key("k"))
+    rest = values[windows:]
+    np.testing.assert_array_equal(first.judge(["k"] * len(rest), np.ones(len(rest)), rest),
+                                  second.judge(["k"] * len(rest), np.ones(len(rest)), rest))
+    assert not TailCalibration(GLOBAL, 1, TailConfig(**{**SEASONAL, "season_max": 50})).adopt_key(
+        "k", first.export_key("k"))  # learned with another buffer
+    assert not TailCalibration(GLOBAL, 1, TailConfig(**{**SEASONAL, "seasonal": False})).adopt_key(
+        "k", first.export_key("k"))
+
+
+def test_the_seasonal_check_costs_its_buffer_per_feature_and_key_and_only_up_to_season_max_features():
+    plain = TailCalibration(GLOBAL, 3, TailConfig()).bytes_per_key
+    seasonal = TailCalibration(GLOBAL, 3, TailConfig(seasonal=True, season_max=300, season_max_features=3)).bytes_per_key
+    assert seasonal - plain == 16 + 16 * 3 + 4 * 601 * 3
+    # by default only univariate models get the check (and its memory)
+    assert TailCalibration(GLOBAL, 3, TailConfig(seasonal=True)).bytes_per_key == plain
+    one = TailCalibration(GLOBAL, 1, TailConfig(seasonal=True)).bytes_per_key
+    assert one - TailCalibration(GLOBAL, 1, TailConfig()).bytes_per_key == 16 + 16 + 4 * 601
+
+
+@pytest.mark.parametrize("bad", [dict(season_max=1), dict(season_min_acf=0.0), dict(season_rate=1.5),
+                                 dict(season_max_features=0)])
+def test_invalid_seasonal_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        TailConfig(**bad)

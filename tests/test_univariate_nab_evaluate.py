@@ -73,11 +73,11 @@ def test_evaluate_reports_nab_scores_from_labelled_segments(univariate_model, ca
                        "--threads", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "point F1" in printed and "NAB score" in printed and "published alerts" in printed
+    assert "point F1" in printed and "NAB score" in printed and "alert messages (open, update)" in printed
     report = json.loads(out.read_text())
     nab = report["nab"]
     assert nab["series"] == 1 and nab["windows"] == 2
-    for figure in ("anomaly_score", "alerts", "incident_openings"):
+    for figure in ("anomaly_score", "messages", "alerts", "incident_openings"):
         for profile in PROFILES:
             assert math.isfinite(nab[figure][profile]["score"])
     assert nab["alerts"]["standard"]["threshold"] == 1.0
@@ -88,6 +88,9 @@ def test_evaluate_reports_nab_scores_from_labelled_segments(univariate_model, ca
     # Each incident opening is one of the published rows.
     openings = nab["incident_openings"]["standard"]
     assert 1 <= openings["tp"] + openings["fp"] <= nab["alerts"]["standard"]["tp"] + nab["alerts"]["standard"]["fp"]
+    # Each open or update message is one notification, at one of the over-threshold rows it reports.
+    messages = nab["messages"]["standard"]
+    assert 1 <= messages["tp"] + messages["fp"] <= nab["alerts"]["standard"]["tp"] + nab["alerts"]["standard"]["fp"]
 
 
 def test_evaluate_takes_nab_windows_instead_of_a_label_column(univariate_model, capsys):
@@ -146,6 +149,27 @@ def test_nab_evaluation_scores_each_key_as_one_series_and_the_published_alerts_a
     assert raw == pytest.approx(1.0 - 0.11)
     assert nab["alerts"]["standard"]["score"] == pytest.approx(100 * (raw + 1) / 2)
     assert nab["alerts"]["standard"]["per_series"]["b"] == pytest.approx(-0.11)
+
+
+def test_alert_messages_count_once_each_where_every_listed_event_counts_as_a_false_alarm_outside_windows():
+    """A long incident outside any window: its open and update messages are two notifications (two
+    false alarms), while its event_ids list twenty over-threshold windows (twenty false alarms)."""
+    n = 300
+    keys = ["a"] * n
+    labels = np.zeros(n, int)
+    labels[100:110] = 1
+    severity = np.full(n, 0.2)
+    severity[200:220] = 3.0
+    published = np.zeros(n, bool)
+    published[200:220] = True  # every over-threshold window of the incident, listed across its messages
+    notified = np.zeros(n, bool)
+    notified[[201, 217]] = True  # the open (at its second window) and one update
+    result = Replay(list(keys), np.arange(n, dtype=float), labels, severity, np.ones(n), severity > 1,
+                    np.ones(n, bool), severity=severity, published=published, notified=notified)
+    nab = nab_evaluation(result, window_ids_from_labels(keys, labels))
+    assert nab["messages"]["standard"]["fp"] == 2 and nab["alerts"]["standard"]["fp"] == 20
+    assert nab["messages"]["standard"]["raw"] == pytest.approx(-1.0 - 2 * 0.11)  # the window missed, two alarms
+    assert nab["messages"]["standard"]["raw"] > nab["alerts"]["standard"]["raw"]
 
 
 def test_window_ids_follow_each_keys_own_segments_and_nab_limits():

@@ -57,6 +57,9 @@ class Replay:
     severity: np.ndarray | None = None  # score / the key's threshold, NaN when not scored
     published: np.ndarray | None = None  # bool: listed in the event_ids of an alert message the replay produced
     opened: np.ndarray | None = None  # bool: the first over-threshold window of an incident that was opened
+    # bool: the row (the message's event_id, its newest over-threshold window) at which an open or update
+    # message was published: one notification per message, when it went out
+    notified: np.ndarray | None = None
 
     def subset(self, mask: np.ndarray) -> "Replay":
         idx = np.flatnonzero(mask)
@@ -65,7 +68,8 @@ class Replay:
                       int((~np.isfinite(self.scores[idx])).sum()),
                       None if self.severity is None else self.severity[idx],
                       None if self.published is None else self.published[idx],
-                      None if self.opened is None else self.opened[idx])
+                      None if self.opened is None else self.opened[idx],
+                      None if self.notified is None else self.notified[idx])
 
 
 def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Event], labels: Sequence[int],
@@ -93,6 +97,7 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
     row_of_id = {(e.key, str(e.event_id)): i for i, e in enumerate(events)}
     reported: set[int] = set()
     openings: set[int] = set()
+    notifications: set[int] = set()
 
     def note(message: dict[str, Any] | None) -> None:
         if message is not None:
@@ -104,6 +109,10 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
                 row = row_of_id.get((message["key"], str(message.get("incident", {}).get("first_event_id"))))
                 if row is not None:
                     openings.add(row)
+            if message.get("state") in ("open", "update"):
+                row = row_of_id.get((message["key"], str(message.get("event_id"))))
+                if row is not None:
+                    notifications.add(row)
 
     for start in range(0, n, batch_events):
         chunk = events[start:start + batch_events]
@@ -129,9 +138,11 @@ def replay(artifact: ModelArtifact | str | os.PathLike[str], events: Sequence[Ev
     published[list(reported)] = True
     opened = np.zeros(n, dtype=bool)
     opened[list(openings)] = True
+    notified = np.zeros(n, dtype=bool)
+    notified[list(notifications)] = True
     return Replay([e.key for e in events], np.array([e.timestamp for e in events]), np.asarray(labels, np.int64),
                   scores, thresholds, alerted, np.ones(n, bool), model, detector.stats.warming_up, ratio, published,
-                  opened)
+                  opened, notified)
 
 
 def evaluation_mask(events: Sequence[Event], warmup_rows_per_key: int = 0, eval_from: float | None = None,
@@ -222,10 +233,12 @@ def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: fl
                    ) -> dict[str, Any]:
     """NAB scores of a replay, each key's evaluated events as one NAB series (:mod:`trainer.nab`).
 
-    Three figures per profile: ``anomaly_score``, NAB's usual one, with the threshold optimised over
+    Four figures per profile: ``anomaly_score``, NAB's usual one, with the threshold optimised over
     the keys on the detector's severity mapped into [0, 1] (:func:`trainer.nab.severity_to_anomaly_score`);
-    ``alerts``, the alerts as published (a detection on each event an alert message listed in
-    its ``event_ids``), scored as they stand; and ``incident_openings``, a detection on the first
+    ``messages``, the alert messages as published (a detection on the event each ``open`` or
+    ``update`` message went out with: what a subscriber is notified of), scored as they stand;
+    ``alerts``, every event an alert message listed in its ``event_ids`` (each over-threshold window
+    outside a NAB window is one more false alarm); and ``incident_openings``, a detection on the first
     over-threshold event of each incident that was opened only (what a pager would show). Per key,
     its share at the chosen threshold, normalised against its own windows (keys without a window: the raw cost of its false alarms)."""
     ev = result.evaluated
@@ -234,7 +247,8 @@ def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: fl
         result.thresholds > 0, result.scores / result.thresholds, np.nan)
     published = result.published if result.published is not None else np.zeros(len(key_arr), bool)
     opened = result.opened if result.opened is not None else np.zeros(len(key_arr), bool)
-    continuous, fixed, openings = [], [], []
+    notified = result.notified if result.notified is not None else np.zeros(len(key_arr), bool)
+    continuous, fixed, openings, messages = [], [], [], []
     for key in dict.fromkeys(key_arr[ev]):
         rows = np.flatnonzero(ev & (key_arr == key))
         ids = window_ids[rows]
@@ -247,12 +261,13 @@ def nab_evaluation(result: Replay, window_ids: np.ndarray, probation_percent: fl
         continuous.append(Series(str(key), severity_to_anomaly_score(severity[rows]), windows))
         fixed.append(Series(str(key), published[rows].astype(np.float64), windows))
         openings.append(Series(str(key), opened[rows].astype(np.float64), windows))
+        messages.append(Series(str(key), notified[rows].astype(np.float64), windows))
     out: dict[str, Any] = {"probation_percent": probation_percent, "series": len(continuous),
                            "windows": sum(len(s.windows) for s in continuous)}
     if not continuous:
         return out
-    for name, series, threshold in (("anomaly_score", continuous, None), ("alerts", fixed, 1.0),
-                                    ("incident_openings", openings, 1.0)):
+    for name, series, threshold in (("anomaly_score", continuous, None), ("messages", messages, 1.0),
+                                    ("alerts", fixed, 1.0), ("incident_openings", openings, 1.0)):
         results = nab_scores(series, PROFILES, threshold=threshold, probation_percent=probation_percent)
         figure: dict[str, Any] = {}
         for profile, r in results.items():
@@ -277,7 +292,8 @@ def format_nab(nab: dict[str, Any]) -> str:
             f"{nab['windows']} windows)")
     lines = [head, f"  {'':44s}{'standard':>10s}{'low FP':>10s}{'low FN':>10s}"]
     for name, label in (("anomaly_score", "severity, threshold optimised by NAB"),
-                        ("alerts", "published alerts, as they stand"),
+                        ("messages", "alert messages (open, update), as they stand"),
+                        ("alerts", "every event in the alerts' event_ids"),
                         ("incident_openings", "incident openings, as they stand")):
         values = [nab[name][p]["score"] for p in ("standard", "reward_low_FP_rate", "reward_low_FN_rate")]
         lines.append(f"  {label:44s}" + "".join(f"{format_value(v, '{:.2f}'):>10s}" for v in values))
