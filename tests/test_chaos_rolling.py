@@ -1,16 +1,19 @@
 """Rolling restarts of three workers while keys fall silent with their incident open, against the
 real broker: every incident gets exactly one ``open`` and exactly one ``close``.
 
-Five minutes of restarts, as issue 21 asks: 15 restarts, one worker every 20 s, each worker
-restarted five times; every restart moves partitions (a rebalance of the whole group), so each
-key's incident state is handed over through the changelog about 15 times, and the silent keys'
-incidents as often with no event to carry them. 20 % of the keys stop right after their incident opens; the others
+Issue 21 asks for 5 minutes of restarts: ``CHAOS_ROLLING_RESTARTS=15`` runs them (15 restarts,
+one worker every 20 s, each worker restarted five times; about 7 minutes in all). CI runs 6
+restarts (2 minutes) to keep the whole run well under 30 minutes: every restart moves partitions
+(a rebalance of the whole group), so each key's incident state is handed over through the
+changelog about 6 times, and the silent keys' incidents as often with no event to carry them,
+which is the behaviour the longer run repeats. 20 % of the keys stop right after their incident opens; the others
 go on to the end, their incidents closing as they recover (or, for one open at the end of their
 stream, idle). Redelivered alerts repeat their ``alert_id``: "exactly one" counts distinct ids.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -31,7 +34,7 @@ pytestmark = pytest.mark.integration
 WORKERS = 3
 PARTITIONS = 6
 RESTART_EVERY_S = 20.0
-RESTARTS = 15
+RESTARTS = int(os.environ.get("CHAOS_ROLLING_RESTARTS", "6"))
 IDLE_CLOSE_S = 10  # 4 event-time gaps (1 s each) are less: the setting's limit applies
 KEYS = 20
 SILENT = 4  # 20 %: they stop right after their incident opens
