@@ -11,11 +11,12 @@ consumer learns of the eviction only at its next heartbeat. Before the fence of
 ``stream_detector.runtime.fencing``, A's snapshots landed after B's in both runs made; now A checks with
 the group coordinator before it writes window state again, finds itself evicted and exits
 (status 70), or, had its consumer already rejoined, drops the snapshots of the partitions it lost.
-The exited zombie is started again, as its supervisor would. Without that restart, the successor's
-commits of the partitions it took over stayed near the zombie's last commit in 4 of 10 runs: at the
-rebalance that evicted the zombie, the successor's fetches resumed about at the partitions' ends
-(a debug log showed partition 2 read to 177, its next record 472; its own partition 0, 465 then
-472), and Faust commits nothing past such a gap until the next rebalance. Not fixed here.
+The exited zombie stays down (``ZOMBIE_RESTART=1`` starts it again, as a supervisor would), so
+the successor alone has to commit the partitions it took over to their ends. It once did not, in 4
+of 10 runs: at the end of the recovery, Faust's seek moved the read offset back to the committed one
+while the records from there on were already delivered, so the next record opened a gap over
+offsets already acked; Faust filled it with duplicates and its commits crawled one offset a second
+(``faust_fastpath.Consumer._new_offset`` fills gaps without duplicates now).
 
 Asserted: every key's snapshots in the changelog, read in order, name only later input offsets
 (a zombie's snapshot written after its successor's would bring a key's window back in time at the
@@ -26,6 +27,7 @@ an ``alert_id``, never a different alert under one), and the group's committed o
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -139,13 +141,16 @@ def test_a_zombie_cut_off_and_slowed_while_another_takes_over_then_healed_never_
         broker_proxy.heal()
         # Fenced, the zombie stops (status 70) before it writes window state again, and its supervisor
         # starts it again, as a deployment does; had its consumer heard of the eviction first, it goes on.
-        deadline = time.monotonic() + 15.0
+        deadline, fenced = time.monotonic() + 15.0, False
         while zombie.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         if zombie.process.poll() is not None:
             assert zombie.process.returncode == EXIT_BATCH_FAILED, zombie.log_tail()
             assert "micro-batch failed at fence" in zombie.log_path.read_text(), zombie.log_tail()
-            zombie.start()
+            fenced = True
+            if os.environ.get("ZOMBIE_RESTART") == "1":  # as a supervisor would; off: the successor alone
+                zombie.start()
+                fenced = False
         feeder.join(60)
         assert not feeder.is_alive()
 
@@ -196,7 +201,7 @@ def test_a_zombie_cut_off_and_slowed_while_another_takes_over_then_healed_never_
                     went_back[key] = positions
                     break
         assert not went_back, f"snapshots behind the key's last one written after it: {went_back}"
-        for worker in (zombie, direct):
+        for worker in ((direct,) if fenced else (zombie, direct)):
             worker.assert_alive()
     finally:
         zombie.stop()

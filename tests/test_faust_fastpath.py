@@ -300,3 +300,48 @@ def test_the_conductor_delivers_when_the_topic_decodes_faust_may_buffer_output_o
         assert faust_fastpath._direct_delivery(app.consumer, tp, {}) is not None
 
     run(main())
+
+
+def _commit_sequence(consumer_class: type, acks_per_step: int = 10) -> list[int]:
+    """What a consumer commits, step by step, in the state a recovery leaves: offsets 473 to 478
+    committed up to 473 and acked, a gap opened from the read offset 473 to the next record 479 (the
+    seek moved the read offset back below records already delivered), then later records acked 10
+    at a time with a commit after each step."""
+    from faust.types import TP
+
+    app = _app("gaps")
+    consumer = consumer_class(app.transport, callback=app.topics.on_message,
+                              on_partitions_revoked=lambda revoked: None,
+                              on_partitions_assigned=lambda assigned: None)
+    tp = TP("input", 2)
+    consumer._committed_offset[tp] = 473
+
+    def ack(offsets: range) -> None:
+        for offset in offsets:
+            if offset not in consumer._acked_index[tp]:
+                consumer._acked_index[tp].add(offset)
+                consumer._acked[tp].append(offset)
+
+    ack(range(473, 479))
+    asyncio.run(consumer._add_gap(tp, 474, 479))
+    commits, offset = [], 479
+    for _ in range(8):
+        ack(range(offset, offset + acks_per_step))
+        offset += acks_per_step
+        new = consumer._new_offset(tp)
+        if new is not None:
+            consumer._committed_offset[tp] = new
+            commits.append(new)
+    return commits
+
+
+def test_a_gap_over_offsets_already_acked_does_not_hold_commits_to_one_offset_a_step():
+    assert _commit_sequence(faust_fastpath.Consumer) == [489, 499, 509, 519, 529, 539, 549, 559]
+    assert _commit_sequence(faust_fastpath.FastConsumer)[0] == 489
+
+
+def test_without_the_fix_fausts_gap_fill_duplicates_acked_offsets_and_commits_crawl():
+    """What the fix is for: Faust's own consumer commits one offset a step past such a gap."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    assert _commit_sequence(faust_aiokafka.Consumer)[:4] == [475, 476, 477, 478]

@@ -283,6 +283,32 @@ class Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return FetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    def _new_offset(self, tp: TP) -> Optional[int]:
+        """Faust's, with the gaps filled in without duplicates.
+
+        Faust fills a gap (offsets it never delivered) into the acked offsets before it looks for
+        the first consecutive run. A gap can cover offsets that were delivered and acked after all:
+        at the end of a recovery, ``perform_seek`` moves the read offset back to the committed one
+        while the records from there on are already delivered, so the next record opens a gap over
+        them. Faust then holds each of those offsets twice, its run breaks at every duplicate, and a
+        commit moves one offset a time (seen after a zombie's eviction: one offset a second for
+        minutes). Filling only the offsets not acked yet, and indexing them as acked, keeps the run
+        whole; the gap is chopped as Faust chops it.
+        """
+        acked = self._acked[tp]
+        gap_for_tp = self._gap[tp]
+        if acked and gap_for_tp:
+            max_offset = max(acked)
+            candidates = sorted(gap_for_tp.overlap(0, max_offset), key=lambda entry: entry.begin)
+            if candidates:
+                index = self._acked_index[tp]
+                fill = [offset for entry in candidates for offset in range(entry.begin, entry.end)
+                        if offset not in index]
+                acked.extend(fill)
+                index.update(fill)
+                gap_for_tp.chop(0, max(candidates[-1].end - 1, max_offset + 1))
+        return super()._new_offset(tp)
+
 
 class FastConsumer(Consumer):
     """The consumer with the fast delivery loop and a fetcher that wakes when a paused partition
