@@ -293,7 +293,8 @@ class Consumer(faust_aiokafka.Consumer):
         them. Faust then holds each of those offsets twice, its run breaks at every duplicate, and a
         commit moves one offset a time (seen after a zombie's eviction: one offset a second for
         minutes). Filling only the offsets not acked yet, and indexing them as acked, keeps the run
-        whole; the gap is chopped as Faust chops it.
+        whole; the gap is chopped as Faust chops it. Upstream: robinhood/faust issue #625 (duplicates
+        in ``_acked`` keep offsets from being committed).
         """
         acked = self._acked[tp]
         gap_for_tp = self._gap[tp]
