@@ -8,7 +8,6 @@ and of the repartition topic."""
 from __future__ import annotations
 
 import time
-import urllib.request
 import uuid
 from collections import defaultdict
 
@@ -25,6 +24,7 @@ from stream_detector.synthetic import generate
 
 from stream_detector.producer import iter_messages
 
+from test_chaos_fleet import _wait_ready
 from test_delivery import WINDOW, expected_scored
 from worker_harness import WorkerProcess
 
@@ -73,22 +73,6 @@ def _scores(bootstrap: str, topic: str, n: int, timeout: float) -> dict[str, lis
         if len(scored) >= n or time.monotonic() > deadline:
             break
     return scored
-
-
-def _wait_ready(worker: WorkerProcess, timeout: float) -> None:
-    """Until the worker's /readyz answers 200 (it holds input partitions, its recovery done)."""
-    url = worker.metrics_url.replace("/metrics", "/readyz")
-    deadline = time.monotonic() + timeout
-    while True:
-        worker.assert_alive()
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"not ready after {timeout} s; log:\n{worker.log_tail()}"
-        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
